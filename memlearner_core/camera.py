@@ -1,0 +1,25 @@
+"""Camera conditioning: a per-frame pose ``[R|t]`` (3x4) through one linear layer, added to that frame's tokens.
+
+Frames without a pose use zeros, as in training on datasets that have none.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CameraEmbedding(nn.Module):
+    """``poses [T, 3, 4] -> [T, dim]``, one vector per latent frame."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(12, dim)
+
+    def forward(self, poses: torch.Tensor) -> torch.Tensor:
+        return self.proj(poses.reshape(*poses.shape[:-2], 12).to(self.proj.weight.dtype))
+
+
+def frame_embedding_to_tokens(frame_emb: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """``[T, dim] -> [T * tokens_per_frame, dim]``: each frame's vector on each of its tokens."""
+    return frame_emb.repeat_interleave(tokens_per_frame, dim=0)

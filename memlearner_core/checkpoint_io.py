@@ -1,0 +1,165 @@
+"""Checkpoint I/O: safetensors only, with errors that name the problem.
+
+Pickled checkpoints (``.pt``, ``.ckpt``, ``.pth``, ``.bin``) can run code when loaded and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .memory_encoder import KNOWN_LATENT_SHAPES, EncoderConfig, MemoryEncoder
+
+PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl"}
+ENCODER_PREFIXES = ("pipe.dit_mem.", "dit_mem.")
+CONVERT_HINT = (
+    "Convert it once in a trusted Python session: "
+    "`import torch; from safetensors.torch import save_file; "
+    "sd = torch.load('in.pt', map_location='cpu', weights_only=True); "
+    "save_file({k: v.contiguous() for k, v in sd.items()}, 'out.safetensors')`."
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used as it is; the message says why and what to do."""
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; anything else is a ``CheckpointError``."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path.name}: pickled checkpoints are not loaded (they can run code). {CONVERT_HINT}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:1] == b"\x80" or head == b"PK":  # pickle protocol byte / torch zip archive
+        raise CheckpointError(f"{path.name}: this is a pickled torch checkpoint, not safetensors. {CONVERT_HINT}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
+        raise CheckpointError(f"{path.name}: not a readable safetensors file ({e}); the file may be corrupt or truncated") from e
+    return tensors, meta
+
+
+def strip_encoder_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in ENCODER_PREFIXES:
+        if any(k.startswith(prefix) for k in sd):
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def _meta_value(meta: dict[str, str], name: str, default):
+    raw = meta.get(f"memlearner.encoder.{name}")
+    if raw is None:
+        return default
+    value = json.loads(raw)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def infer_encoder_config(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> EncoderConfig:
+    """Read the architecture from the weights (widths, kernel, CNN spatial size) and this pack's metadata."""
+    meta = meta or {}
+    needed = ["high_pass_module.conv_block1.conv.weight", "high_pass_module.conv_block2.conv.weight",
+              "high_pass_module.feature_proj.weight"]
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        raise CheckpointError(
+            f"not a DiT-Mem memory encoder: missing {', '.join(missing)} "
+            f"(expected keys like 'high_pass_module.conv_block1.conv.weight', optionally prefixed by "
+            f"{' or '.join(repr(p) for p in ENCODER_PREFIXES)})")
+    w1 = sd["high_pass_module.conv_block1.conv.weight"]
+    w2 = sd["high_pass_module.conv_block2.conv.weight"]
+    proj = sd["high_pass_module.feature_proj.weight"]
+    c1, c2 = w1.shape[0], w2.shape[0]
+    if proj.shape[1] % c2:
+        raise CheckpointError(f"feature_proj input width {proj.shape[1]} is not a multiple of the CNN width {c2}")
+    hw = proj.shape[1] // c2
+    latent_shape = _meta_value(meta, "latent_shape", KNOWN_LATENT_SHAPES.get(hw))
+    if latent_shape is None:
+        raise CheckpointError(
+            f"cannot tell the latent shape this encoder expects (feature_proj implies a CNN output of {hw} "
+            f"positions, not a released config); save it with metadata 'memlearner.encoder.latent_shape'")
+    cfg = EncoderConfig(
+        in_channels=w1.shape[1], hidden_channels=(c1, c2), first_kernel=w1.shape[2], width=proj.shape[0],
+        tokens_per_video=_meta_value(meta, "tokens_per_video", 100), heads=_meta_value(meta, "heads", 8),
+        latent_shape=tuple(latent_shape))
+    if cfg.width % cfg.heads:
+        raise CheckpointError(f"encoder width {cfg.width} is not divisible by {cfg.heads} heads")
+    return cfg
+
+
+def load_memory_encoder(path: str | os.PathLike) -> MemoryEncoder:
+    """Build a ``MemoryEncoder`` from a safetensors file (official or this pack's layout), in eval mode.
+
+    Every parameter must be present with the right shape and nothing unexpected may remain; BatchNorm
+    running statistics are optional (the released file has none: eval mode then uses mean 0, variance 1).
+    """
+    sd, meta = read_safetensors(path)
+    sd = strip_encoder_prefix(sd)
+    cfg = infer_encoder_config(sd, meta)
+    with torch.device("meta"):
+        enc = MemoryEncoder(cfg)
+    params = dict(enc.named_parameters())
+    buffers = dict(enc.named_buffers())
+    missing = sorted(set(params) - set(sd))
+    unexpected = sorted(set(sd) - set(params) - set(buffers))
+    wrong = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(p.shape)}"
+                   for k, p in {**params, **buffers}.items() if k in sd and tuple(sd[k].shape) != tuple(p.shape))
+    problems = []
+    if missing:
+        problems.append(f"missing parameters: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    if wrong:
+        problems.append(f"wrong shapes: {'; '.join(wrong[:4])}")
+    if problems:
+        raise CheckpointError(f"{Path(path).name} does not match the DiT-Mem encoder ({cfg}): " + " | ".join(problems))
+    enc = MemoryEncoder(cfg)
+    enc.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    return enc.eval().requires_grad_(False)
+
+
+def save_memory_encoder(enc: MemoryEncoder, path: str | os.PathLike, prefix: str = "") -> None:
+    """Write parameters and BatchNorm statistics, plus the config as metadata."""
+    sd = {prefix + k: v.detach().contiguous().cpu() for k, v in enc.state_dict().items()
+          if not k.endswith("num_batches_tracked")}
+    save_file(sd, str(path), metadata=enc.cfg.to_metadata())
+
+
+# --- Query-memory weights -------------------------------------------------------------------------------------
+# A MemLearner-fine-tuned Wan is an ordinary Wan state dict (loaded by ComfyUI's UNETLoader) plus this file,
+# which holds the pack's own tensors. Format, version 1:
+#   metadata  memlearner.format = "query-memory", memlearner.version = "1",
+#             memlearner.query_layers = "<K the model was fine-tuned with>"
+#   tensors   camera.proj.weight [dim, 12], camera.proj.bias [dim]
+QUERY_FORMAT = "query-memory"
+QUERY_VERSIONS = {"1"}
+
+
+def save_query_weights(path, camera_state: dict[str, torch.Tensor], query_layers: int) -> None:
+    sd = {f"camera.{k}": v.detach().contiguous().cpu() for k, v in camera_state.items()}
+    save_file(sd, str(path), metadata={"memlearner.format": QUERY_FORMAT, "memlearner.version": "1",
+                                       "memlearner.query_layers": str(query_layers)})
+
+
+def load_query_weights(path) -> tuple[dict[str, torch.Tensor], int]:
+    """The camera MLP's state dict and the number of query layers the model was fine-tuned with."""
+    sd, meta = read_safetensors(path)
+    fmt, version = meta.get("memlearner.format"), meta.get("memlearner.version")
+    if fmt != QUERY_FORMAT:
+        raise CheckpointError(f"{Path(path).name}: not a query-memory weights file (format {fmt!r}, expected {QUERY_FORMAT!r})")
+    if version not in QUERY_VERSIONS:
+        raise CheckpointError(f"{Path(path).name}: query-memory weights version {version!r} is not supported "
+                              f"(this pack reads versions {sorted(QUERY_VERSIONS)}); update the pack")
+    camera = {k[len("camera."):]: v for k, v in sd.items() if k.startswith("camera.")}
+    if set(camera) != {"proj.weight", "proj.bias"}:
+        raise CheckpointError(f"{Path(path).name}: expected camera.proj.weight and camera.proj.bias, found {sorted(sd)}")
+    return camera, int(meta.get("memlearner.query_layers", "5"))

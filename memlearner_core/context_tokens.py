@@ -1,0 +1,81 @@
+"""Context (history) for query memory: clean latent frames, where they sit in time, and their camera poses.
+
+Positions (a documented choice; the paper does not publish one): context frames keep their true frame index
+relative to the chunk being generated, so history sits at negative temporal RoPE positions (the frame just
+before the chunk is -1), and the query tokens Q share the positions of the predicted tokens P. A segment
+pooled ``s x s`` spatially (FramePack-style compression of old frames) keeps the spatial extent of the image:
+its token at row ``i`` sits at position ``i*s + (s-1)/2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ContextSegment:
+    """Clean latent frames ``[C, T, H, W]`` at frame indices ``[T]`` (relative to the chunk's first frame).
+
+    ``pool`` is the spatial average-pooling factor applied before patch embedding (1 = full resolution);
+    ``poses`` are per-frame camera extrinsics ``[T, 3, 4]`` or None.
+    """
+
+    latent: torch.Tensor
+    frame_index: torch.Tensor
+    pool: int = 1
+    poses: torch.Tensor | None = None
+
+    def pooled_latent(self) -> torch.Tensor:
+        if self.pool == 1:
+            return self.latent
+        return F.avg_pool3d(self.latent.unsqueeze(0), (1, self.pool, self.pool)).squeeze(0)
+
+
+@dataclass
+class ContextSpec:
+    """All context of one chunk, as segments in temporal order."""
+
+    segments: list[ContextSegment] = field(default_factory=list)
+
+    @classmethod
+    def from_history(cls, latent: torch.Tensor, poses: torch.Tensor | None = None) -> ContextSpec:
+        """History frames ``[C, T, H, W]`` that end right before the chunk: indices ``-T .. -1``."""
+        if latent.shape[1] == 0:
+            return cls([])
+        index = torch.arange(-latent.shape[1], 0)
+        return cls([ContextSegment(latent, index, 1, poses)])
+
+    @property
+    def num_frames(self) -> int:
+        return sum(s.latent.shape[1] for s in self.segments)
+
+    def spatial_size(self) -> tuple[int, int] | None:
+        return None if not self.segments else tuple(self.segments[0].latent.shape[-2:])
+
+    def num_tokens(self, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
+        n = 0
+        for s in self.segments:
+            _, t, h, w = s.pooled_latent().shape
+            n += (t // patch[0]) * (-(-h // patch[1])) * (-(-w // patch[2]))
+        return n
+
+
+def segment_positions(seg: ContextSegment, patch: tuple[int, int, int] = (1, 2, 2)) -> torch.Tensor:
+    """RoPE ids ``[T*h*w, 3]`` (time, row, column) of a segment's tokens, in patch units."""
+    lat = seg.pooled_latent()
+    t, h, w = lat.shape[1] // patch[0], -(-lat.shape[2] // patch[1]), -(-lat.shape[3] // patch[2])
+    s = float(seg.pool)
+    rows = torch.arange(h, dtype=torch.float32) * s + (s - 1) / 2
+    cols = torch.arange(w, dtype=torch.float32) * s + (s - 1) / 2
+    tt = seg.frame_index[: t].float()
+    grid = torch.stack(torch.meshgrid(tt, rows, cols, indexing="ij"), dim=-1)
+    return grid.reshape(-1, 3)
+
+
+def frame_token_counts(seg: ContextSegment, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
+    """Tokens per latent frame of a segment (after pooling and patching)."""
+    lat = seg.pooled_latent()
+    return (-(-lat.shape[2] // patch[1])) * (-(-lat.shape[3] // patch[2]))

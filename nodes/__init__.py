@@ -1,0 +1,22 @@
+"""ComfyUI nodes of the pack: thin adapters between ComfyUI types and ``memlearner_core``."""
+
+from __future__ import annotations
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .comfy_types import register_model_folders
+
+register_model_folders()
+
+from .memory_nodes import EncodeReferenceVideo, LoadMemoryEncoder  # noqa: E402
+from .query_memory_node import ApplyQueryMemory, ApplyReferenceMemory  # noqa: E402
+
+NODES = [LoadMemoryEncoder, EncodeReferenceVideo, ApplyQueryMemory, ApplyReferenceMemory]
+
+
+class MemLearnerExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

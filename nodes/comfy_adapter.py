@@ -1,0 +1,170 @@
+"""The one module that reaches into ComfyUI internals: Wan2.1 blocks (``comfy/ldm/wan/model.py``, 0.3.60+), VAE, model management.
+
+Everything version-specific lives here: how a block modulates, projects and attends, how the model embeds
+latents, timesteps and RoPE positions. Weights are always used through module calls (``block.self_attn.k(x)``),
+so ComfyUI's ``comfy.ops`` casting and low-VRAM weight streaming keep working.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import comfy.ldm.common_dit
+import comfy.ldm.wan.model as wan
+import comfy.model_management
+from comfy.ldm.flux.math import apply_rope1
+from memlearner_core.attention import MemoryKV
+from memlearner_core.query_layers import ContextKV
+
+# ComfyUI's attention dispatcher (pytorch / sage / flash, with ``optimized_attention_override`` support), as the
+# Wan module itself imported it.
+host_attention = wan.optimized_attention
+
+
+class UnsupportedModel(ValueError):
+    """The MODEL is not a Wan2.1 text-to-video model this pack can patch."""
+
+
+def wan21_model(model_patcher) -> wan.WanModel:
+    """The Wan2.1 diffusion model inside a ComfyUI MODEL, or ``UnsupportedModel`` saying what it is instead."""
+    base = getattr(model_patcher, "model", None)
+    dm = getattr(base, "diffusion_model", None)
+    name = type(base).__name__ if base is not None else type(model_patcher).__name__
+    if type(dm) is not wan.WanModel:
+        raise UnsupportedModel(
+            f"this node needs a Wan2.1 model (ComfyUI's WanModel), but the MODEL is {name} "
+            f"with diffusion model {type(dm).__name__}")
+    if type(base).__name__ != "WAN21" or dm.in_dim != 16 or dm.out_dim != 16 or tuple(dm.patch_size) != (1, 2, 2):
+        raise UnsupportedModel(
+            f"this node needs a Wan2.1 text-to-video model (16 latent channels, patch 1x2x2); got {name} with "
+            f"{dm.in_dim} input channels and patch {tuple(dm.patch_size)} (Wan2.2 5B and image-to-video "
+            f"variants are not supported)")
+    if dm.model_type != "t2v":
+        raise UnsupportedModel("image-to-video Wan2.1 models are not supported yet; use a text-to-video model")
+    return dm
+
+
+def block_modulation(block, e0: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The block's six shift/scale/gate tensors, each ``[B, 1 or L, C]``."""
+    mod = comfy.model_management.cast_to(block.modulation, dtype=x.dtype, device=x.device)
+    if e0.ndim < 4:
+        return (mod + e0).chunk(6, dim=1)
+    return (mod.unsqueeze(0) + e0).unbind(2)
+
+
+def _modulated_norm1(block, x: torch.Tensor, e) -> torch.Tensor:
+    return torch.addcmul(wan.repeat_e(e[0], x), block.norm1(x), 1 + wan.repeat_e(e[1], x))
+
+
+def qkv(block, h: torch.Tensor, freqs: torch.Tensor | None):
+    """Self-attention projections of modulated hidden states ``[B, L, C]`` -> q, k, v ``[B, L, C]``."""
+    sa = block.self_attn
+    b, s, n, d = h.shape[0], h.shape[1], sa.num_heads, sa.head_dim
+    q = sa.norm_q(sa.q(h))
+    k = sa.norm_k(sa.k(h))
+    if freqs is not None:
+        q = apply_rope1(q.view(b, s, n, d), freqs).view(b, s, n * d)
+        k = apply_rope1(k.view(b, s, n, d), freqs).view(b, s, n * d)
+    return q, k, sa.v(h)
+
+
+def memory_kv(block, tokens: torch.Tensor, e0: torch.Tensor, log_weight: torch.Tensor | None) -> MemoryKV:
+    """DiT-Mem keys/values of memory tokens ``[Bm, U, C]`` in this block: norm1 + this step's modulation, the
+    block's k/v projections and RMSNorm, no RoPE. ``e0`` is the step's ``[B, 1, 6, C]`` time modulation."""
+    b = e0.shape[0]
+    tokens = tokens.to(device=e0.device, dtype=e0.dtype if e0.dtype.is_floating_point else tokens.dtype)
+    if tokens.shape[0] != b:
+        tokens = tokens.expand(b, -1, -1)
+    e = block_modulation(block, e0[:, :1] if e0.ndim == 4 else e0, tokens)
+    h = _modulated_norm1(block, tokens, e)
+    sa = block.self_attn
+    k, v = sa.norm_k(sa.k(h)), sa.v(h)
+    lw = None if log_weight is None else log_weight.to(e0.device).expand(b, -1)
+    return MemoryKV(k, v, lw)
+
+
+def context_kv(block, tokens: torch.Tensor, e0_clean: torch.Tensor, freqs: torch.Tensor) -> ContextKV:
+    """Query-layer keys/values of context tokens ``[1, Nc, C]`` at their RoPE positions, modulated at t=0."""
+    e = block_modulation(block, e0_clean, tokens)
+    _, k, v = qkv(block, _modulated_norm1(block, tokens, e), freqs)
+    return ContextKV(k, v)
+
+
+def run_block(block, x, e0, freqs, context, transformer_options, self_attention) -> torch.Tensor:
+    """``WanAttentionBlock.forward`` with its self-attention core replaced by ``self_attention(q, k, v, heads)``."""
+    e = block_modulation(block, e0, x)
+    x = x.contiguous()
+    q, k, v = qkv(block, _modulated_norm1(block, x, e), freqs)
+    y = block.self_attn.o(self_attention(q, k, v, block.self_attn.num_heads))
+    x = torch.addcmul(x, y, wan.repeat_e(e[2], x))
+    x = x + block.cross_attn(block.norm3(x), context, context_img_len=None, transformer_options=transformer_options)
+    y = block.ffn(torch.addcmul(wan.repeat_e(e[3], x), block.norm2(x), 1 + wan.repeat_e(e[4], x)))
+    return torch.addcmul(x, y, wan.repeat_e(e[5], x))
+
+
+def embed_latent(dm: wan.WanModel, latent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Patch-embed clean latents ``[B, C, T, H, W]`` -> tokens ``[B, T*h*w, dim]``."""
+    latent = comfy.ldm.common_dit.pad_to_patch_size(latent, dm.patch_size)
+    return dm.patch_embedding(latent.float()).to(dtype).flatten(2).transpose(1, 2)
+
+
+def time_modulation(dm: wan.WanModel, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-sample time modulation ``[B, 1, 6, dim]`` for timesteps ``t [B]`` (what blocks receive as ``e0``)."""
+    e = dm.time_embedding(wan.sinusoidal_embedding_1d(dm.freq_dim, t.flatten()).to(dtype=dtype))
+    e = e.reshape(t.shape[0], -1, e.shape[-1])
+    return dm.time_projection(e).unflatten(2, (6, dm.dim))
+
+
+def rope_from_ids(dm: wan.WanModel, ids: torch.Tensor, device, dtype) -> torch.Tensor:
+    """RoPE tables for explicit (t, h, w) positions ``[N, 3]`` -> ``[1, N, 1, D/2, 2, 2]``."""
+    return dm.rope_embedder(ids.to(device=device, dtype=dtype).unsqueeze(0)).movedim(1, 2)
+
+
+def rope_for_latent(dm: wan.WanModel, t: int, h: int, w: int, device, dtype, transformer_options) -> torch.Tensor:
+    return dm.rope_encode(t, h, w, device=device, dtype=dtype, transformer_options=transformer_options)
+
+
+def pad_latent(dm: wan.WanModel, x: torch.Tensor) -> torch.Tensor:
+    return comfy.ldm.common_dit.pad_to_patch_size(x, dm.patch_size)
+
+
+def tokens_per_frame(dm: wan.WanModel, h: int, w: int) -> int:
+    return math.ceil(h / dm.patch_size[1]) * math.ceil(w / dm.patch_size[2])
+
+
+# --- VAE and model management ---------------------------------------------------------------------------------
+
+def check_wan21_vae(vae) -> None:
+    """Raise unless ``vae`` is ComfyUI's Wan2.1 VAE (16 latent channels; Wan2.2's has 48)."""
+    import comfy.ldm.wan.vae
+
+    fsm = getattr(vae, "first_stage_model", None)
+    if type(fsm) is not comfy.ldm.wan.vae.WanVAE or getattr(vae, "latent_channels", None) != 16:
+        raise ValueError(f"Encode Reference Video needs the Wan2.1 VAE (wan_2.1_vae.safetensors); the connected VAE "
+                         f"is {type(fsm).__name__} with {getattr(vae, 'latent_channels', '?')} latent channels")
+
+
+def managed_module(module: torch.nn.Module):
+    """Wrap a torch module in a ModelPatcher so ComfyUI loads, offloads and accounts for it like any model."""
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(
+        module, load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device())
+
+
+def default_dtype(choice: str) -> torch.dtype:
+    """fp32/fp16/bf16 by name; ``default`` is what ComfyUI would pick for a diffusion model on this device."""
+    named = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if choice in named:
+        return named[choice]
+    return comfy.model_management.unet_dtype()
+
+
+def resize_frames(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """IMAGE ``[F, H, W, 3]`` scaled and center-cropped to ``width x height``."""
+    import comfy.utils
+
+    return comfy.utils.common_upscale(frames.movedim(-1, 1), width, height, "bilinear", "center").movedim(1, -1)

