@@ -59,7 +59,7 @@ class ApplyQueryMemory(io.ComfyNode):
                                tooltip="The pack's tensors of a query-memory fine-tune (camera MLP), from models/memlearner."),
                 io.String.Input("camera_poses", default="", multiline=True, optional=True,
                                 tooltip="JSON: one 3x4 [R|t] per latent frame, history frames first, then the video's."),
-                io.Boolean.Input("cache_context", default=True, optional=True, advanced=True,
+                io.Boolean.Input("cache_context", default=True, optional=True,
                                  tooltip="Compute the history's keys/values once per run (exact; faster)."),
             ],
             outputs=[io.Model.Output(display_name="model")],

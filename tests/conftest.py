@@ -1,0 +1,79 @@
+"""Shared fixtures: the tiny models, a real ComfyUI in-process, and the real ComfyUI server."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import host  # noqa: E402
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """A ComfyUI models folder holding the tiny Wan2.1 DiT, VAE and memory encoder."""
+    host.prepare_imports()
+    d = tmp_path_factory.mktemp("models")
+    tiny_models.write_models(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def extra_paths(models_dir, tmp_path_factory) -> Path:
+    return host.write_extra_paths(models_dir, tmp_path_factory.mktemp("config") / "extra_model_paths.yaml")
+
+
+@pytest.fixture(scope="session")
+def comfy(extra_paths):
+    """ComfyUI imported in-process with all nodes loaded: ``comfy.nodes.NODE_CLASS_MAPPINGS`` etc."""
+    nodes, folder_paths = host.boot_in_process(extra_paths)
+
+    class Host:
+        pass
+
+    h = Host()
+    h.nodes, h.folder_paths = nodes, folder_paths
+    h.node = lambda name: nodes.NODE_CLASS_MAPPINGS[name]
+    h.run = lambda name, **kw: host.run_node(nodes.NODE_CLASS_MAPPINGS[name], **kw)
+    return h
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, extra_paths):
+    """The real ComfyUI HTTP server with the pack installed; stopped at the end of the session, pass or fail."""
+    srv = host.ComfyServer(tmp_path_factory.mktemp("server"), extra_paths)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def wan_model(comfy):
+    """The tiny Wan2.1 MODEL, loaded by ComfyUI's UNETLoader."""
+    return comfy.run("UNETLoader", unet_name=tiny_models.WAN_FILE, weight_dtype="default")[0]
+
+
+@pytest.fixture(scope="session")
+def wan_vae(comfy):
+    return comfy.run("VAELoader", vae_name=tiny_models.VAE_FILE)[0]
+
+
+@pytest.fixture(scope="session")
+def text_cond(comfy):
+    def cond(seed):
+        return comfy.run("MemLearnerTestRandomConditioning", seed=seed)[0]
+
+    return cond(1), cond(2)
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+    return torch.Generator().manual_seed(0)
