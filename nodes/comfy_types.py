@@ -21,6 +21,6 @@ LISTED_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin"}
 def register_model_folders() -> None:
     """``models/memory_encoders`` and ``models/memlearner``; extra_model_paths.yaml can add more of each."""
     for name in (ENCODER_FOLDER, QUERY_WEIGHTS_FOLDER):
-        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=True)
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
         paths, _ = folder_paths.folder_names_and_paths[name]
         folder_paths.folder_names_and_paths[name] = (paths, set(LISTED_EXTENSIONS))

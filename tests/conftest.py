@@ -11,13 +11,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import host  # noqa: E402
+
+host.prepare_imports()  # ComfyUI importable (and CPU/GPU chosen) before any test module imports comfy
+
 import tiny_models  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """A ComfyUI models folder holding the tiny Wan2.1 DiT, VAE and memory encoder."""
-    host.prepare_imports()
     d = tmp_path_factory.mktemp("models")
     tiny_models.write_models(d)
     return d
