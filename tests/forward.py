@@ -16,7 +16,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def model_forward(model, x, t, txt, cond_or_uncond=None, run_seed=None):
+def model_forward(model, x, t, txt, cond_or_uncond=None, run_seed=None, run=None):
     """One forward of ``model``'s Wan with its patches (block replaces, wrappers), as the sampler would call it."""
     mp = host.pack("nodes.memory_patch")
     opts = comfy.patcher_extension.copy_nested_dicts(model.model_options.get("transformer_options", {}))
@@ -25,6 +25,6 @@ def model_forward(model, x, t, txt, cond_or_uncond=None, run_seed=None):
             for w in wrappers:
                 comfy.patcher_extension.add_wrapper_with_key(wrapper_type, key, w, opts)
     opts["cond_or_uncond"] = cond_or_uncond or [0] * x.shape[0]
-    if run_seed is not None:
-        opts[mp.RUN_KEY] = mp.RunState(run_seed)
+    if run is not None or run_seed is not None:
+        opts[mp.RUN_KEY] = run if run is not None else mp.RunState(run_seed)
     return model.model.diffusion_model(x, t, txt, transformer_options=opts)

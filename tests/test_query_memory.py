@@ -1,0 +1,152 @@
+"""MemLearner query layers on ComfyUI's Wan2.1: equivalence with the dense-mask reference, the context cache,
+bad input, and a real sampling graph."""
+
+import pytest
+import torch
+
+import host
+import reference_wan
+import tiny_models
+from forward import model_forward, rel_err
+from memlearner_core.context_tokens import ContextSpec, segment_positions
+from memlearner_core.query_layers import ContextKV, query_memory_attention
+
+
+def inputs(batch, seed=0, frames=3):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 16, frames, 8, 8, generator=g), torch.full((batch,), 600.0),
+            torch.randn(batch, 512, 4096, generator=g))
+
+
+def history(frames, seed=5):
+    return {"samples": torch.randn(1, 16, frames, 8, 8, generator=torch.Generator().manual_seed(seed))}
+
+
+def test_attention_pattern_equals_dense_mask_on_random_inputs(seeded):
+    heads, d, nc, nq, npred = 2, 8, 6, 5, 5
+    q, k, v = (torch.randn(2, nq + npred, heads * d) for _ in range(3))
+    kc, vc = torch.randn(2, nc, heads * d), torch.randn(2, nc, heads * d)
+    for query_layer in (True, False):
+        out = query_memory_attention(q, k, v, heads, nq, ContextKV(kc, vc) if query_layer else None)
+        # dense reference over [C; Q; P] (C rows only as keys)
+        kk, vv = torch.cat([kc, k], 1), torch.cat([vc, v], 1)
+        qq = torch.cat([torch.zeros(2, nc, heads * d), q], 1)
+        mask = reference_wan.query_masks(nc, nq, npred, True) if query_layer else \
+            torch.cat([torch.zeros(nc + nq + npred, nc, dtype=torch.bool),
+                       torch.cat([torch.zeros(nc, nq + npred, dtype=torch.bool),
+                                  reference_wan.query_masks(0, nq, npred, False)], 0)], 1)
+        split = lambda t: t.view(2, -1, heads, d).transpose(1, 2)  # noqa: E731
+        ref = torch.nn.functional.scaled_dot_product_attention(split(qq), split(kk), split(vv), attn_mask=mask)
+        ref = ref.transpose(1, 2).reshape(2, -1, heads * d)[:, nc:]
+        assert rel_err(out, ref) < 1e-5
+
+
+def patched(comfy, model, frames, layers=2, cache=True, memory=None):
+    ctx = history(frames) if frames is not None else None
+    return comfy.run("MemLearnerApplyQueryMemory", model=model, context=ctx, query_layers=layers,
+                     memory=memory, cache_context=cache)[0]
+
+
+@pytest.mark.parametrize("context_frames", [0, 1, 3, 6])
+@pytest.mark.parametrize("cond_or_uncond", [[0], [0, 1]], ids=["cfg1", "cfg_batch"])
+def test_tiny_wan_equals_dense_mask_reference(comfy, wan_model, context_frames, cond_or_uncond):
+    mp = host.pack("nodes.memory_patch")
+    model = patched(comfy, wan_model, context_frames)
+    x, t, txt = inputs(len(cond_or_uncond))
+    out = model_forward(model, x, t, txt, cond_or_uncond, run_seed=11)
+    q_noise = mp.RunState(11).query_noise(x.shape, len(cond_or_uncond), x.device, x.dtype)
+    dm = wan_model.model.diffusion_model
+    ctx = history(context_frames)["samples"][0]
+    spec = ContextSpec.from_history(ctx)
+    freqs = dm.rope_embedder(torch.cat([segment_positions(s) for s in spec.segments]).unsqueeze(0)).movedim(1, 2) \
+        if context_frames else None
+    ref = reference_wan.query_memory_reference(dm, x, t, txt, ctx if context_frames else None, freqs, q_noise, 2)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_all_layers_as_query_layers_matches_reference(comfy, wan_model):
+    mp = host.pack("nodes.memory_patch")
+    model = patched(comfy, wan_model, 2, layers=4)
+    x, t, txt = inputs(1)
+    out = model_forward(model, x, t, txt, run_seed=3)
+    dm = wan_model.model.diffusion_model
+    ctx = history(2)["samples"][0]
+    freqs = dm.rope_embedder(segment_positions(ContextSpec.from_history(ctx).segments[0]).unsqueeze(0)).movedim(1, 2)
+    q_noise = mp.RunState(3).query_noise(x.shape, 1, x.device, x.dtype)
+    assert rel_err(out, reference_wan.query_memory_reference(dm, x, t, txt, ctx, freqs, q_noise, 4)) < 1e-5
+
+
+def test_context_cache_gives_the_same_output_across_steps_and_branches(comfy, wan_model):
+    mp = host.pack("nodes.memory_patch")
+    cached, uncached = patched(comfy, wan_model, 3, cache=True), patched(comfy, wan_model, 3, cache=False)
+    run_c, run_u = mp.RunState(7), mp.RunState(7)
+    for step, t in enumerate((900.0, 500.0, 100.0)):
+        x, _, txt = inputs(2, seed=step)
+        tt = torch.full((2,), t)
+        a = model_forward(cached, x, tt, txt, [0, 1], run=run_c)
+        b = model_forward(uncached, x, tt, txt, [0, 1], run=run_u)
+        assert rel_err(a, b) < 1e-6
+    assert len([k for k in run_c.context_cache if k[0] != "tokens"]) == 2  # one entry per query layer, reused
+
+
+def test_query_noise_is_reproducible_from_the_sampler_seed(comfy, wan_model):
+    model = patched(comfy, wan_model, 2)
+    x, t, txt = inputs(1)
+    assert torch.equal(model_forward(model, x, t, txt, run_seed=5), model_forward(model, x, t, txt, run_seed=5))
+    assert rel_err(model_forward(model, x, t, txt, run_seed=5), model_forward(model, x, t, txt, run_seed=6)) > 1e-4
+
+
+def test_query_layers_out_of_range_is_refused(comfy, wan_model):
+    with pytest.raises(ValueError, match="query_layers must be between 1 and 4"):
+        patched(comfy, wan_model, 2, layers=5)
+
+
+def test_non_wan_model_is_refused_and_left_alone(comfy):
+    from comfy.model_patcher import ModelPatcher
+
+    other = ModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs a Wan2.1 model"):
+        comfy.run("MemLearnerApplyQueryMemory", model=other, context=history(1), query_layers=1)
+    assert not other.wrappers and not other.model_options.get("transformer_options")
+
+
+def test_wan22_5b_is_refused(comfy, models_dir):
+    from safetensors.torch import save_file
+
+    from comfy.ldm.wan.model import WanModel
+    from comfy.ops import disable_weight_init
+
+    cfg = dict(tiny_models.TINY_WAN, in_dim=48, out_dim=48)
+    model = WanModel(**cfg, operations=disable_weight_init)
+    tiny_models.randomize(model, 9)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(models_dir / "diffusion_models" / "tiny_wan22_5b.safetensors"))
+    wan22 = comfy.run("UNETLoader", unet_name="tiny_wan22_5b.safetensors", weight_dtype="default")[0]
+    with pytest.raises(ValueError, match="Wan2.1 text-to-video"):
+        comfy.run("MemLearnerApplyQueryMemory", model=wan22, context=history(1), query_layers=1)
+
+
+def test_context_of_another_size_fails_before_sampling(comfy, wan_model, text_cond):
+    model = patched(comfy, wan_model, 2)
+    latent = {"samples": torch.zeros(1, 16, 2, 12, 12)}
+    with pytest.raises(ValueError, match="context is 8x8 latent pixels but the latent being sampled is 12x12"):
+        comfy.run("KSampler", model=model, seed=1, steps=1, cfg=1.0, sampler_name="euler", scheduler="simple",
+                  positive=text_cond[0], negative=text_cond[1], latent_image=latent, denoise=1.0)
+
+
+def test_both_memories_together_run_in_the_real_sampler(comfy, wan_model, text_cond):
+    enc = comfy.run("MemLearnerLoadMemoryEncoder", encoder_name=tiny_models.ENCODER_FILE, dtype="fp32")[0]
+    refs = {"samples": torch.randn(1, 16, 13, 16, 16)}
+    memory = comfy.run("MemLearnerEncodeReferenceVideo", memory_encoder=enc, latent=refs)[0]
+    model = patched(comfy, wan_model, 3, memory=memory)
+    latent = {"samples": torch.zeros(1, 16, 2, 8, 8)}
+
+    def sample():
+        return comfy.run("KSampler", model=model, seed=4, steps=2, cfg=2.5, sampler_name="euler",
+                         scheduler="simple", positive=text_cond[0], negative=text_cond[1], latent_image=latent,
+                         denoise=1.0)[0]["samples"]
+
+    a = sample()
+    assert a.shape == (1, 16, 2, 8, 8) and torch.isfinite(a).all()
+    assert torch.equal(a, sample())  # deterministic for a fixed seed
+    assert "memlearner" not in str(wan_model.wrappers)
