@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 import comfy.ldm.common_dit
 import comfy.ldm.wan.model as wan
 import comfy.model_management
+import torch
 from comfy.ldm.flux.math import apply_rope1
+
 from memlearner_core.attention import MemoryKV
 from memlearner_core.query_layers import ContextKV
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 import folder_paths
+import torch
 from comfy_api.latest import io
+
 from memlearner_core.checkpoint_io import load_memory_encoder
 from memlearner_core.reference_video import (
     ReferenceVideoError,

@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import comfy.patcher_extension
 import torch
 
-import comfy.patcher_extension
 from memlearner_core.attention import attention_with_memory
 from memlearner_core.camera import CameraEmbedding, frame_embedding_to_tokens
 from memlearner_core.context_tokens import ContextSpec, frame_token_counts, segment_positions

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 import folder_paths
+import torch
 from comfy_api.latest import io
+
 from memlearner_core.camera import CameraEmbedding
 from memlearner_core.checkpoint_io import load_query_weights
 from memlearner_core.context_tokens import ContextSpec

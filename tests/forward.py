@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import comfy.patcher_extension
 import torch
 
-import comfy.patcher_extension
 import host
 
 

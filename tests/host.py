@@ -98,17 +98,19 @@ def free_port() -> int:
 class ComfyServer:
     """The real ComfyUI HTTP server (main.py) on 127.0.0.1, always stopped by ``stop``."""
 
-    def __init__(self, workdir: Path, extra_paths_yaml: Path):
+    def __init__(self, workdir: Path, extra_paths_yaml: Path | None = None, cpu: bool | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "comfyui-server.log"
         self.output_dir = workdir / "output"
         args = [sys.executable, str(comfy_path() / "main.py"), "--listen", "127.0.0.1", "--port", str(self.port),
-                "--extra-model-paths-config", str(extra_paths_yaml), "--output-directory", str(self.output_dir),
+                "--output-directory", str(self.output_dir),
                 "--input-directory", str(_mkdir(workdir / "input")), "--temp-directory", str(workdir / "temp"),
                 "--user-directory", str(_mkdir(workdir / "user")), "--database-url", "sqlite:///:memory:",
                 "--disable-auto-launch", "--log-stdout"]
-        if not use_gpu():
+        if extra_paths_yaml is not None:
+            args += ["--extra-model-paths-config", str(extra_paths_yaml)]
+        if cpu if cpu is not None else not use_gpu():
             args.append("--cpu")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(comfy_path()))

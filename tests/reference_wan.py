@@ -6,12 +6,11 @@ masks, tokens appended and rows dropped. Slow and memory-hungry on purpose; neve
 
 from __future__ import annotations
 
+import comfy.ldm.wan.model as wan
 import torch
 import torch.nn.functional as F
-from einops import rearrange
-
-import comfy.ldm.wan.model as wan
 from comfy.ldm.flux.math import apply_rope1
+from einops import rearrange
 
 
 def embed(dm, latent):

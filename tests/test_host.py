@@ -45,8 +45,8 @@ def test_text_to_video_graph_runs_through_the_http_api(server):
     entry = server.run_prompt(t2v_graph())
     images = entry["outputs"]["8"]["images"]
     assert len(images) == 5  # 5 frames decoded
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     frame = np.asarray(Image.open(server.output_dir / images[0]["subfolder"] / images[0]["filename"]))
     assert frame.shape == (64, 64, 3)

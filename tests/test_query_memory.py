@@ -4,12 +4,13 @@ bad input, and a real sampling graph."""
 import pytest
 import torch
 
+from memlearner_core.context_tokens import ContextSpec, segment_positions
+from memlearner_core.query_layers import ContextKV, query_memory_attention
+
 import host
 import reference_wan
 import tiny_models
 from forward import model_forward, rel_err
-from memlearner_core.context_tokens import ContextSpec, segment_positions
-from memlearner_core.query_layers import ContextKV, query_memory_attention
 
 
 def inputs(batch, seed=0, frames=3):
@@ -111,10 +112,9 @@ def test_non_wan_model_is_refused_and_left_alone(comfy):
 
 
 def test_wan22_5b_is_refused(comfy, models_dir):
-    from safetensors.torch import save_file
-
     from comfy.ldm.wan.model import WanModel
     from comfy.ops import disable_weight_init
+    from safetensors.torch import save_file
 
     cfg = dict(tiny_models.TINY_WAN, in_dim=48, out_dim=48)
     model = WanModel(**cfg, operations=disable_weight_init)

@@ -6,13 +6,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import tiny_models
-from forward import model_forward, rel_err
 from memlearner_core.attention import MemoryKV, attention_with_memory
 from memlearner_core.checkpoint_io import CheckpointError, load_memory_encoder
 from memlearner_core.memory_encoder import EncoderConfig, MemoryEncoder
 from memlearner_core.memory_tokens import MemoryTokens
 
+import tiny_models
+from forward import model_forward, rel_err
 
 # --- encoder and checkpoints (no host needed) -----------------------------------------------------------------
 

@@ -1,9 +1,8 @@
 """Test-only ComfyUI nodes. The umt5 text encoder cannot be shrunk, so tests condition on seeded random text."""
 
 import torch
-from typing_extensions import override
-
 from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
 
 
 class RandomTextConditioning(io.ComfyNode):
