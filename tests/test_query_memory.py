@@ -150,3 +150,75 @@ def test_both_memories_together_run_in_the_real_sampler(comfy, wan_model, text_c
     assert a.shape == (1, 16, 2, 8, 8) and torch.isfinite(a).all()
     assert torch.equal(a, sample())  # deterministic for a fixed seed
     assert "memlearner" not in str(wan_model.wrappers)
+
+
+def write_query_weights(comfy, name, version="1", dim=256):
+    from safetensors.torch import save_file
+
+    from memlearner_core.camera import CameraEmbedding
+
+    cam = CameraEmbedding(dim)
+    tiny_models.randomize(cam, 4)
+    folder = comfy.folder_paths.get_folder_paths("memlearner")[0]
+    sd = {f"camera.{k}": v.detach().contiguous() for k, v in cam.state_dict().items()}
+    save_file(sd, f"{folder}/{name}", metadata={"memlearner.format": "query-memory", "memlearner.version": version,
+                                                "memlearner.query_layers": "2"})
+
+
+def poses_json(n, shift=0.0):
+    import json
+
+    return json.dumps([[[1, 0, 0, shift * i], [0, 1, 0, 0], [0, 0, 1, 0]] for i in range(n)])
+
+
+def test_camera_poses_condition_the_output(comfy, wan_model):
+    write_query_weights(comfy, "cam_v1.safetensors")
+    x, t, txt = inputs(1)
+
+    def run(poses):
+        model = comfy.run("MemLearnerApplyQueryMemory", model=wan_model, context=history(2), query_layers=2,
+                          query_weights="cam_v1.safetensors", camera_poses=poses)[0]
+        return model_forward(model, x, t, txt, run_seed=1)
+
+    still, moving = run(poses_json(5)), run(poses_json(5, shift=0.5))
+    assert torch.isfinite(moving).all() and rel_err(moving, still) > 1e-4
+    assert torch.equal(run(poses_json(5, shift=0.5)), moving)
+
+
+def test_unknown_weights_version_is_refused(comfy, wan_model):
+    write_query_weights(comfy, "cam_v9.safetensors", version="9")
+    with pytest.raises(ValueError, match="version '9' is not supported"):
+        comfy.run("MemLearnerApplyQueryMemory", model=wan_model, context=history(2), query_layers=2,
+                  query_weights="cam_v9.safetensors")
+
+
+def test_poses_without_weights_are_refused(comfy, wan_model):
+    with pytest.raises(ValueError, match="camera_poses need query_weights"):
+        comfy.run("MemLearnerApplyQueryMemory", model=wan_model, context=history(2), query_layers=2,
+                  camera_poses=poses_json(5))
+
+
+def test_too_few_poses_are_refused(comfy, wan_model):
+    write_query_weights(comfy, "cam_v1.safetensors")
+    with pytest.raises(ValueError, match="1 poses for 2 latent frames"):
+        comfy.run("MemLearnerApplyQueryMemory", model=wan_model, context=history(2), query_layers=2,
+                  query_weights="cam_v1.safetensors", camera_poses=poses_json(1))
+
+
+def test_interrupted_sampling_leaves_the_model_unpatched(comfy, wan_model, text_cond):
+    import comfy.model_management as mm
+
+    model = patched(comfy, wan_model, 2)
+    x, t, txt = inputs(1)
+    before = model_forward(wan_model, x, t, txt)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            comfy.run("KSampler", model=model, seed=1, steps=3, cfg=1.0, sampler_name="euler", scheduler="simple",
+                      positive=text_cond[0], negative=text_cond[1],
+                      latent_image={"samples": torch.zeros(1, 16, 2, 8, 8)}, denoise=1.0)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert torch.equal(model_forward(wan_model, x, t, txt), before)
+    assert "memlearner" not in str(wan_model.wrappers) + str(wan_model.model_options)
+    assert "memlearner_run" not in str(model.model_options)  # no per-run state survives on the patched clone
