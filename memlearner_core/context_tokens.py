@@ -48,19 +48,8 @@ class ContextSpec:
         index = torch.arange(-latent.shape[1], 0)
         return cls([ContextSegment(latent, index, 1, poses)])
 
-    @property
-    def num_frames(self) -> int:
-        return sum(s.latent.shape[1] for s in self.segments)
-
     def spatial_size(self) -> tuple[int, int] | None:
         return None if not self.segments else tuple(self.segments[0].latent.shape[-2:])
-
-    def num_tokens(self, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
-        n = 0
-        for s in self.segments:
-            _, t, h, w = s.pooled_latent().shape
-            n += (t // patch[0]) * (-(-h // patch[1])) * (-(-w // patch[2]))
-        return n
 
 
 def segment_positions(seg: ContextSegment, patch: tuple[int, int, int] = (1, 2, 2)) -> torch.Tensor:
@@ -75,7 +64,12 @@ def segment_positions(seg: ContextSegment, patch: tuple[int, int, int] = (1, 2, 
     return grid.reshape(-1, 3)
 
 
+def tokens_per_frame(h: int, w: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
+    """Tokens of one ``h x w`` latent frame after patching (partial patches are padded)."""
+    return (-(-h // patch[1])) * (-(-w // patch[2]))
+
+
 def frame_token_counts(seg: ContextSegment, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
     """Tokens per latent frame of a segment (after pooling and patching)."""
     lat = seg.pooled_latent()
-    return (-(-lat.shape[2] // patch[1])) * (-(-lat.shape[3] // patch[2]))
+    return tokens_per_frame(lat.shape[2], lat.shape[3], patch)

@@ -7,8 +7,6 @@ so ComfyUI's ``comfy.ops`` casting and low-VRAM weight streaming keep working.
 
 from __future__ import annotations
 
-import math
-
 import comfy.ldm.common_dit
 import comfy.ldm.wan.model as wan
 import comfy.model_management
@@ -129,9 +127,6 @@ def rope_for_latent(dm: wan.WanModel, t: int, h: int, w: int, device, dtype, tra
 def pad_latent(dm: wan.WanModel, x: torch.Tensor) -> torch.Tensor:
     return comfy.ldm.common_dit.pad_to_patch_size(x, dm.patch_size)
 
-
-def tokens_per_frame(dm: wan.WanModel, h: int, w: int) -> int:
-    return math.ceil(h / dm.patch_size[1]) * math.ceil(w / dm.patch_size[2])
 
 
 # --- VAE and model management ---------------------------------------------------------------------------------

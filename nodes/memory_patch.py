@@ -18,7 +18,12 @@ import torch
 
 from memlearner_core.attention import attention_with_memory
 from memlearner_core.camera import CameraEmbedding, frame_embedding_to_tokens
-from memlearner_core.context_tokens import ContextSpec, frame_token_counts, segment_positions
+from memlearner_core.context_tokens import (
+    ContextSpec,
+    frame_token_counts,
+    segment_positions,
+    tokens_per_frame,
+)
 from memlearner_core.memory_encoder import MemoryEncoder
 from memlearner_core.memory_tokens import MemoryTokens
 from memlearner_core.query_layers import ContextKV, query_memory_attention
@@ -78,7 +83,8 @@ class RunState:
     def __init__(self, seed: int | None):
         self.seed = int(seed or 0)
         self.generator = torch.Generator().manual_seed(self.seed & 0xFFFF_FFFF_FFFF)
-        self.context_cache: dict = {}
+        self.context_tokens: dict = {}  # (device, dtype) -> history tokens, RoPE tables, t=0 modulation
+        self.context_cache: dict = {}  # (layer, device, dtype) -> ContextKV
 
     def query_noise(self, shape, groups: int, device, dtype) -> torch.Tensor:
         """Fresh Gaussian noise for Q, the same for each of the ``groups`` batched CFG branches."""
@@ -96,21 +102,23 @@ class ForwardState:
     run: RunState
     n_query: int = 0
     p_camera: torch.Tensor | None = None  # [Np, dim] camera vectors of P's tokens
+    context_tokens: dict = field(default_factory=dict)  # this forward's history tokens when nothing is cached
 
     def context_kv(self, index: int, x: torch.Tensor) -> ContextKV | None:
+        """This query layer's history keys/values; from the run's cache when ``cache_context`` is on."""
         q = self.query
         if index >= q.query_layers or not q.context.segments:
             return None
-        key = (index, str(x.device), x.dtype)
-        cache = self.run.context_cache
-        if q.cache_context and key in cache:
-            return cache[key]
-        if ("tokens", key[1:]) not in cache or not q.cache_context:
-            cache[("tokens", key[1:])] = context_tokens(self.dm, q, x.device, x.dtype)
-        tokens, freqs, e0_clean = cache[("tokens", key[1:])]
+        where = (str(x.device), x.dtype)
+        if q.cache_context and (index, *where) in self.run.context_cache:
+            return self.run.context_cache[(index, *where)]
+        tokens_cache = self.run.context_tokens if q.cache_context else self.context_tokens
+        if where not in tokens_cache:
+            tokens_cache[where] = context_tokens(self.dm, q, x.device, x.dtype)
+        tokens, freqs, e0_clean = tokens_cache[where]
         kv = wa.context_kv(self.dm.blocks[index], tokens, e0_clean, freqs)
         if q.cache_context:
-            cache[key] = kv
+            self.run.context_cache[(index, *where)] = kv
         return kv
 
     def block(self, index: int, args: dict) -> torch.Tensor:
@@ -198,7 +206,7 @@ class DiffusionModelWrapper(_Shared):
         if self.query.camera is not None:
             poses = self.query.chunk_poses if self.query.chunk_poses is not None else torch.zeros(t, 3, 4)
             emb = self.query.camera(poses[:t].to(x.device)).to(x.dtype)
-            st.p_camera = frame_embedding_to_tokens(emb, wa.tokens_per_frame(dm, h, w))
+            st.p_camera = frame_embedding_to_tokens(emb, tokens_per_frame(h, w, tuple(dm.patch_size)))
         out = dm.forward_orig(torch.cat([noise_q, xp], 2), timestep, context, clip_fea=clip_fea,
                               freqs=torch.cat([freqs_p, freqs_p], 1), transformer_options=opts, **kwargs)
         return out[:, :, xp.shape[2]:][:, :, :t, :h, :w]
