@@ -9,10 +9,11 @@ from .comfy_types import register_model_folders
 
 register_model_folders()
 
+from .memory_bank_node import ReferenceMemoryBank  # noqa: E402
 from .memory_nodes import EncodeReferenceVideo, LoadMemoryEncoder  # noqa: E402
 from .query_memory_node import ApplyQueryMemory, ApplyReferenceMemory  # noqa: E402
 
-NODES = [LoadMemoryEncoder, EncodeReferenceVideo, ApplyQueryMemory, ApplyReferenceMemory]
+NODES = [LoadMemoryEncoder, EncodeReferenceVideo, ReferenceMemoryBank, ApplyQueryMemory, ApplyReferenceMemory]
 
 
 class MemLearnerExtension(ComfyExtension):

@@ -163,3 +163,37 @@ def resize_frames(frames: torch.Tensor, width: int, height: int) -> torch.Tensor
     import comfy.utils
 
     return comfy.utils.common_upscale(frames.movedim(-1, 1), width, height, "bilinear", "center").movedim(1, -1)
+
+
+def read_video(path) -> torch.Tensor:
+    """A video file decoded by ComfyUI's own reader (PyAV): IMAGE frames ``[F, H, W, 3]`` in [0, 1]."""
+    from comfy_api.latest import InputImpl
+
+    return InputImpl.VideoFromFile(str(path)).get_components().images
+
+
+def text_embedding(clip, text: str) -> torch.Tensor:
+    """``[D]``: ``text`` through the user's loaded text encoder, pooled as ``pool_text_embedding`` does."""
+    from memlearner_core.memory_bank import pool_text_embedding
+
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return pool_text_embedding(cond.cpu(), pooled.cpu() if torch.is_tensor(pooled) else None)
+
+
+def conditioning_embedding(conditioning) -> torch.Tensor:
+    """``[D]`` for a CONDITIONING (its first entry), pooled the same way as ``text_embedding``."""
+    from memlearner_core.memory_bank import pool_text_embedding
+
+    if not conditioning:
+        raise ValueError("the prompt conditioning is empty")
+    cond, extra = conditioning[0][0], conditioning[0][1]
+    pooled = extra.get("pooled_output")
+    return pool_text_embedding(cond.cpu(), pooled.cpu() if torch.is_tensor(pooled) else None)
+
+
+def vae_fingerprint(vae) -> str:
+    """A short digest of the VAE's first weight, so cached latents of another VAE are never reused."""
+    import hashlib
+
+    p = next(vae.first_stage_model.parameters()).detach().float().cpu()
+    return hashlib.sha1(p.numpy().tobytes()).hexdigest()[:12]

@@ -7,6 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from memlearner_core.checkpoint_io import load_memory_encoder
+from memlearner_core.hub import fetch_safetensors
 from memlearner_core.reference_video import (
     ReferenceVideoError,
     frames_for_latent,
@@ -19,6 +20,27 @@ from . import comfy_adapter as ca
 from .comfy_types import ENCODER_FOLDER, MEMORY, MEMORY_ENCODER
 from .memory_patch import ReferenceMemory
 
+FROM_HUB = "(from hf_repo)"
+
+
+def encode_frames(vae, frames: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """One video ``[F, H, W, C]`` -> its Wan2.1 latent ``[16, T, H', W']`` in the encoder's ``shape``: frames
+    sampled evenly to the count the VAE maps to ``T``, scaled and center-cropped to ``8H' x 8W'``."""
+    frames = frames[sample_indices(frames.shape[0], frames_for_latent(shape[0]))]
+    frames = ca.resize_frames(frames, shape[2] * 8, shape[1] * 8)
+    return vae.encode(frames[..., :3])[0].cpu()
+
+
+def memory_options() -> list:
+    """The inputs every MEMORY-making node shares."""
+    return [
+        io.Float.Input("strength", default=1.0, min=0.0, max=4.0, step=0.05,
+                       tooltip="0 = memory off (the model is unchanged), 1 = as published."),
+        io.Boolean.Input("deduplicate", default=True,
+                         tooltip="Collapse identical memory tokens into one key with a log-count bias: "
+                                 "exactly the same result, less attention work."),
+    ]
+
 
 class LoadMemoryEncoder(io.ComfyNode):
     @classmethod
@@ -30,17 +52,26 @@ class LoadMemoryEncoder(io.ComfyNode):
             description="Loads a DiT-Mem memory encoder (safetensors) from models/memory_encoders. The official "
                         "Thrcle/DiT-Mem-1.3B file loads as it is.",
             inputs=[
-                io.Combo.Input("encoder_name", options=folder_paths.get_filename_list(ENCODER_FOLDER),
+                io.Combo.Input("encoder_name", options=folder_paths.get_filename_list(ENCODER_FOLDER) + [FROM_HUB],
                                tooltip="A file in models/memory_encoders (or a folder from extra_model_paths.yaml)."),
                 io.Combo.Input("dtype", options=["default", "fp32", "fp16", "bf16"], default="default",
                                tooltip="Weights dtype; default follows ComfyUI's choice for diffusion models."),
+                io.String.Input("hf_repo", default="", optional=True,
+                                tooltip="Optional Hugging Face repo id (e.g. Thrcle/DiT-Mem-1.3B): its safetensors file "
+                                        "is downloaded once into models/memory_encoders/<owner>--<name>/ and used "
+                                        "instead of encoder_name."),
             ],
             outputs=[MEMORY_ENCODER.Output(display_name="memory_encoder")],
         )
 
     @classmethod
-    def execute(cls, encoder_name, dtype="default") -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise(ENCODER_FOLDER, encoder_name)
+    def execute(cls, encoder_name, dtype="default", hf_repo="") -> io.NodeOutput:
+        if hf_repo and hf_repo.strip():
+            path = fetch_safetensors(hf_repo, folder_paths.get_folder_paths(ENCODER_FOLDER)[0])
+        elif encoder_name == FROM_HUB:
+            raise ValueError("Load Memory Encoder: choose an encoder file or fill in hf_repo")
+        else:
+            path = folder_paths.get_full_path_or_raise(ENCODER_FOLDER, encoder_name)
         encoder = load_memory_encoder(path).to(ca.default_dtype(dtype))
         return io.NodeOutput(ca.managed_module(encoder))
 
@@ -62,11 +93,7 @@ class EncodeReferenceVideo(io.ComfyNode):
                                 tooltip="Already-encoded Wan2.1 video latents; each batch item is one video."),
                 io.Int.Input("frames_per_video", default=0, min=0, max=100000,
                              tooltip="Split the image batch into videos of this many frames; 0 = one video."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=4.0, step=0.05,
-                               tooltip="0 = memory off (the model is unchanged), 1 = as published."),
-                io.Boolean.Input("deduplicate", default=True,
-                                 tooltip="Collapse identical memory tokens into one key with a log-count bias: "
-                                         "exactly the same result, less attention work."),
+                *memory_options(),
             ],
             outputs=[MEMORY.Output(display_name="memory")],
         )
@@ -80,10 +107,7 @@ class EncodeReferenceVideo(io.ComfyNode):
             if vae is None:
                 raise ValueError("Encode Reference Video: connect the Wan2.1 VAE to encode images")
             ca.check_wan21_vae(vae)
-            for frames in split_videos(images, frames_per_video):
-                frames = frames[sample_indices(frames.shape[0], frames_for_latent(shape[0]))]
-                frames = ca.resize_frames(frames, shape[2] * 8, shape[1] * 8)
-                videos.append(vae.encode(frames[..., :3])[0].cpu())
+            videos.extend(encode_frames(vae, frames, shape) for frames in split_videos(images, frames_per_video))
         if latent is not None:
             samples = latent["samples"]
             if samples.ndim != 5 or samples.shape[1] != 16:

@@ -68,6 +68,12 @@ def wan_vae(comfy):
 
 
 @pytest.fixture(scope="session")
+def encoder(comfy):
+    """The tiny DiT-Mem encoder, loaded by Load Memory Encoder in fp32."""
+    return comfy.run("MemLearnerLoadMemoryEncoder", encoder_name=tiny_models.ENCODER_FILE, dtype="fp32")[0]
+
+
+@pytest.fixture(scope="session")
 def text_cond(comfy):
     def cond(seed):
         return comfy.run("MemLearnerTestRandomConditioning", seed=seed)[0]

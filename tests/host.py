@@ -18,8 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_NODES = Path(__file__).resolve().parent / "comfy_nodes"
-PACK_NODE_IDS = {"MemLearnerLoadMemoryEncoder", "MemLearnerEncodeReferenceVideo", "MemLearnerApplyQueryMemory",
-                 "MemLearnerApplyReferenceMemory"}
+PACK_NODE_IDS = {"MemLearnerLoadMemoryEncoder", "MemLearnerEncodeReferenceVideo", "MemLearnerReferenceMemoryBank",
+                 "MemLearnerApplyQueryMemory", "MemLearnerApplyReferenceMemory"}
 
 
 def comfy_path() -> Path:

@@ -138,11 +138,6 @@ def test_strength_scales_memory_like_duplicated_keys(seeded):
 
 # --- injection into ComfyUI's Wan -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def encoder(comfy):
-    return comfy.run("MemLearnerLoadMemoryEncoder", encoder_name=tiny_models.ENCODER_FILE, dtype="fp32")[0]
-
-
 def reference_latents(seed, n=2):
     g = torch.Generator().manual_seed(seed)
     return {"samples": torch.randn(n, 16, 13, 16, 16, generator=g)}
