@@ -12,8 +12,10 @@ register_model_folders()
 from .memory_bank_node import ReferenceMemoryBank  # noqa: E402
 from .memory_nodes import EncodeReferenceVideo, LoadMemoryEncoder  # noqa: E402
 from .query_memory_node import ApplyQueryMemory, ApplyReferenceMemory  # noqa: E402
+from .rollout_node import MemoryRollout  # noqa: E402
 
-NODES = [LoadMemoryEncoder, EncodeReferenceVideo, ReferenceMemoryBank, ApplyQueryMemory, ApplyReferenceMemory]
+NODES = [LoadMemoryEncoder, EncodeReferenceVideo, ReferenceMemoryBank, ApplyQueryMemory, ApplyReferenceMemory,
+         MemoryRollout]
 
 
 class MemLearnerExtension(ComfyExtension):

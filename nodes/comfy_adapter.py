@@ -197,3 +197,65 @@ def vae_fingerprint(vae) -> str:
 
     p = next(vae.first_stage_model.parameters()).detach().float().cpu()
     return hashlib.sha1(p.numpy().tobytes()).hexdigest()[:12]
+
+
+def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
+           latent: torch.Tensor, denoise: float, callback) -> torch.Tensor:
+    """ComfyUI's own KSampler path: noise from ``seed``, any sampler and scheduler the host has."""
+    import comfy.sample
+    import comfy.utils
+
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                               denoise=denoise, callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+                               seed=seed)
+
+
+class Progress:
+    """One ComfyUI progress bar over all chunks and steps, with a latent preview of the current chunk."""
+
+    def __init__(self, model, total: int):
+        import comfy.utils
+        import latent_preview
+
+        self.total = total
+        self.bar = comfy.utils.ProgressBar(total)
+        self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+
+    def callback(self, offset: int):
+        """A sampler callback whose steps count from ``offset`` on the shared bar."""
+
+        def on_step(step, x0, x, total_steps):
+            preview = self.previewer.decode_latent_to_preview_image("JPEG", x0) if self.previewer else None
+            self.bar.update_absolute(offset + step + 1, self.total, preview)
+
+        return on_step
+
+
+def is_interrupt(error: BaseException) -> bool:
+    return isinstance(error, comfy.model_management.InterruptProcessingException)
+
+
+def reset_peak_memory(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device) -> tuple[str, float]:
+    """Peak memory since ``reset_peak_memory``: CUDA allocated on a GPU, else the process's peak RSS."""
+    if torch.device(device).type == "cuda":
+        return "cuda_allocated", torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return "process_peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def save_latent(samples: torch.Tensor, prefix: str) -> str:
+    """Write a LATENT to ComfyUI's output folder in the ``.latent`` format Load Latent reads; returns the path."""
+    import folder_paths
+    from safetensors.torch import save_file
+
+    folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory())
+    path = f"{folder}/{name}_{counter:05}_.latent"
+    save_file({"latent_tensor": samples.contiguous(), "latent_format_version_0": torch.tensor([])}, path)
+    return path

@@ -239,14 +239,25 @@ def check_context_matches(context: ContextSpec, noise: torch.Tensor) -> None:
         raise ValueError(f"query memory needs a Wan2.1 video latent [B, 16, T, H, W], got {tuple(noise.shape)}")
 
 
+def installed_patch(model) -> DiffusionModelWrapper | None:
+    """The memory patch a MODEL already carries (from an earlier Apply node), or None."""
+    found = model.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY)
+    return found[-1] if found else None
+
+
 def apply_memory(model, memory: ReferenceMemory | None = None, query: QueryMemory | None = None):
     """A clone of ``model`` with the memories applied; the input model is never modified.
 
-    All checks run before cloning, so a bad input leaves nothing behind.
+    A memory the model already carries is kept unless replaced (Apply Reference Memory then Apply Query Memory
+    gives both). All checks run before cloning, so a bad input leaves nothing behind.
     """
     dm = wa.wan21_model(model)
     if memory is None and query is None:
         raise ValueError("nothing to apply: connect a MEMORY, a query-memory context, or both")
+    prev = installed_patch(model)
+    if prev is not None:
+        memory = memory if memory is not None else prev.memory
+        query = query if query is not None else prev.query
     if memory is not None and memory.width != dm.dim:
         raise ValueError(f"the memory encoder makes {memory.width}-wide tokens but this Wan model is {dm.dim} wide "
                          f"(1.3B: 1536, 14B: 5120); load the encoder trained for this model")
@@ -258,10 +269,18 @@ def apply_memory(model, memory: ReferenceMemory | None = None, query: QueryMemor
             raise ValueError(f"the camera MLP is {query.camera.proj.out_features} wide but the model is {dm.dim} wide")
     if memory is not None and memory.strength == 0:
         memory = None  # strength 0: exactly the unpatched model
-        if query is None:
-            return model.clone()
 
     m = model.clone()
+    if prev is not None:
+        for kind in (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE):
+            m.remove_wrappers_with_key(kind, KEY)
+        m.remove_additional_models(KEY)
+    if memory is None and query is None:
+        dit = m.model_options.get("patches_replace", {}).get("dit", {})
+        for i in range(len(dm.blocks)):  # ours only fall back to the original block now: drop them
+            if isinstance(dit.get(("double_block", i)), BlockPatch):
+                del dit[("double_block", i)]
+        return m
     for i in range(len(dm.blocks)):
         m.set_model_patch_replace(BlockPatch(i), "dit", "double_block", i)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, DiffusionModelWrapper(memory, query))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import folder_paths
-import torch
 from comfy_api.latest import io
 
 from memlearner_core.camera import CameraEmbedding
 from memlearner_core.checkpoint_io import load_query_weights
 from memlearner_core.context_tokens import ContextSpec
+from memlearner_core.trajectory import parse_trajectory
 
 from .comfy_types import MEMORY, QUERY_WEIGHTS_FOLDER
 from .memory_patch import QueryMemory, apply_memory
@@ -18,21 +16,20 @@ from .memory_patch import QueryMemory, apply_memory
 NO_WEIGHTS = "none"
 
 
-def parse_poses(text: str, n_frames: int, what: str) -> torch.Tensor | None:
-    """A JSON list of per-latent-frame 3x4 ``[R|t]`` matrices (or flat 12-number rows) -> ``[T >= n_frames, 3, 4]``."""
-    if not text.strip():
+def load_camera(query_weights: str | None) -> CameraEmbedding | None:
+    """The camera MLP of a query-memory weights file in models/memlearner; None for "none"."""
+    if not query_weights or query_weights == NO_WEIGHTS:
         return None
-    try:
-        poses = torch.tensor(json.loads(text), dtype=torch.float32)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{what}: not a JSON list of 3x4 camera matrices ({e})") from e
-    if poses.ndim == 2 and poses.shape[1] == 12:
-        poses = poses.view(-1, 3, 4)
-    if poses.ndim != 3 or poses.shape[1:] != (3, 4):
-        raise ValueError(f"{what}: expected one 3x4 [R|t] matrix per latent frame, got shape {tuple(poses.shape)}")
-    if poses.shape[0] < n_frames:
-        raise ValueError(f"{what}: {poses.shape[0]} poses for {n_frames} latent frames")
-    return poses
+    state, _ = load_query_weights(folder_paths.get_full_path_or_raise(QUERY_WEIGHTS_FOLDER, query_weights))
+    camera = CameraEmbedding(state["proj.weight"].shape[0])
+    camera.load_state_dict(state)
+    return camera.requires_grad_(False)
+
+
+def query_weights_input(**kw):
+    return io.Combo.Input("query_weights", options=[NO_WEIGHTS] + folder_paths.get_filename_list(QUERY_WEIGHTS_FOLDER),
+                          default=NO_WEIGHTS, tooltip="The pack's tensors of a query-memory fine-tune (camera MLP), "
+                                                      "from models/memlearner.", **kw)
 
 
 class ApplyQueryMemory(io.ComfyNode):
@@ -54,11 +51,10 @@ class ApplyQueryMemory(io.ComfyNode):
                 io.Int.Input("query_layers", default=5, min=1, max=64,
                              tooltip="How many of the first blocks are query layers (5 of 28 in the paper)."),
                 MEMORY.Input("memory", optional=True, tooltip="Reference-video memory from Encode Reference Video."),
-                io.Combo.Input("query_weights", options=[NO_WEIGHTS] + folder_paths.get_filename_list(QUERY_WEIGHTS_FOLDER),
-                               default=NO_WEIGHTS, optional=True,
-                               tooltip="The pack's tensors of a query-memory fine-tune (camera MLP), from models/memlearner."),
+                query_weights_input(optional=True),
                 io.String.Input("camera_poses", default="", multiline=True, optional=True,
-                                tooltip="JSON: one 3x4 [R|t] per latent frame, history frames first, then the video's."),
+                                tooltip="JSON: one camera pose per latent frame, history frames first, then the video's: "
+                                        "3x4 [R|t] matrices or {\"position\": [x,y,z], \"yaw\": deg, \"pitch\": deg}."),
                 io.Boolean.Input("cache_context", default=True, optional=True,
                                  tooltip="Compute the history's keys/values once per run (exact; faster)."),
             ],
@@ -73,14 +69,11 @@ class ApplyQueryMemory(io.ComfyNode):
             samples = context["samples"]
             if samples.ndim != 5:
                 raise ValueError(f"context must be a video latent [B, 16, T, H, W], got {tuple(samples.shape)}")
-            camera, chunk_poses, history_poses = None, None, None
-            if query_weights and query_weights != NO_WEIGHTS:
-                state, _ = load_query_weights(folder_paths.get_full_path_or_raise(QUERY_WEIGHTS_FOLDER, query_weights))
-                camera = CameraEmbedding(state["proj.weight"].shape[0])
-                camera.load_state_dict(state)
-                camera.requires_grad_(False)
+            chunk_poses, history_poses = None, None
+            camera = load_camera(query_weights)
+            if camera is not None:
                 n_hist = samples.shape[2]
-                poses = parse_poses(camera_poses or "", n_hist, "camera_poses")
+                poses = parse_trajectory(camera_poses, n_hist) if (camera_poses or "").strip() else None
                 if poses is not None:
                     history_poses, chunk_poses = poses[:n_hist], (poses[n_hist:] if poses.shape[0] > n_hist else None)
             elif camera_poses and camera_poses.strip():

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TEST_NODES = Path(__file__).resolve().parent / "comfy_nodes"
 PACK_NODE_IDS = {"MemLearnerLoadMemoryEncoder", "MemLearnerEncodeReferenceVideo", "MemLearnerReferenceMemoryBank",
-                 "MemLearnerApplyQueryMemory", "MemLearnerApplyReferenceMemory"}
+                 "MemLearnerApplyQueryMemory", "MemLearnerApplyReferenceMemory", "MemLearnerMemoryRollout"}
 
 
 def comfy_path() -> Path:

@@ -153,6 +153,16 @@ def test_both_memories_together_run_in_the_real_sampler(comfy, wan_model, text_c
     assert "memlearner" not in str(wan_model.wrappers)
 
 
+def test_chaining_reference_then_query_memory_keeps_both(comfy, wan_model, encoder):
+    refs = {"samples": torch.randn(1, 16, 13, 16, 16, generator=torch.Generator().manual_seed(3))}
+    memory = comfy.run("MemLearnerEncodeReferenceVideo", memory_encoder=encoder, latent=refs)[0]
+    chained = patched(comfy, comfy.run("MemLearnerApplyReferenceMemory", model=wan_model, memory=memory)[0], 3)
+    together = patched(comfy, wan_model, 3, memory=memory)
+    x, t, txt = inputs(1)
+    assert torch.equal(model_forward(chained, x, t, txt, run_seed=1), model_forward(together, x, t, txt, run_seed=1))
+    assert len(chained.get_wrappers("diffusion_model", "memlearner")) == 1
+
+
 def write_query_weights(comfy, name, version="1", dim=256):
     from safetensors.torch import save_file
 
@@ -201,7 +211,7 @@ def test_poses_without_weights_are_refused(comfy, wan_model):
 
 def test_too_few_poses_are_refused(comfy, wan_model):
     write_query_weights(comfy, "cam_v1.safetensors")
-    with pytest.raises(ValueError, match="1 poses for 2 latent frames"):
+    with pytest.raises(ValueError, match="1 poses but the video needs 2 latent frames"):
         comfy.run("MemLearnerApplyQueryMemory", model=wan_model, context=history(2), query_layers=2,
                   query_weights="cam_v1.safetensors", camera_poses=poses_json(1))
 
