@@ -1,7 +1,7 @@
 """The main job: start ComfyUI with the pack and run the shipped memory workflow headless.
 
 Uses the real Wan2.1 T2V 1.3B files when they are in ComfyUI's models folders (see README), otherwise the tiny
-random-weight fixtures, so the whole path runs on any machine. Prints where the frames went.
+random-weight fixtures, so the whole path runs on any machine. Prints where the videos went.
 """
 
 from __future__ import annotations
@@ -44,13 +44,15 @@ def main() -> int:
     server = host.ComfyServer(workdir, extra, cpu=not torch.cuda.is_available())
     try:
         server.wait_ready()
-        print(f"[demo] ComfyUI {server.url} is up; running workflows/api/memory_demo.json"
+        print(f"[demo] ComfyUI {server.url} is up; running workflows/api/both_memories.json"
               f"{' (tiny fixtures)' if tiny else ''}")
         t0 = time.time()
-        entry = server.run_prompt(build.memory_demo(tiny=tiny), timeout=3600)
+        entry = server.run_prompt(build.both_memories(tiny=tiny), timeout=3600)
         files = [server.output_dir / img["subfolder"] / img["filename"]
                  for out in entry["outputs"].values() for img in out.get("images", [])]
-        print(f"[demo] done in {time.time() - t0:.1f}s: {len(files)} frames written under {server.output_dir / 'memlearner'}")
+        print(f"[demo] done in {time.time() - t0:.1f}s:")
+        for f in files:
+            print(f"[demo]   {f}")
         print(f"[demo] server log: {server.log_path}")
         return 0
     finally:

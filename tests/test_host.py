@@ -51,14 +51,3 @@ def test_text_to_video_graph_runs_through_the_http_api(server):
     frame = np.asarray(Image.open(server.output_dir / images[0]["subfolder"] / images[0]["filename"]))
     assert frame.shape == (64, 64, 3)
     assert np.isfinite(frame.astype(float)).all() and math.isfinite(float(frame.std()))
-
-
-def test_shipped_memory_workflow_runs_headless_on_the_tiny_fixtures(server):
-    import sys
-
-    sys.path.insert(0, str(host.ROOT / "workflows"))
-    import build
-
-    entry = server.run_prompt(build.memory_demo(tiny=True))
-    chunk1, chunk2 = entry["outputs"]["save1"]["images"], entry["outputs"]["save2"]["images"]
-    assert len(chunk1) == len(chunk2) == build.TINY["length"]

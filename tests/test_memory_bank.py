@@ -2,7 +2,6 @@
 
 import json
 import os
-from fractions import Fraction
 
 import pytest
 import torch
@@ -28,21 +27,12 @@ CAPTIONS = {
 }
 
 
-def write_video(path, seed, frames=6, size=48):
-    """A short random mp4 written by ComfyUI's own video writer."""
-    from comfy_api.latest import InputImpl, Types
-
-    g = torch.Generator().manual_seed(seed)
-    images = torch.rand(frames, size, size, 3, generator=g)
-    InputImpl.VideoFromComponents(Types.VideoComponents(images=images, frame_rate=Fraction(8))).save_to(str(path))
-
-
 @pytest.fixture
 def bank(tmp_path):
     folder = tmp_path / "bank"
     folder.mkdir()
     for i, name in enumerate(CAPTIONS):
-        write_video(folder / name, i)
+        tiny_models.write_video(folder / name, i)
     (folder / "captions.json").write_text(json.dumps(CAPTIONS))
     return folder
 
@@ -117,7 +107,7 @@ def test_latents_are_cached_and_refreshed_when_the_video_changes(comfy, encoder,
     save_file({"latent": torch.zeros_like(load_file(str(cached))["latent"])}, str(cached))
     memory, _ = rank(comfy, encoder, tiny_clip, wan_vae, bank, CAPTIONS["car.mp4"], top_k=1)
     assert memory.latents.abs().max() == 0  # read back from the cache, not encoded again
-    write_video(bank / "car.mp4", 99)
+    tiny_models.write_video(bank / "car.mp4", 99)
     os.utime(bank / "car.mp4", ns=(1, 1))
     memory, _ = rank(comfy, encoder, tiny_clip, wan_vae, bank, CAPTIONS["car.mp4"], top_k=1)
     assert memory.latents.abs().max() > 0

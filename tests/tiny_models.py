@@ -87,3 +87,14 @@ def write_models(models_dir: Path) -> dict[str, Path]:
     save_memory_encoder(tiny_encoder(), paths["encoder"])
     (models_dir / "memlearner").mkdir(exist_ok=True)
     return paths
+
+
+def write_video(path, seed: int, frames: int = 6, size: int = 48) -> None:
+    """A short random mp4, written by ComfyUI's own video writer."""
+    from fractions import Fraction
+
+    from comfy_api.latest import InputImpl, Types
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(frames, size, size, 3, generator=g)
+    InputImpl.VideoFromComponents(Types.VideoComponents(images=images, frame_rate=Fraction(8))).save_to(str(path))

@@ -1,72 +1,187 @@
-"""Source of the shipped API-format workflows: ``python workflows/build.py`` rewrites ``workflows/api/*.json``.
+"""Source of the shipped workflows: ``python workflows/build.py`` rewrites ``workflows/api/*.json`` (API format,
+for headless use) and ``workflows/ui/*.json`` (UI format, to drag into ComfyUI), both from the graphs below.
 
 File names are those of ComfyUI's repackaged Wan2.1 release; ``tiny=True`` swaps in the test fixtures (and
-seeded random text conditioning, since the umt5 text encoder has no tiny stand-in).
+seeded random text conditioning, since ComfyUI's loader builds the umt5 text encoder at full size). Nodes carry
+titles (``_meta.title``) that the headless client uses as input names (``Prompt``, ``Reference video``...).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
 REAL = {
     "unet": "wan2.1_t2v_1.3B_fp16.safetensors",
     "clip": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
     "vae": "wan_2.1_vae.safetensors",
     "encoder": "dit_mem_1.3b.safetensors",
-    "width": 832, "height": 480, "length": 33, "steps": 30, "cfg": 5.0,
+    "reference": "reference.mp4",
+    "width": 832, "height": 480, "length": 33, "steps": 30, "cfg": 5.0, "query_layers": 5,
+    "chunk_frames": 33, "chunks": 6, "context_frames": 27,
 }
 TINY = {
     "unet": "tiny_wan21_t2v.safetensors", "vae": "tiny_wan21_vae.safetensors",
-    "encoder": "tiny_dit_mem.safetensors", "width": 64, "height": 64, "length": 9, "steps": 3, "cfg": 3.0,
+    "encoder": "tiny_dit_mem.safetensors", "reference": "memlearner_reference.mp4",
+    "width": 64, "height": 64, "length": 9, "steps": 3, "cfg": 3.0, "query_layers": 2,
+    "chunk_frames": 5, "chunks": 3, "context_frames": 3,
 }
 PROMPT = "a slow walk through a sunlit stone courtyard, the camera turns back to the fountain"
 NEGATIVE = "blurry, distorted, low quality"
+FPS = 16.0
+
+MODEL_NOTE = """Model files (ComfyUI's repackaged Wan2.1 release):
+- models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors
+- models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors
+- models/vae/wan_2.1_vae.safetensors"""
+ENCODER_NOTE = """DiT-Mem encoder: the safetensors file of Thrcle/DiT-Mem-1.3B
+-> models/memory_encoders/dit_mem_1.3b.safetensors
+(or type Thrcle/DiT-Mem-1.3B into hf_repo to download it once)."""
+QUERY_NOTE = """Query memory needs a Wan2.1 fine-tuned for it (train it with memlearner-train query; see README).
+On the stock model the query layers run untrained."""
 
 
-def memory_demo(tiny: bool = False, seed: int = 42) -> dict:
-    """Two chunks: the first from plain Wan2.1; the second remembers it through both memories (the first chunk
-    is the query-memory context and the DiT-Mem reference video). Saves both chunks' frames."""
-    f = TINY if tiny else REAL
-    g: dict[str, dict] = {}
-    g["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": f["unet"], "weight_dtype": "default"}}
+def node(class_type: str, title: str | None = None, **inputs) -> dict:
+    n = {"class_type": class_type, "inputs": inputs}
+    if title:
+        n["_meta"] = {"title": title}
+    return n
+
+
+def base(f: dict, tiny: bool) -> dict[str, dict]:
+    """Wan2.1 model, prompt conditioning and VAE."""
+    g = {"unet": node("UNETLoader", unet_name=f["unet"], weight_dtype="default")}
     if tiny:
-        g["pos"] = {"class_type": "MemLearnerTestRandomConditioning", "inputs": {"seed": 1}}
-        g["neg"] = {"class_type": "MemLearnerTestRandomConditioning", "inputs": {"seed": 2}}
+        g["pos"] = node("MemLearnerTestRandomConditioning", "Prompt", seed=1)
+        g["neg"] = node("MemLearnerTestRandomConditioning", "Negative prompt", seed=2)
     else:
-        g["clip"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": f["clip"], "type": "wan", "device": "default"}}
-        g["pos"] = {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["clip", 0]}}
-        g["neg"] = {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["clip", 0]}}
-    g["vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": f["vae"]}}
-    g["empty"] = {"class_type": "EmptyHunyuanLatentVideo",
-                  "inputs": {"width": f["width"], "height": f["height"], "length": f["length"], "batch_size": 1}}
-    sampler = {"steps": f["steps"], "cfg": f["cfg"], "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
-               "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["empty", 0]}
-    g["chunk1"] = {"class_type": "KSampler", "inputs": {**sampler, "model": ["unet", 0], "seed": seed}}
-    g["encoder"] = {"class_type": "MemLearnerLoadMemoryEncoder", "inputs": {"encoder_name": f["encoder"], "dtype": "default"}}
-    g["memory"] = {"class_type": "MemLearnerEncodeReferenceVideo",
-                   "inputs": {"memory_encoder": ["encoder", 0], "latent": ["chunk1", 0], "frames_per_video": 0,
-                              "strength": 1.0, "deduplicate": True}}
-    g["apply"] = {"class_type": "MemLearnerApplyQueryMemory",
-                  "inputs": {"model": ["unet", 0], "context": ["chunk1", 0], "query_layers": 2 if tiny else 5,
-                             "memory": ["memory", 0], "cache_context": True}}
-    g["chunk2"] = {"class_type": "KSampler", "inputs": {**sampler, "model": ["apply", 0], "seed": seed + 1}}
-    for i, chunk in enumerate(("chunk1", "chunk2"), 1):
-        g[f"decode{i}"] = {"class_type": "VAEDecode", "inputs": {"samples": [chunk, 0], "vae": ["vae", 0]}}
-        g[f"save{i}"] = {"class_type": "SaveImage",
-                         "inputs": {"images": [f"decode{i}", 0], "filename_prefix": f"memlearner/chunk{i}"}}
+        g["clip"] = node("CLIPLoader", clip_name=f["clip"], type="wan", device="default")
+        g["pos"] = node("CLIPTextEncode", "Prompt", text=PROMPT, clip=["clip", 0])
+        g["neg"] = node("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=["clip", 0])
+    g["vae"] = node("VAELoader", vae_name=f["vae"])
     return g
 
 
-WORKFLOWS = {"memory_demo": memory_demo}
+def sampler(g: dict, f: dict, name: str, model: str, seed: int, latent: str = "empty", title: str | None = None):
+    if "empty" not in g:
+        g["empty"] = node("EmptyHunyuanLatentVideo", width=f["width"], height=f["height"], length=f["length"],
+                          batch_size=1)
+    g[name] = node("KSampler", title, model=[model, 0], seed=seed, steps=f["steps"], cfg=f["cfg"],
+                   sampler_name="uni_pc", scheduler="simple", positive=["pos", 0], negative=["neg", 0],
+                   latent_image=[latent, 0], denoise=1.0)
+
+
+def save_video(g: dict, latent: str, name: str) -> None:
+    """Decode, make a video at 16 fps, save it under output/memlearner/."""
+    g[f"decode_{name}"] = node("VAEDecode", samples=[latent, 0], vae=["vae", 0])
+    g[f"video_{name}"] = node("CreateVideo", images=[f"decode_{name}", 0], fps=FPS)
+    g[f"save_{name}"] = node("SaveVideo", video=[f"video_{name}", 0], filename_prefix=f"memlearner/{name}",
+                             format="auto", codec="auto")
+
+
+def encoder(g: dict, f: dict) -> None:
+    g["encoder"] = node("MemLearnerLoadMemoryEncoder", encoder_name=f["encoder"], dtype="default", hf_repo="")
+
+
+def dit_mem_reference(tiny: bool = False, seed: int = 42) -> dict:
+    """DiT-Mem: a reference video from ComfyUI's input folder becomes memory for a stock Wan2.1 T2V 1.3B."""
+    f = TINY if tiny else REAL
+    g = base(f, tiny)
+    encoder(g, f)
+    g["reference"] = node("LoadVideo", "Reference video", file=f["reference"])
+    g["frames"] = node("GetVideoComponents", video=["reference", 0])
+    g["memory"] = node("MemLearnerEncodeReferenceVideo", memory_encoder=["encoder", 0], images=["frames", 0],
+                       vae=["vae", 0], frames_per_video=0, strength=1.0, deduplicate=True)
+    g["apply"] = node("MemLearnerApplyReferenceMemory", model=["unet", 0], memory=["memory", 0])
+    sampler(g, f, "sample", "apply", seed)
+    save_video(g, "sample", "dit_mem")
+    return g
+
+
+def query_memory(tiny: bool = False, seed: int = 42) -> dict:
+    """Query memory: a first chunk from plain Wan2.1, then a second chunk that reads it as history."""
+    f = TINY if tiny else REAL
+    g = base(f, tiny)
+    sampler(g, f, "chunk1", "unet", seed, title="First chunk")
+    g["apply"] = node("MemLearnerApplyQueryMemory", model=["unet", 0], context=["chunk1", 0],
+                      query_layers=f["query_layers"], cache_context=True)
+    sampler(g, f, "chunk2", "apply", seed + 1, title="Next chunk")
+    save_video(g, "chunk1", "chunk1")
+    save_video(g, "chunk2", "chunk2")
+    return g
+
+
+def memory_rollout(tiny: bool = False, seed: int = 42) -> dict:
+    """A long video along a walk-and-revisit camera path; each chunk's context picked by camera overlap."""
+    f = TINY if tiny else REAL
+    g = base(f, tiny)
+    g["rollout"] = node("MemLearnerMemoryRollout", "Memory Rollout", model=["unet", 0], positive=["pos", 0],
+                        negative=["neg", 0], seed=seed, steps=f["steps"], cfg=f["cfg"], sampler_name="uni_pc",
+                        scheduler="simple", width=f["width"], height=f["height"], chunk_frames=f["chunk_frames"],
+                        chunks=f["chunks"], policy="fov", context_frames=f["context_frames"],
+                        query_layers=f["query_layers"], query_weights="none", camera="walk_and_revisit",
+                        trajectory='{"distance": 4.0}', denoise=1.0)
+    save_video(g, "rollout", "rollout")
+    return g
+
+
+def both_memories(tiny: bool = False, seed: int = 42) -> dict:
+    """Both memories: the first chunk is the query-memory history and the DiT-Mem reference video of the next."""
+    f = TINY if tiny else REAL
+    g = base(f, tiny)
+    sampler(g, f, "chunk1", "unet", seed, title="First chunk")
+    encoder(g, f)
+    g["memory"] = node("MemLearnerEncodeReferenceVideo", memory_encoder=["encoder", 0], latent=["chunk1", 0],
+                       frames_per_video=0, strength=1.0, deduplicate=True)
+    g["apply"] = node("MemLearnerApplyQueryMemory", model=["unet", 0], context=["chunk1", 0],
+                      query_layers=f["query_layers"], memory=["memory", 0], cache_context=True)
+    sampler(g, f, "chunk2", "apply", seed + 1, title="Next chunk")
+    save_video(g, "chunk1", "chunk1")
+    save_video(g, "chunk2", "chunk2")
+    return g
+
+
+WORKFLOWS = {"dit_mem_reference": dit_mem_reference, "query_memory": query_memory,
+             "memory_rollout": memory_rollout, "both_memories": both_memories}
+NOTES = {"dit_mem_reference": [MODEL_NOTE, ENCODER_NOTE + "\nPut the reference video in input/ (reference.mp4)."],
+         "query_memory": [MODEL_NOTE, QUERY_NOTE],
+         "memory_rollout": [MODEL_NOTE, QUERY_NOTE + "\nPolicies: all, recent, fov (needs a camera), framepack."],
+         "both_memories": [MODEL_NOTE, ENCODER_NOTE, QUERY_NOTE]}
+
+
+def write_all(object_info: dict) -> list[Path]:
+    """Write every workflow in both formats; ``object_info`` is ComfyUI's ``/object_info`` (for widget order)."""
+    from ui_format import to_ui
+
+    written = []
+    for name, build in WORKFLOWS.items():
+        graph = build()
+        for folder, data in (("api", graph), ("ui", to_ui(graph, object_info, NOTES[name]))):
+            path = HERE / folder / f"{name}.json"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps(data, indent=1) + "\n")
+            written.append(path)
+    return written
 
 
 def main() -> None:
-    out = Path(__file__).resolve().parent / "api"
-    out.mkdir(exist_ok=True)
-    for name, build in WORKFLOWS.items():
-        (out / f"{name}.json").write_text(json.dumps(build(), indent=2) + "\n")
-        print(f"wrote {out / (name + '.json')}")
+    """Start ComfyUI with the pack (the test host), read its node definitions, write the workflows."""
+    sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+    import tempfile
+
+    import host
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = host.ComfyServer(Path(tmp), None)
+        try:
+            server.wait_ready()
+            info = server.get("/object_info")
+        finally:
+            server.stop()
+    for path in write_all(info):
+        print(f"wrote {path.relative_to(HERE.parent)}")
 
 
 if __name__ == "__main__":
