@@ -9,8 +9,9 @@ import host
 import tiny_models
 
 sys.path.insert(0, str(host.ROOT / "workflows"))
-import build  # noqa: E402
 import ui_format  # noqa: E402
+
+import build  # noqa: E402
 
 pytestmark = pytest.mark.server
 NAMES = sorted(build.WORKFLOWS)
