@@ -51,3 +51,11 @@ def test_workflow_runs_headless_on_the_tiny_fixtures(server, name):
     for v in videos:
         frames = InputImpl.VideoFromFile(str(server.output_dir / v["subfolder"] / v["filename"])).get_components()
         assert frames.images.shape[0] > 1 and frames.images.shape[1:] == (64, 64, 3)
+
+
+@pytest.mark.parametrize("policy", ["all", "recent", "fov", "framepack"])
+def test_rollout_graph_runs_every_policy_through_the_server(server, policy):
+    graph = build.memory_rollout(tiny=True)
+    graph["rollout"]["inputs"]["policy"] = policy
+    entry = server.run_prompt(graph)
+    assert entry["outputs"]["save_rollout"]["images"]
