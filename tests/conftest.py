@@ -76,7 +76,7 @@ def encoder(comfy):
 @pytest.fixture(scope="session")
 def text_cond(comfy):
     def cond(seed):
-        return comfy.run("MemLearnerTestRandomConditioning", seed=seed)[0]
+        return comfy.run("MemLearnerTestRandomConditioning", variant=seed)[0]
 
     return cond(1), cond(2)
 

@@ -14,8 +14,8 @@ def t2v_graph(seed=0, steps=2, frames=5, size=64):
     """UNETLoader -> KSampler -> VAEDecode, text from the test-only random conditioning node."""
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": tiny_models.WAN_FILE, "weight_dtype": "default"}},
-        "2": {"class_type": "MemLearnerTestRandomConditioning", "inputs": {"seed": 1}},
-        "3": {"class_type": "MemLearnerTestRandomConditioning", "inputs": {"seed": 2}},
+        "2": {"class_type": "MemLearnerTestRandomConditioning", "inputs": {"variant": 1}},
+        "3": {"class_type": "MemLearnerTestRandomConditioning", "inputs": {"variant": 2}},
         "4": {"class_type": "EmptyHunyuanLatentVideo",
               "inputs": {"width": size, "height": size, "length": frames, "batch_size": 1}},
         "5": {"class_type": "KSampler", "inputs": {

@@ -54,8 +54,8 @@ def base(f: dict, tiny: bool) -> dict[str, dict]:
     """Wan2.1 model, prompt conditioning and VAE."""
     g = {"unet": node("UNETLoader", unet_name=f["unet"], weight_dtype="default")}
     if tiny:
-        g["pos"] = node("MemLearnerTestRandomConditioning", "Prompt", seed=1)
-        g["neg"] = node("MemLearnerTestRandomConditioning", "Negative prompt", seed=2)
+        g["pos"] = node("MemLearnerTestRandomConditioning", "Prompt", variant=1)
+        g["neg"] = node("MemLearnerTestRandomConditioning", "Negative prompt", variant=2)
     else:
         g["clip"] = node("CLIPLoader", clip_name=f["clip"], type="wan", device="default")
         g["pos"] = node("CLIPTextEncode", "Prompt", text=PROMPT, clip=["clip", 0])
@@ -66,7 +66,7 @@ def base(f: dict, tiny: bool) -> dict[str, dict]:
 
 def sampler(g: dict, f: dict, name: str, model: str, seed: int, latent: str = "empty", title: str | None = None):
     if "empty" not in g:
-        g["empty"] = node("EmptyHunyuanLatentVideo", width=f["width"], height=f["height"], length=f["length"],
+        g["empty"] = node("EmptyHunyuanLatentVideo", "Video size", width=f["width"], height=f["height"], length=f["length"],
                           batch_size=1)
     g[name] = node("KSampler", title, model=[model, 0], seed=seed, steps=f["steps"], cfg=f["cfg"],
                    sampler_name="uni_pc", scheduler="simple", positive=["pos", 0], negative=["neg", 0],
@@ -77,7 +77,7 @@ def save_video(g: dict, latent: str, name: str) -> None:
     """Decode, make a video at 16 fps, save it under output/memlearner/."""
     g[f"decode_{name}"] = node("VAEDecode", samples=[latent, 0], vae=["vae", 0])
     g[f"video_{name}"] = node("CreateVideo", images=[f"decode_{name}", 0], fps=FPS)
-    g[f"save_{name}"] = node("SaveVideo", video=[f"video_{name}", 0], filename_prefix=f"memlearner/{name}",
+    g[f"save_{name}"] = node("SaveVideo", f"Save {name}", video=[f"video_{name}", 0], filename_prefix=f"memlearner/{name}",
                              format="auto", codec="auto")
 
 
@@ -95,7 +95,7 @@ def dit_mem_reference(tiny: bool = False, seed: int = 42) -> dict:
     g["memory"] = node("MemLearnerEncodeReferenceVideo", memory_encoder=["encoder", 0], images=["frames", 0],
                        vae=["vae", 0], frames_per_video=0, strength=1.0, deduplicate=True)
     g["apply"] = node("MemLearnerApplyReferenceMemory", model=["unet", 0], memory=["memory", 0])
-    sampler(g, f, "sample", "apply", seed)
+    sampler(g, f, "sample", "apply", seed, title="Sampler")
     save_video(g, "sample", "dit_mem")
     return g
 

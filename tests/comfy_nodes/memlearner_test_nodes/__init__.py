@@ -16,13 +16,13 @@ class RandomTextConditioning(io.ComfyNode):
             node_id="MemLearnerTestRandomConditioning",
             display_name="Random Text Conditioning (tests)",
             category="memlearner/testing",
-            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1)],
+            inputs=[io.Int.Input("variant", default=0, min=0, max=2**31 - 1, tooltip="Seeds the random text.")],
             outputs=[io.Conditioning.Output()],
         )
 
     @classmethod
-    def execute(cls, seed) -> io.NodeOutput:
-        gen = torch.Generator().manual_seed(seed)
+    def execute(cls, variant) -> io.NodeOutput:
+        gen = torch.Generator().manual_seed(variant)
         return io.NodeOutput([[torch.randn(1, 512, 4096, generator=gen), {}]])
 
 

@@ -1,0 +1,407 @@
+"""``memlearner-client``: run a MemLearner workflow on a ComfyUI server from the command line.
+
+Why: the memory workflows run for minutes to hours on a GPU machine; this client drives any ComfyUI it can reach
+(a remote one too) without a browser. It sets the workflow's named inputs (prompt, seed, reference video, any
+``Title.input``), queues the graph, shows progress from ComfyUI's websocket and downloads the saved files. It
+needs only aiohttp and tqdm: no ComfyUI, no torch on the machine that runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import sys
+import uuid
+from pathlib import Path, PurePosixPath
+
+import aiohttp
+from tqdm import tqdm
+
+# alias -> (title of the node, or None for every node; the inputs it sets)
+ALIASES = {
+    "prompt": ("Prompt", ("text",)),
+    "negative": ("Negative prompt", ("text",)),
+    "seed": (None, ("seed", "noise_seed")),
+    "trajectory": (None, ("trajectory",)),
+    "reference_video": ("Reference video", ("file",)),
+}
+RAW = {"prompt", "negative", "trajectory"}  # text inputs: VALUE is never parsed as JSON
+UPLOAD = {"reference_video"}  # VALUE is a local file, uploaded to ComfyUI's input folder first
+OUTPUT_KEYS = ("images", "gifs", "videos", "audio")
+PROG = "memlearner-client"
+
+
+class Fail(Exception):
+    """A one-line (or listed) message for the user, and the exit code."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+# --- the graph and its named inputs (pure) -------------------------------------------------------------------
+
+def is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def title(node: dict) -> str | None:
+    return (node.get("_meta") or {}).get("title")
+
+
+def describe(graph: dict, node_id: str) -> str:
+    node = graph.get(node_id) or {}
+    t = title(node)
+    return f"{node_id} ({node.get('class_type', '?')}" + (f', "{t}")' if t and t != node_id else ")")
+
+
+def load(path: str) -> dict:
+    """An API-format graph from a file; a clear ``Fail`` (exit 2) for anything else."""
+    try:
+        graph = json.loads(Path(path).read_bytes())
+    except OSError as e:
+        raise Fail(f"cannot read workflow {path}: {e.strerror or e}", 2) from None
+    except ValueError as e:
+        raise Fail(f"workflow {path} is not valid JSON: {e}", 2) from None
+    if isinstance(graph, dict) and "nodes" in graph and "links" in graph:
+        raise Fail(f"{path} is a UI-format workflow: export it from ComfyUI with 'Export (API)' "
+                   "(or use the files in workflows/api/)", 2)
+    if not (isinstance(graph, dict) and graph and all(
+            isinstance(n, dict) and "class_type" in n and isinstance(n.get("inputs"), dict) for n in graph.values())):
+        raise Fail(f"{path} is not an API-format ComfyUI workflow (node_id -> {{class_type, inputs}})", 2)
+    return graph
+
+
+def alias_targets(graph: dict, alias: str) -> list[tuple[str, str]]:
+    want, inputs = ALIASES[alias]
+    return [(i, k) for i, n in graph.items() if want is None or title(n) == want
+            for k in inputs if k in n["inputs"] and not is_link(n["inputs"][k])]
+
+
+def label(graph: dict, node_id: str, inp: str) -> str:
+    """``Title.input`` where the title names this node alone, else ``node_id.input``."""
+    t = title(graph[node_id])
+    unique = t and t not in graph and sum(title(n) == t for n in graph.values()) == 1
+    return f"{t if unique else node_id}.{inp}"
+
+
+def listing(graph: dict) -> str:
+    """Every settable name: the aliases this graph has, then each widget value as Title.input / node_id.input."""
+    def show(v) -> str:
+        s = json.dumps(v)
+        return s if len(s) <= 60 else s[:57] + "..."
+
+    lines = ["aliases:"]
+    for alias in ALIASES:
+        if targets := alias_targets(graph, alias):
+            lines.append(f"  {alias:<16} -> " + ", ".join(label(graph, i, k) for i, k in targets))
+    lines.append("inputs (Title.input or node_id.input):")
+    for i, n in graph.items():
+        for k, v in n["inputs"].items():
+            if not is_link(v):
+                name = label(graph, i, k)
+                alt = f" | {i}.{k}" if not name.startswith(f"{i}.") else ""
+                lines.append(f"  {name}{alt} = {show(v)}")
+    return "\n".join(lines)
+
+
+def usage(graph: dict, message: str) -> Fail:
+    return Fail(f"{message}\nsettable names (--set NAME=VALUE):\n{listing(graph)}", 2)
+
+
+def resolve(graph: dict, name: str) -> list[tuple[str, str]]:
+    """The (node_id, input) pairs a NAME sets; ``Fail`` (exit 2, with the settable names) when it sets none."""
+    if name in ALIASES:
+        if targets := alias_targets(graph, name):
+            return targets
+        want, inputs = ALIASES[name]
+        nodes = [i for i, n in graph.items() if title(n) == want]
+        if want is None:
+            problem = f"no node in this workflow has a {' or '.join(inputs)} input"
+        elif not nodes:
+            problem = f'this workflow has no node titled "{want}"'
+        else:
+            have = ", ".join(graph[nodes[0]]["inputs"]) or "none"
+            problem = (f'the node titled "{want}", {describe(graph, nodes[0])}, has no {inputs[0]} value to set '
+                       f"(its inputs: {have})")
+        raise usage(graph, f"cannot set {name!r}: {problem}")
+    ref, dot, inp = name.rpartition(".")
+    if not dot or not ref or not inp:
+        raise usage(graph, f"unknown input name {name!r}: use an alias, Title.input or node_id.input")
+    nodes = [i for i, n in graph.items() if ref in (i, title(n))]
+    if not nodes:
+        raise usage(graph, f"unknown input name {name!r}: no node has the id or title {ref!r}")
+    if len(nodes) > 1:
+        raise usage(graph, f"{name!r} is ambiguous: {ref!r} names nodes {', '.join(nodes)}; use node_id.{inp}")
+    inputs = graph[nodes[0]]["inputs"]
+    if inp not in inputs:
+        raise usage(graph, f"node {describe(graph, nodes[0])} has no input {inp!r} (its inputs: {', '.join(inputs)})")
+    if is_link(inputs[inp]):
+        raise usage(graph, f"{name!r} is connected to the output of node {inputs[inp][0]}, not a value to set")
+    return [(nodes[0], inp)]
+
+
+def parse_value(raw: str, current, keep_raw: bool):
+    """JSON when it parses (numbers, booleans, objects), else the string; inputs that hold text stay text."""
+    if keep_raw or isinstance(current, str):
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def apply_sets(graph: dict, sets: list[str]) -> tuple[dict, list[tuple[str, str, Path]]]:
+    """A copy of the graph with every ``NAME=VALUE`` applied, and the (node_id, input, local file) uploads that
+    must replace their input's value before posting. Raises ``Fail`` (exit 2) without contacting a server."""
+    graph = copy.deepcopy(graph)
+    uploads = []
+    for item in sets:
+        name, eq, raw = item.partition("=")
+        if not eq:
+            raise usage(graph, f"--set {item!r}: expected NAME=VALUE")
+        targets = resolve(graph, name.strip())
+        if name.strip() in UPLOAD:
+            path = Path(raw).expanduser()
+            if not path.is_file():
+                raise Fail(f"--set {name}: no local file {raw!r} to upload", 2)
+            uploads += [(i, k, path) for i, k in targets]
+            continue
+        values = [parse_value(raw, graph[i]["inputs"][k], name.strip() in RAW) for i, k in targets]
+        if name.strip() == "seed":
+            values = seeds_keeping_offsets(values[0], [graph[i]["inputs"][k] for i, k in targets])
+        for (i, k), value in zip(targets, values, strict=True):
+            graph[i]["inputs"][k] = value
+    return graph, uploads
+
+
+def seeds_keeping_offsets(seed, old: list) -> list:
+    """``seed`` for the lowest seed of the graph, the others keeping their offset from it (chunk 2 at seed+1
+    stays one above chunk 1), so samplers never start from the same noise by accident."""
+    if not isinstance(seed, int) or not all(isinstance(s, int) for s in old):
+        return [seed] * len(old)
+    return [seed + s - min(old) for s in old]
+
+
+def refusal(body: dict, graph: dict) -> str:
+    """ComfyUI's validation answer (``error`` and ``node_errors``) as lines naming each node."""
+    err = body.get("error") or {}
+    if isinstance(err, str):
+        err = {"message": err}
+    lines = ["ComfyUI refused the workflow: " + ": ".join(s for s in (err.get("message"), err.get("details")) if s)]
+    for node_id, info in (body.get("node_errors") or {}).items():
+        for e in info.get("errors") or []:
+            text = ": ".join(s for s in (e.get("message"), e.get("details")) if s)
+            lines.append(f"  node {describe(graph, node_id)}: {text}")
+    return "\n".join(lines)
+
+
+def server_url(server: str) -> str:
+    url = (server if "://" in server else f"http://{server}").rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise Fail(f"--server {server!r}: expected an http:// or https:// address", 2)
+    return url
+
+
+# --- talking to ComfyUI ---------------------------------------------------------------------------------------
+
+class Client:
+    """One prompt on one server: upload, queue, follow the websocket, download. ``prompt_id`` once queued."""
+
+    def __init__(self, base: str, graph: dict, uploads: list[tuple[str, str, Path]], out: Path):
+        self.base, self.graph, self.uploads, self.out = base, graph, uploads, out
+        self.client_id = uuid.uuid4().hex
+        self.prompt_id: str | None = None
+
+    async def run(self) -> list[Path]:
+        try:
+            timeout = aiohttp.ClientTimeout(total=None, connect=30)
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                ws_url = "ws" + self.base[len("http"):] + f"/ws?clientId={self.client_id}"
+                async with http.ws_connect(ws_url, max_msg_size=0) as ws:  # before posting: no message missed
+                    for node_id, inp, path in self.uploads:
+                        self.graph[node_id]["inputs"][inp] = await self.upload(http, path)
+                    await self.queue(http)
+                    try:
+                        await self.follow(ws)
+                    except asyncio.CancelledError:  # --timeout or Ctrl-C: do not leave our prompt running
+                        await self.cancel(http)
+                        raise
+                async with http.get(f"{self.base}/history/{self.prompt_id}") as r:
+                    r.raise_for_status()
+                    history = await r.json()
+                return await self.download(http, history.get(self.prompt_id, {}).get("outputs") or {})
+        except aiohttp.ClientConnectionError as e:  # refused, DNS, connect timeout, dropped connection
+            raise Fail(f"cannot reach ComfyUI at {self.base}: {e}") from None
+        except aiohttp.ClientError as e:
+            raise Fail(f"ComfyUI at {self.base} answered with an error: {e}") from None
+
+    async def upload(self, http: aiohttp.ClientSession, path: Path) -> str:
+        """POST /upload/image (ComfyUI stores videos through it too); the name the graph should use."""
+        with path.open("rb") as f:
+            form = aiohttp.FormData()
+            form.add_field("image", f, filename=path.name)
+            form.add_field("type", "input")
+            form.add_field("overwrite", "true")
+            async with http.post(f"{self.base}/upload/image", data=form) as r:
+                if r.status != 200:
+                    raise Fail(f"ComfyUI refused the upload of {path} ({r.status}): {(await r.text())[:500]}")
+                body = await r.json()
+        name = f"{body['subfolder']}/{body['name']}" if body.get("subfolder") else body["name"]
+        print(f"uploaded {path} as {name}", file=sys.stderr)
+        return name
+
+    async def queue(self, http: aiohttp.ClientSession) -> None:
+        async with http.post(f"{self.base}/prompt", json={"prompt": self.graph, "client_id": self.client_id}) as r:
+            text = await r.text()
+            try:
+                body = json.loads(text)
+            except ValueError:
+                body = None
+            if r.status == 400 and isinstance(body, dict):
+                raise Fail(refusal(body, self.graph))
+            if r.status != 200 or not isinstance(body, dict) or "prompt_id" not in body:
+                raise Fail(f"ComfyUI at {self.base} did not queue the workflow ({r.status}): {text[:500]}")
+        self.prompt_id = body["prompt_id"]
+        if body.get("node_errors"):  # outputs that failed validation are skipped, the others run
+            print(refusal({"error": "some outputs will not run", **body}, self.graph), file=sys.stderr)
+        print(f"queued prompt {self.prompt_id} on {self.base}", file=sys.stderr)
+
+    async def follow(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Until ComfyUI reports our prompt done: a tqdm bar (stderr) per node that reports progress."""
+        bar, node, shown = None, None, None
+        try:
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:  # binary frames are previews
+                    continue
+                try:
+                    m = json.loads(msg.data)
+                    kind, data = m.get("type"), m.get("data") or {}
+                except (ValueError, AttributeError):
+                    continue
+                if not isinstance(data, dict) or data.get("prompt_id") != self.prompt_id:
+                    continue
+                if kind == "executing":
+                    if data.get("node") is None:
+                        return
+                    node = data.get("display_node") or data["node"]
+                elif kind == "progress":
+                    node = data.get("node") or node
+                    total, value = data.get("max") or 0, data.get("value") or 0
+                    name = title(self.graph.get(node) or {}) or (self.graph.get(node) or {}).get("class_type", node)
+                    if bar is None:
+                        bar = tqdm(total=total, desc=name, file=sys.stderr, unit="step", dynamic_ncols=True)
+                    elif total != bar.total or value < bar.n or node != shown:
+                        bar.set_description(name, refresh=False)
+                        bar.reset(total=total)
+                    shown = node
+                    bar.update(value - bar.n)
+                elif kind == "execution_error":
+                    where = describe(self.graph, str(data.get("node_id")))
+                    what = ": ".join(str(s) for s in (data.get("exception_type"), data.get("exception_message")) if s)
+                    raise Fail(f"ComfyUI failed in node {where}: {what.strip()}")
+                elif kind == "execution_interrupted":
+                    raise Fail(f"prompt {self.prompt_id} was interrupted on the server", 130)
+            raise Fail(f"ComfyUI at {self.base} closed the websocket before prompt {self.prompt_id} finished")
+        finally:
+            if bar is not None:
+                bar.close()
+
+    async def cancel(self, http: aiohttp.ClientSession) -> None:
+        """Drop our prompt from the queue, or interrupt it if it is the one running (not anyone else's)."""
+        async def drop():
+            for path, payload in (("/queue", {"delete": [self.prompt_id]}), ("/interrupt", {"prompt_id": self.prompt_id})):
+                async with http.post(self.base + path, json=payload):
+                    pass
+
+        if self.prompt_id is not None:
+            try:
+                await asyncio.wait_for(drop(), 5)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+
+    async def download(self, http: aiohttp.ClientSession, outputs: dict) -> list[Path]:
+        """Every file in the history's outputs, through /view, into ``out/<subfolder>/<filename>``."""
+        saved, seen = [], set()
+        for node_out in outputs.values():
+            for key in OUTPUT_KEYS:
+                for f in node_out.get(key) or []:
+                    if not isinstance(f, dict) or not f.get("filename"):
+                        continue
+                    params = {"filename": f["filename"], "subfolder": f.get("subfolder") or "",
+                              "type": f.get("type") or "output"}
+                    rel = PurePosixPath(params["subfolder"].replace("\\", "/")) / params["filename"]
+                    if rel.is_absolute() or ".." in rel.parts or tuple(params.values()) in seen:
+                        continue
+                    seen.add(tuple(params.values()))
+                    dest = self.out.joinpath(*rel.parts)
+                    async with http.get(f"{self.base}/view", params=params) as r:
+                        r.raise_for_status()
+                        try:
+                            dest.parent.mkdir(parents=True, exist_ok=True)
+                            with dest.open("wb") as fh:
+                                async for chunk in r.content.iter_chunked(1 << 20):
+                                    fh.write(chunk)
+                        except aiohttp.ClientError:
+                            raise
+                        except OSError as e:
+                            raise Fail(f"cannot write {dest}: {e.strerror or e}") from None
+                    print(dest, flush=True)
+                    saved.append(dest)
+        if not saved:
+            print(f"prompt {self.prompt_id} finished but saved no files", file=sys.stderr)
+        return saved
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Run an API-format ComfyUI workflow (e.g. workflows/api/*.json) on a ComfyUI "
+        "server: set named inputs, queue it, follow its progress, download the files it saves.",
+        epilog="NAME is Title.input or node_id.input (a node addressed by its _meta.title or its id), or an alias: "
+        "prompt (Prompt.text), negative (Negative prompt.text), seed (every seed/noise_seed input), trajectory "
+        "(every trajectory input, kept as text), reference_video (a LOCAL file, uploaded to the server's input "
+        "folder, then used as Reference video.file). VALUE is parsed as JSON when it parses (numbers, booleans, "
+        "objects), else taken as a string; inputs whose current value is text stay text. A --timeout or Ctrl-C "
+        "cancels the prompt on the server. Exit codes: 0 done, 1 server or workflow error, 2 bad arguments, "
+        "130 interrupted.")
+    p.add_argument("workflow", metavar="WORKFLOW.json", help="API-format graph (ComfyUI's 'Export (API)')")
+    p.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI address (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="set an input (repeatable)")
+    p.add_argument("--out", default="./memlearner_outputs", metavar="DIR",
+                   help="where the saved files go, keeping ComfyUI's subfolders (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="give up (and cancel the prompt) after this long (default: %(default)g)")
+    p.add_argument("--list-inputs", action="store_true", help="print the settable names and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help, or argparse's own usage error (exit 2)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        graph = load(args.workflow)
+        if args.list_inputs:
+            print(listing(graph))
+            return 0
+        if not args.timeout > 0:
+            raise Fail(f"--timeout must be positive, not {args.timeout:g}", 2)
+        graph, uploads = apply_sets(graph, args.set)
+        client = Client(server_url(args.server), graph, uploads, Path(args.out))
+        try:
+            asyncio.run(asyncio.wait_for(client.run(), args.timeout))
+        except asyncio.TimeoutError:
+            cancelled = f" (prompt {client.prompt_id} cancelled on the server)" if client.prompt_id else ""
+            raise Fail(f"timed out after {args.timeout:g} s waiting for ComfyUI at {client.base}{cancelled}") from None
+        return 0
+    except Fail as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
