@@ -1,0 +1,189 @@
+"""Training settings: one flat TOML file, checked in full before anything heavy starts.
+
+A training run is long and costly, so a typo must fail at once with the key named, not hours in: unknown keys,
+wrong types and out-of-range values are all errors. Relative paths resolve against the TOML file's folder, so
+a run folder (settings, data, outputs) can be moved as a whole. Files are not opened here; the trainer checks
+that they exist.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomllib is 3.11+
+    tomllib = None
+
+RECIPES = ("query", "encoder")
+PRECISIONS = ("bf16", "fp32")
+DEFAULT_LR = {"query": 1e-5, "encoder": 1e-5}
+REQUIRED = ("recipe", "data_dir", "output_dir", "model_file", "vae_file")
+MINIMUM = {"steps": 1, "batch_size": 1, "weight_decay": 0.0, "checkpoint_every": 1, "keep_checkpoints": 1,
+           "seed": 0, "query_layers": 1, "predict_latent_frames": 1, "max_context_multiple": 0,
+           "clip_frames": 5, "width": 16, "height": 16, "lora_rank": 0, "top_k_references": 1}
+CHOICES = {"recipe": RECIPES, "mixed_precision": PRECISIONS}
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be used; the message names the key and what it must be."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``recipe`` "query" fine-tunes Wan2.1 with query layers (MemLearner); "encoder"
+    trains a DiT-Mem memory encoder against a frozen Wan2.1."""
+
+    recipe: str
+    data_dir: Path
+    output_dir: Path
+    model_file: Path
+    vae_file: Path
+    steps: int = 10_000
+    batch_size: int = 1
+    lr: float | None = None  # None: DEFAULT_LR of the recipe
+    weight_decay: float = 0.01
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    seed: int = 0
+    query_layers: int = 5
+    predict_latent_frames: int = 2  # P, latent frames denoised per clip (query recipe)
+    max_context_multiple: int = 9  # context length uniform in 0 .. this x P (query recipe)
+    clip_frames: int = 81  # video frames per clip, 4k+1
+    width: int = 832
+    height: int = 480
+    lora_rank: int = 0  # 0: full fine-tune
+    mixed_precision: str = "bf16"
+    gradient_checkpointing: bool = True
+    top_k_references: int = 5  # encoder recipe
+    encoder_file: Path | None = None  # encoder recipe: initial weights, None = random init
+    cache_dir: Path | None = None  # None: <output_dir>/latent_cache
+
+    def __post_init__(self):
+        if self.lr is None:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.recipe])
+        if self.cache_dir is None:
+            object.__setattr__(self, "cache_dir", self.output_dir / "latent_cache")
+
+    @property
+    def latent_frames(self) -> int:
+        """Latent frames of one clip: Wan2.1's VAE maps ``4k+1`` frames to ``k+1``."""
+        return (self.clip_frames - 1) // 4 + 1
+
+
+KINDS = {f.name: f.type for f in fields(TrainConfig)}
+
+
+def _check(key: str, value, base: Path):
+    kind = KINDS[key]
+    if kind.startswith("Path"):
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"'{key}' must be a path (a non-empty string), got {value!r}")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base / path).resolve()
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+        return value
+    if kind == "str":
+        if value not in CHOICES[key]:
+            raise ConfigError(f"'{key}' must be one of {', '.join(repr(c) for c in CHOICES[key])}, "
+                              f"got {value!r}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}' must be a whole number, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"'{key}' must be a finite number, got {value!r}")
+    if key in MINIMUM and value < MINIMUM[key]:
+        raise ConfigError(f"'{key}' must be >= {MINIMUM[key]}, got {value!r}")
+    return value if kind == "int" else float(value)
+
+
+def config_from_dict(data: dict, base: str | Path = ".") -> TrainConfig:
+    """A checked ``TrainConfig`` from parsed TOML; relative paths resolve against ``base``."""
+    unknown = sorted(set(data) - set(KINDS))
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], list(KINDS), n=1)
+        raise ConfigError(f"unknown key '{unknown[0]}'" + (f" (did you mean '{near[0]}'?)" if near else "")
+                          + f"; known keys: {', '.join(KINDS)}")
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise ConfigError(f"missing required key(s): {', '.join(missing)}")
+    values = {k: _check(k, v, Path(base)) for k, v in data.items()}
+    if values.get("lr") is not None and values["lr"] <= 0:
+        raise ConfigError(f"'lr' must be > 0, got {values['lr']}")
+    cfg = TrainConfig(**values)
+    if cfg.clip_frames % 4 != 1:
+        raise ConfigError(f"'clip_frames' must be 4k+1 (Wan2.1's VAE maps 4k+1 frames to k+1 latent frames), "
+                          f"got {cfg.clip_frames}; the nearest are {(cfg.clip_frames - 1) // 4 * 4 + 1} and "
+                          f"{(cfg.clip_frames - 1) // 4 * 4 + 5}")
+    for key in ("width", "height"):
+        if getattr(cfg, key) % 16:
+            raise ConfigError(f"'{key}' must be a multiple of 16 (8x VAE, 2x patch), got {getattr(cfg, key)}")
+    if cfg.recipe == "query" and cfg.predict_latent_frames >= cfg.latent_frames:
+        raise ConfigError(f"'predict_latent_frames' ({cfg.predict_latent_frames}) must be below the clip's "
+                          f"{cfg.latent_frames} latent frames ('clip_frames' {cfg.clip_frames}), leaving "
+                          "room for context")
+    return cfg
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and check a TOML training config; errors name the file and the key."""
+    path = Path(path)
+    if tomllib is None:
+        raise ConfigError("reading a TOML config needs Python 3.11 or newer (tomllib)")
+    if not path.is_file():
+        raise ConfigError(f"training config not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return config_from_dict(data, path.resolve().parent)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def example_config(recipe: str = "query") -> str:
+    """A commented TOML config for ``recipe``, every key at its default."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"'recipe' must be one of {', '.join(repr(r) for r in RECIPES)}, got {recipe!r}")
+    query = recipe == "query"
+    what = ("MemLearner: fine-tune Wan2.1 so its first query layers fetch their own context" if query else
+            "DiT-Mem: train a memory encoder against a frozen Wan2.1")
+    return f"""# {what}.
+# Relative paths are relative to this file's folder.
+recipe = "{recipe}"
+data_dir = "data"        # captioned videos (captions.json or <video>.txt), optional <video stem>.poses.json
+output_dir = "runs/{recipe}"   # checkpoints (step-XXXXXXXX/) and the latent cache
+model_file = "models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors"
+vae_file = "models/vae/wan_2.1_vae.safetensors"
+# cache_dir = "runs/{recipe}/latent_cache"   # default: <output_dir>/latent_cache
+# encoder_file = "models/memory_encoders/dit_mem_1.3b.safetensors"   # encoder recipe: initial weights
+
+steps = 10000
+batch_size = 1
+lr = {DEFAULT_LR[recipe]:g}
+weight_decay = 0.01
+checkpoint_every = 500
+keep_checkpoints = 3     # older checkpoints are deleted
+seed = 0
+
+clip_frames = 81         # video frames per clip, 4k+1 (81 -> 21 latent frames)
+width = 832              # multiples of 16
+height = 480
+mixed_precision = "bf16" # "bf16" or "fp32"
+gradient_checkpointing = true
+lora_rank = 0            # 0 = full fine-tune
+
+# query recipe (MemLearner)
+query_layers = 5
+predict_latent_frames = 2      # P: latent frames denoised per clip; the loss counts only these
+max_context_multiple = 9       # context length uniform in 0 .. 9 x P latent frames (capped by the clip)
+
+# encoder recipe (DiT-Mem)
+top_k_references = 5           # reference videos per clip, by caption similarity
+"""

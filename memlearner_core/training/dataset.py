@@ -1,0 +1,216 @@
+"""Training clips from a folder of captioned videos, encoded once to Wan2.1 VAE latents and cached on disk.
+
+The folder is a memory bank's (``captions.json`` or ``<video>.txt``), plus an optional ``<stem>.poses.json``
+per video: a JSON list of 3x4 camera-to-world matrices, one per video frame. Decoding and the VAE belong to
+the host (ComfyUI's video reader and VAE), so they come in as functions; this module picks a clip's frames
+(spread evenly over the video, as reference videos are), brings them to the training size (resize to cover,
+centre crop), and keeps one bad file from ending a run: a video that cannot be decoded or is too short is
+skipped, logged and counted. A wrong poses file is an error naming it: a run trained on misread cameras is
+worse than no run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..memory_bank import latent_cache_path, read_captioned_folder
+from ..reference_video import sample_indices
+from ..trajectory import TrajectoryError, parse_trajectory
+
+POSES_SUFFIX = ".poses.json"
+RESIZE_CHUNK = 16  # frames resized at once
+log = logging.getLogger("memlearner")
+
+
+class DatasetError(ValueError):
+    """Training data that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True, eq=False)
+class ClipEntry:
+    """A captioned training video; ``poses [F, 3, 4]`` one camera-to-world pose per video frame, or None."""
+
+    path: Path
+    caption: str
+    poses: torch.Tensor | None = None
+
+    @property
+    def poses_file(self) -> Path:
+        return self.path.with_suffix(POSES_SUFFIX)
+
+
+def load_poses(path: str | Path) -> torch.Tensor:
+    """Poses ``[F, 3, 4]`` float32 from a JSON list of 3x4 matrices (any form ``parse_trajectory`` reads),
+    validated (finite, orthonormal rotations); any problem is a ``DatasetError`` naming the file."""
+    path = Path(path)
+    try:
+        return parse_trajectory(path.read_text(encoding="utf-8"))
+    except (TrajectoryError, OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"poses file {path}: {e}") from None
+
+
+def latent_poses(poses: torch.Tensor) -> torch.Tensor:
+    """Per-video-frame poses ``[4k+1, 3, 4]`` -> one per latent frame ``[k+1, 3, 4]``: latent frame ``i`` is
+    video frames ``4i-3 .. 4i`` in Wan2.1's VAE (frame 0 alone for ``i = 0``), represented by frame ``4i``."""
+    return poses[::4]
+
+
+def resize_and_crop(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Frames ``[F, H, W, 3]`` (0..1, or uint8 0..255) scaled to cover ``height x width`` keeping the aspect
+    ratio, then centre-cropped: ``[F, height, width, 3]`` float32."""
+    x = frames.float() / 255 if not frames.is_floating_point() else frames.float()
+    h, w = x.shape[1:3]
+    scale = max(width / w, height / h)
+    size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    x = x.permute(0, 3, 1, 2)
+    if size != (h, w):
+        x = torch.cat([F.interpolate(c, size=size, mode="bilinear", align_corners=False, antialias=True)
+                       for c in x.split(RESIZE_CHUNK)])
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return x[:, :, top:top + height, left:left + width].permute(0, 2, 3, 1).clamp(0, 1).contiguous()
+
+
+class ClipFolder:
+    """The captioned videos of ``folder`` (sorted by name) as training clips of ``clip_frames`` frames at
+    ``width x height``; every poses file is read and checked here, before any encoding."""
+
+    def __init__(self, folder: str | Path, clip_frames: int, width: int, height: int):
+        if clip_frames < 5 or clip_frames % 4 != 1:
+            raise DatasetError(f"clip_frames must be 4k+1 with k >= 1 (Wan2.1's VAE), got {clip_frames}")
+        if width < 8 or height < 8 or width % 8 or height % 8:
+            raise DatasetError(f"width and height must be positive multiples of 8, got {width}x{height}")
+        self.folder, self.clip_frames, self.width, self.height = Path(folder), clip_frames, width, height
+        self.entries = []
+        for e in read_captioned_folder(folder):
+            side = e.path.with_suffix(POSES_SUFFIX)
+            self.entries.append(ClipEntry(e.path, e.caption, load_poses(side) if side.is_file() else None))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __getitem__(self, i: int) -> ClipEntry:
+        return self.entries[i]
+
+    def settings_key(self, vae_id: str = "") -> str:
+        """What a cached latent depends on besides the file: clip length, size, and the VAE (``vae_id``)."""
+        return f"train|{self.clip_frames}f|{self.width}x{self.height}|{vae_id}"
+
+    def clip_indices(self, n_frames: int) -> torch.Tensor:
+        """``[clip_frames]`` indices spread evenly over a video of ``n_frames`` (first and last kept)."""
+        return sample_indices(n_frames, self.clip_frames)
+
+    def prepare(self, frames: torch.Tensor) -> torch.Tensor:
+        """Decoded frames ``[F, H, W, 3]`` -> the clip ``[clip_frames, height, width, 3]`` the VAE encodes."""
+        return resize_and_crop(frames[self.clip_indices(frames.shape[0])], self.width, self.height)
+
+    def clip_poses(self, entry: ClipEntry, n_frames: int) -> torch.Tensor | None:
+        """The poses of the clip's latent frames ``[T, 3, 4]``, or None for a video without a poses file."""
+        if entry.poses is None:
+            return None
+        if entry.poses.shape[0] != n_frames:
+            raise DatasetError(f"poses file {entry.poses_file}: {entry.poses.shape[0]} poses, but the video "
+                               f"has {n_frames} frames; give one pose per video frame")
+        return latent_poses(entry.poses[self.clip_indices(n_frames)])
+
+
+class LatentCache:
+    """Encoded clips as safetensors files in ``cache_dir``, keyed like the memory bank's cache (the video's
+    resolved path, size, modification time, and the settings), so an edited video is encoded again."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.dir = Path(cache_dir)
+
+    def path(self, video: str | Path, settings: str) -> Path:
+        return self.dir / latent_cache_path(Path(video), settings).name
+
+    def read(self, video: str | Path, settings: str) -> tuple[torch.Tensor, dict[str, str]] | None:
+        """The cached latent and its metadata, or None (not cached, or an unreadable file: logged)."""
+        path = self.path(video, settings)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return f.get_tensor("latent"), f.metadata() or {}
+        except Exception as e:  # a truncated or garbled cache file is a miss, not a failure
+            log.warning("latent cache: %s is unreadable (%s); encoding again", path, e)
+            return None
+
+    def get(self, video: str | Path, settings: str) -> torch.Tensor | None:
+        hit = self.read(video, settings)
+        return None if hit is None else hit[0]
+
+    def put(self, video: str | Path, settings: str, latent: torch.Tensor,
+            meta: dict[str, str] | None = None) -> Path:
+        """Store ``latent`` atomically (temp file, then rename): a crash never leaves a half-written entry."""
+        path = self.path(video, settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        save_file({"latent": latent.detach().cpu().contiguous()}, str(tmp),
+                  metadata={"settings": settings, **(meta or {})})
+        os.replace(tmp, path)
+        return path
+
+
+def _decode(clips: ClipFolder, decode_fn, path: Path) -> tuple[torch.Tensor | None, str]:
+    """Decoded frames ``[F, H, W, 3]``, or None and why the video is skipped."""
+    try:
+        frames = decode_fn(path)
+    except Exception as e:  # any reader failure (corrupt file, unknown codec) skips the video
+        return None, f"could not be decoded ({type(e).__name__}: {e})"
+    if frames is None or not isinstance(frames, torch.Tensor) or frames.numel() == 0:
+        return None, "empty (no frames)"
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        return None, f"decoded to {tuple(frames.shape)}, not frames [F, H, W, 3]"
+    if frames.shape[0] < clips.clip_frames:
+        return None, f"{frames.shape[0]} frames, fewer than the {clips.clip_frames} of a clip"
+    return frames, ""
+
+
+def encode_all(clips: ClipFolder, decode_fn: Callable[[Path], torch.Tensor],
+               encode_fn: Callable[[torch.Tensor], torch.Tensor], cache: LatentCache | None = None,
+               vae_id: str = "") -> tuple[list[tuple[ClipEntry, torch.Tensor, torch.Tensor | None]],
+                                          list[tuple[Path, str]]]:
+    """Encode every clip of ``clips``, from the cache where it has it.
+
+    ``decode_fn(path) -> frames [F, H, W, 3]`` and ``encode_fn(clip [clip_frames, height, width, 3]) ->
+    latent [16, T, H/8, W/8]`` (or ``[1, 16, T, H/8, W/8]``) come from the host; ``vae_id`` names the VAE in
+    the cache key. Returns ``[(entry, latent [16, T, h, w], poses [T, 3, 4] or None)]`` and the skipped
+    ``[(path, why)]``: videos that fail to decode, are empty, or are shorter than a clip are logged and
+    skipped, never raised.
+    """
+    settings, items, skipped = clips.settings_key(vae_id), [], []
+    for entry in clips:
+        hit = cache.read(entry.path, settings) if cache is not None else None
+        if hit is not None:
+            latent, poses = hit[0], clips.clip_poses(entry, int(hit[1].get("frames", "-1")))
+        else:
+            frames, why = _decode(clips, decode_fn, entry.path)
+            if frames is None:
+                log.warning("training data: skipped %s: %s", entry.path.name, why)
+                skipped.append((entry.path, why))
+                continue
+            n_frames = frames.shape[0]
+            poses = clips.clip_poses(entry, n_frames)  # checked before the costly encode
+            latent = encode_fn(clips.prepare(frames))
+            latent = latent[0] if latent.ndim == 5 and latent.shape[0] == 1 else latent
+            if latent.ndim != 4:
+                raise DatasetError(f"encode_fn must return a video latent [C, T, H, W], got "
+                                   f"{tuple(latent.shape)} for {entry.path.name}")
+            if cache is not None:
+                cache.put(entry.path, settings, latent, {"frames": str(n_frames)})
+        items.append((entry, latent, poses))
+    if skipped:
+        log.warning("training data %s: %d of %d video(s) skipped", clips.folder, len(skipped), len(clips))
+    return items, skipped
