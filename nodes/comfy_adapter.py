@@ -259,3 +259,14 @@ def save_latent(samples: torch.Tensor, prefix: str) -> str:
     path = f"{folder}/{name}_{counter:05}_.latent"
     save_file({"latent_tensor": samples.contiguous(), "latent_format_version_0": torch.tensor([])}, path)
     return path
+
+
+def wan21_latent_in(latent: torch.Tensor) -> torch.Tensor:
+    """A LATENT's samples (what VAE Encode and the samplers hand out) -> the model's normalized latent space,
+    where the sampler denoises and where the released DiT-Mem encoder was trained: ``(z - mean) / std`` per
+    channel. Works on ``[16, T, H, W]`` and ``[..., 16, T, H, W]``."""
+    import comfy.latent_formats
+
+    fmt = comfy.latent_formats.Wan21()
+    flat = latent.reshape(-1, *latent.shape[-4:])
+    return fmt.process_in(flat).reshape(latent.shape)

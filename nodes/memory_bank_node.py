@@ -89,10 +89,9 @@ class ReferenceMemoryBank(io.ComfyNode):
         for i, _ in chosen:
             latents.append(cached_latent(vae, entries[i].path, shape))
             bar.update(1)
-        refs = torch.stack(latents).unsqueeze(0).float()  # [1, k, 16, T, H, W]
         report = "\n".join(f"{s:.3f}  {entries[i].path.name}  {entries[i].caption}" for i, s in chosen)
         log.info("memory bank %s: chose\n%s", folder, report)
-        return io.NodeOutput(ReferenceMemory(refs, memory_encoder, float(strength), bool(deduplicate)), report)
+        return io.NodeOutput(ReferenceMemory.from_latents(latents, memory_encoder, strength, deduplicate), report)
 
     @classmethod
     def caption_embedding(cls, clip, caption: str) -> torch.Tensor:

@@ -116,6 +116,5 @@ class EncodeReferenceVideo(io.ComfyNode):
         if not videos:
             raise ReferenceVideoError("Encode Reference Video: connect images (with a VAE) or a latent")
         videos = [resample_latent(v, shape) for v in videos]
-        refs = torch.stack(videos).unsqueeze(0).float()  # [1, N, 16, T, H, W]
-        return io.NodeOutput(ReferenceMemory(refs, memory_encoder, float(strength), bool(deduplicate)))
+        return io.NodeOutput(ReferenceMemory.from_latents(videos, memory_encoder, strength, deduplicate))
 

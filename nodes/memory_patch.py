@@ -11,7 +11,7 @@ Three ModelPatcher hooks, all keyed ``memlearner`` so they stay on the clone tha
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import comfy.patcher_extension
 import torch
@@ -48,6 +48,12 @@ class ReferenceMemory:
     deduplicate: bool = True
     _cache: dict = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def from_latents(cls, videos: list[torch.Tensor], encoder, strength: float = 1.0, deduplicate: bool = True):
+        """Reference videos as LATENT samples ``[16, T, H, W]`` each (already in the encoder's shape)."""
+        refs = wa.wan21_latent_in(torch.stack(videos).float()).unsqueeze(0)  # [1, N, 16, T, H, W]
+        return cls(refs, encoder, float(strength), bool(deduplicate))
+
     @property
     def width(self) -> int:
         return self.encoder.model.cfg.width
@@ -64,6 +70,11 @@ class ReferenceMemory:
             self._cache[key] = tokens
         tokens = self._cache[key]
         return tokens if self.strength == 1.0 else tokens.with_strength(self.strength)
+
+
+def context_in_model_space(spec: ContextSpec) -> ContextSpec:
+    """History as handed out by samplers and VAE Encode -> the normalized space of the latent being denoised."""
+    return ContextSpec([replace(seg, latent=wa.wan21_latent_in(seg.latent.float())) for seg in spec.segments])
 
 
 @dataclass

@@ -11,7 +11,7 @@ from memlearner_core.context_tokens import ContextSpec
 from memlearner_core.trajectory import parse_trajectory
 
 from .comfy_types import MEMORY, QUERY_WEIGHTS_FOLDER
-from .memory_patch import QueryMemory, apply_memory
+from .memory_patch import QueryMemory, apply_memory, context_in_model_space
 
 NO_WEIGHTS = "none"
 
@@ -78,7 +78,8 @@ class ApplyQueryMemory(io.ComfyNode):
                     history_poses, chunk_poses = poses[:n_hist], (poses[n_hist:] if poses.shape[0] > n_hist else None)
             elif camera_poses and camera_poses.strip():
                 raise ValueError("camera_poses need query_weights: the camera MLP is part of the query-memory weights")
-            query = QueryMemory(int(query_layers), ContextSpec.from_history(samples[0].cpu(), history_poses),
+            history = context_in_model_space(ContextSpec.from_history(samples[0].cpu(), history_poses))
+            query = QueryMemory(int(query_layers), history,
                                 camera, chunk_poses, bool(cache_context))
         return io.NodeOutput(apply_memory(model, memory=memory, query=query))
 

@@ -15,7 +15,7 @@ from memlearner_core.rollout import ChunkRecord, MemoryBank, context_tokens, lat
 from memlearner_core.trajectory import parse_trajectory, preset_names
 
 from . import comfy_adapter as wa
-from .memory_patch import QueryMemory, apply_memory, installed_patch
+from .memory_patch import QueryMemory, apply_memory, context_in_model_space, installed_patch
 from .query_memory_node import load_camera, query_weights_input
 
 NO_CAMERA, CUSTOM = "none", "custom JSON"
@@ -154,7 +154,8 @@ class MemoryRollout(io.ComfyNode):
         patched = model
         if query_layers:
             picks = select_context(policy, start, budget, (h, w), bank.poses(0, start), chunk_poses)
-            query = QueryMemory(query_layers, bank.context(picks, start), camera_mlp, chunk_poses, True)
+            context = context_in_model_space(bank.context(picks, start))
+            query = QueryMemory(query_layers, context, camera_mlp, chunk_poses, True)
             patched = apply_memory(model, query=query)
         record = ChunkRecord(k, start, [[p.index, p.pool] for p in picks], context_tokens(picks, (h, w)))
         wa.reset_peak_memory(model.load_device)

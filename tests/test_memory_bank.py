@@ -104,13 +104,15 @@ def test_bank_latents_equal_encode_reference_video_of_the_same_file(comfy, encod
 def test_latents_are_cached_and_refreshed_when_the_video_changes(comfy, encoder, tiny_clip, wan_vae, bank):
     rank(comfy, encoder, tiny_clip, wan_vae, bank, CAPTIONS["car.mp4"], top_k=1)
     (cached,) = (bank / CACHE_DIR).glob("car-*.safetensors")
-    save_file({"latent": torch.zeros_like(load_file(str(cached))["latent"])}, str(cached))
+    marker = torch.full_like(load_file(str(cached))["latent"], 0.5)
+    save_file({"latent": marker}, str(cached))
     memory, _ = rank(comfy, encoder, tiny_clip, wan_vae, bank, CAPTIONS["car.mp4"], top_k=1)
-    assert memory.latents.abs().max() == 0  # read back from the cache, not encoded again
+    marked = comfy.run("MemLearnerEncodeReferenceVideo", memory_encoder=encoder, latent={"samples": marker[None]})[0]
+    torch.testing.assert_close(memory.latents, marked.latents)  # read back from the cache, not encoded again
     tiny_models.write_video(bank / "car.mp4", 99)
     os.utime(bank / "car.mp4", ns=(1, 1))
     memory, _ = rank(comfy, encoder, tiny_clip, wan_vae, bank, CAPTIONS["car.mp4"], top_k=1)
-    assert memory.latents.abs().max() > 0
+    assert not torch.allclose(memory.latents, marked.latents)
 
 
 def test_relative_bank_folder_is_inside_comfyui_input(comfy, encoder, tiny_clip, wan_vae, bank, monkeypatch):

@@ -42,6 +42,11 @@ def test_attention_pattern_equals_dense_mask_on_random_inputs(seeded):
         assert rel_err(out, ref) < 1e-5
 
 
+def in_model_space(model, samples):
+    """What a sampler does to a LATENT before denoising: the space the history must be read in."""
+    return model.model.process_latent_in(samples)
+
+
 def patched(comfy, model, frames, layers=2, cache=True, memory=None):
     ctx = history(frames) if frames is not None else None
     return comfy.run("MemLearnerApplyQueryMemory", model=model, context=ctx, query_layers=layers,
@@ -57,7 +62,7 @@ def test_tiny_wan_equals_dense_mask_reference(comfy, wan_model, context_frames, 
     out = model_forward(model, x, t, txt, cond_or_uncond, run_seed=11)
     q_noise = mp.RunState(11).query_noise(x.shape, len(cond_or_uncond), x.device, x.dtype)
     dm = wan_model.model.diffusion_model
-    ctx = history(context_frames)["samples"][0]
+    ctx = in_model_space(wan_model, history(context_frames)["samples"])[0]
     spec = ContextSpec.from_history(ctx)
     freqs = dm.rope_embedder(torch.cat([segment_positions(s) for s in spec.segments]).unsqueeze(0)).movedim(1, 2) \
         if context_frames else None
@@ -71,7 +76,7 @@ def test_all_layers_as_query_layers_matches_reference(comfy, wan_model):
     x, t, txt = inputs(1)
     out = model_forward(model, x, t, txt, run_seed=3)
     dm = wan_model.model.diffusion_model
-    ctx = history(2)["samples"][0]
+    ctx = in_model_space(wan_model, history(2)["samples"])[0]
     freqs = dm.rope_embedder(segment_positions(ContextSpec.from_history(ctx).segments[0]).unsqueeze(0)).movedim(1, 2)
     q_noise = mp.RunState(3).query_noise(x.shape, 1, x.device, x.dtype)
     assert rel_err(out, reference_wan.query_memory_reference(dm, x, t, txt, ctx, freqs, q_noise, 4)) < 1e-5

@@ -138,6 +138,12 @@ def test_strength_scales_memory_like_duplicated_keys(seeded):
 
 # --- injection into ComfyUI's Wan -------------------------------------------------------------------------------
 
+def test_reference_latents_are_normalized_like_the_sampled_latent(comfy, wan_model, encoder):
+    latents = reference_latents(4)
+    memory = comfy.run("MemLearnerEncodeReferenceVideo", memory_encoder=encoder, latent=latents)[0]
+    torch.testing.assert_close(memory.latents[0], wan_model.model.process_latent_in(latents["samples"]))
+
+
 def reference_latents(seed, n=2):
     g = torch.Generator().manual_seed(seed)
     return {"samples": torch.randn(n, 16, 13, 16, 16, generator=g)}
