@@ -106,7 +106,7 @@ def query_memory(tiny: bool = False, seed: int = 42) -> dict:
     g = base(f, tiny)
     sampler(g, f, "chunk1", "unet", seed, title="First chunk")
     g["apply"] = node("MemLearnerApplyQueryMemory", model=["unet", 0], context=["chunk1", 0],
-                      query_layers=f["query_layers"], cache_context=True)
+                      query_layers=f["query_layers"], query_weights="none", camera_poses="", cache_context=True)
     sampler(g, f, "chunk2", "apply", seed + 1, title="Next chunk")
     save_video(g, "chunk1", "chunk1")
     save_video(g, "chunk2", "chunk2")
@@ -136,7 +136,8 @@ def both_memories(tiny: bool = False, seed: int = 42) -> dict:
     g["memory"] = node("MemLearnerEncodeReferenceVideo", memory_encoder=["encoder", 0], latent=["chunk1", 0],
                        frames_per_video=0, strength=1.0, deduplicate=True)
     g["apply"] = node("MemLearnerApplyQueryMemory", model=["unet", 0], context=["chunk1", 0],
-                      query_layers=f["query_layers"], memory=["memory", 0], cache_context=True)
+                      query_layers=f["query_layers"], memory=["memory", 0], query_weights="none", camera_poses="",
+                      cache_context=True)
     sampler(g, f, "chunk2", "apply", seed + 1, title="Next chunk")
     save_video(g, "chunk1", "chunk1")
     save_video(g, "chunk2", "chunk2")
