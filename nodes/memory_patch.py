@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
+import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
@@ -248,6 +249,29 @@ def check_context_matches(context: ContextSpec, noise: torch.Tensor) -> None:
             f"{noise.shape[-2]}x{noise.shape[-1]}; encode the history at the same width and height as the video")
     if noise.ndim != 5 or noise.shape[1] != 16:
         raise ValueError(f"query memory needs a Wan2.1 video latent [B, 16, T, H, W], got {tuple(noise.shape)}")
+
+
+class FixedMemory:
+    """Memory tokens computed by the caller (e.g. with gradients, while training an encoder)."""
+
+    def __init__(self, tokens: MemoryTokens):
+        self._tokens = tokens
+
+    def tokens(self) -> MemoryTokens:
+        return self._tokens
+
+
+def patched_forward(dm, x, t, context, memory=None, query: QueryMemory | None = None, run: RunState | None = None):
+    """One forward of a Wan2.1 diffusion model ``dm`` with the memories, outside a sampler (training): the same
+    block patches and wrapper the nodes install, passed in ``transformer_options``. ``x [B, 16, T, H, W]`` in
+    the model's latent space, ``t [B]`` timesteps, ``context [B, L, 4096]`` text; gradients flow."""
+    opts = {"cond_or_uncond": [0] * x.shape[0], RUN_KEY: run or RunState(0)}
+    for i in range(len(dm.blocks)):
+        opts = comfy.model_patcher.set_model_options_patch_replace({"transformer_options": opts}, BlockPatch(i), "dit",
+                                                                   "double_block", i)["transformer_options"]
+    comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY,
+                                                 DiffusionModelWrapper(memory, query), opts)
+    return dm(x, t, context, transformer_options=opts)
 
 
 def installed_patch(model) -> DiffusionModelWrapper | None:

@@ -1,0 +1,74 @@
+"""Training recipes on ComfyUI's own Wan2.1 model, so a fine-tune loads in the nodes unchanged and trains the
+exact attention code the nodes run (``memory_patch.patched_forward``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from memlearner_core.camera import CameraEmbedding
+from memlearner_core.checkpoint_io import save_query_weights
+from memlearner_core.context_tokens import ContextSpec
+from memlearner_core.training.config import TrainConfig
+from memlearner_core.training.context_sampling import clip_windows, sample_context_length
+from memlearner_core.training.flow_matching import (
+    flow_loss,
+    noisy_latents,
+    sample_sigmas,
+    timesteps,
+    velocity_target,
+)
+
+from . import comfy_adapter as wa
+from .memory_patch import QueryMemory, RunState, patched_forward
+
+WAN_EXPORT, QUERY_EXPORT = "memlearner_wan21.safetensors", "memlearner_query.safetensors"
+
+
+class QueryRecipe:
+    """MemLearner: the whole DiT (and a zero-initialised camera MLP) fine-tuned end to end with query layers.
+
+    An item is ``(latent [16, N, H, W] LATENT samples, poses [N, 3, 4] | None, text [1, L, 4096])``. Each step
+    denoises the last ``predict_latent_frames`` frames with a context of the frames right before them, its length
+    uniform in ``0 .. max_context_multiple x P``; the loss is the flow-matching loss on P only, Q is fresh noise.
+    """
+
+    def __init__(self, model_patcher, cfg: TrainConfig):
+        self.dm = wa.wan21_model(model_patcher)
+        self.cfg = cfg
+        self.dm.train().requires_grad_(True)
+        self.camera = CameraEmbedding(self.dm.dim)
+        torch.nn.init.zeros_(self.camera.proj.weight)  # starts as "no camera": the stock model's behaviour
+        torch.nn.init.zeros_(self.camera.proj.bias)
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        params = {f"dm.{n}": p for n, p in self.dm.named_parameters()}
+        params.update({f"camera.{n}": p for n, p in self.camera.named_parameters()})
+        return params
+
+    def loss(self, item, generator: torch.Generator) -> torch.Tensor:
+        latent, poses, text = item
+        latent = wa.wan21_latent_in(latent.float())
+        p = self.cfg.predict_latent_frames
+        n_ctx = sample_context_length(p, self.cfg.max_context_multiple, latent.shape[1] - p, generator)
+        c_slice, p_slice = clip_windows(latent.shape[1], p, n_ctx)
+        pose = (lambda s: None) if poses is None else (lambda s: poses[s])
+        history = ContextSpec.from_history(latent[:, c_slice], pose(c_slice))
+        query = QueryMemory(self.cfg.query_layers, history, self.camera, pose(p_slice), cache_context=False)
+        x0 = latent[:, p_slice].unsqueeze(0)
+        noise = torch.randn(x0.shape, generator=generator)
+        sigma = sample_sigmas(1, generator)
+        run = RunState(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        pred = patched_forward(self.dm, noisy_latents(x0, noise, sigma), timesteps(sigma), text, None, query, run)
+        return flow_loss(pred, velocity_target(x0, noise))
+
+    def export(self, folder: Path) -> list[Path]:
+        """The fine-tuned Wan2.1 state dict (load it with Load Diffusion Model) and the query weights (camera
+        MLP, for Apply Query Memory's ``query_weights``)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        wan, query = folder / WAN_EXPORT, folder / QUERY_EXPORT
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.dm.state_dict().items()}, str(wan))
+        save_query_weights(query, self.camera.state_dict(), self.cfg.query_layers)
+        return [wan, query]
