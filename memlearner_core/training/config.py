@@ -60,6 +60,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     top_k_references: int = 5  # encoder recipe
     encoder_file: Path | None = None  # encoder recipe: initial weights, None = random init
+    text_encoder_file: Path | None = None  # umt5 for the captions (ComfyUI's text_encoders file)
     cache_dir: Path | None = None  # None: <output_dir>/latent_cache
 
     def __post_init__(self):
@@ -161,6 +162,7 @@ data_dir = "data"        # captioned videos (captions.json or <video>.txt), opti
 output_dir = "runs/{recipe}"   # checkpoints (step-XXXXXXXX/) and the latent cache
 model_file = "models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors"
 vae_file = "models/vae/wan_2.1_vae.safetensors"
+text_encoder_file = "models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"   # encodes the captions
 # cache_dir = "runs/{recipe}/latent_cache"   # default: <output_dir>/latent_cache
 # encoder_file = "models/memory_encoders/dit_mem_1.3b.safetensors"   # encoder recipe: initial weights
 

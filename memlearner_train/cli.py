@@ -1,0 +1,67 @@
+"""``memlearner-train CONFIG.toml``: fine-tune Wan2.1 with query memory on a folder of captioned videos.
+
+The model, VAE and text encoder are loaded by ComfyUI as a library (``COMFYUI_PATH``, or the ComfyUI this pack
+sits in, or ``.host/ComfyUI``), and training runs the very patches the nodes install, so the exported files load
+in the nodes unchanged. ``memlearner-train --example query`` prints a commented config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+from memlearner_core.training.config import ConfigError, example_config, load_config
+
+PACK = Path(__file__).resolve().parents[1]
+log = logging.getLogger("memlearner")
+
+
+def comfyui_path() -> Path:
+    for candidate in (os.environ.get("COMFYUI_PATH"), PACK.parent.parent, PACK / ".host" / "ComfyUI"):
+        if candidate and (Path(candidate) / "comfy" / "model_management.py").is_file():
+            return Path(candidate)
+    raise SystemExit("memlearner-train: ComfyUI not found; set COMFYUI_PATH to your ComfyUI folder")
+
+
+def load_pack(comfy: Path):
+    """ComfyUI importable as a library, then this pack as a package (``pack.nodes.training_host``)."""
+    sys.path.insert(0, str(comfy))
+    spec = importlib.util.spec_from_file_location("comfyui_memlearner", PACK / "__init__.py",
+                                                  submodule_search_locations=[str(PACK)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module("comfyui_memlearner.nodes.training_host")
+
+
+def main(argv: list[str] | None = None, text_fn=None) -> int:
+    """``text_fn(caption) -> [1, L, 4096]`` replaces the umt5 text encoder (tests have no tiny umt5)."""
+    ap = argparse.ArgumentParser(prog="memlearner-train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", nargs="?", help="the run's TOML file")
+    ap.add_argument("--example", choices=["query", "encoder"], help="print an example config and exit")
+    args = ap.parse_args(argv)
+    if args.example:
+        print(example_config(args.example))
+        return 0
+    if not args.config:
+        ap.error("give a CONFIG.toml (or --example query)")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"memlearner-train: {e}", file=sys.stderr)
+        return 2
+    if cfg.recipe != "query":
+        print("memlearner-train: the 'encoder' recipe is not available yet; use recipe = \"query\"", file=sys.stderr)
+        return 2
+    training_host = load_pack(comfyui_path())
+    result = training_host.run_training(cfg, text_fn)
+    print(f"trained {result.steps_done} steps (from {result.start_step}); last loss "
+          f"{result.losses[-1] if result.losses else float('nan'):.4f}")
+    for path in result.exported:
+        print(path)
+    return 0

@@ -1,0 +1,73 @@
+"""``memlearner-train``: a folder of captioned videos in, files the nodes load out."""
+
+import json
+
+import torch
+
+from memlearner_core.training.config import load_config
+from memlearner_train.cli import main
+
+import tiny_models
+
+
+def random_text(caption):
+    g = torch.Generator().manual_seed(sum(map(ord, caption)))
+    return torch.randn(1, 8, 4096, generator=g)
+
+
+def write_run(tmp_path, models_dir, steps=3):
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    captions = {"a.mp4": "a walk through a courtyard", "b.mp4": "waves at sunset", "broken.mp4": "unreadable"}
+    for i, name in enumerate(["a.mp4", "b.mp4"]):
+        tiny_models.write_video(data / name, i, frames=12, size=64)
+    (data / "broken.mp4").write_bytes(b"not a video")
+    (data / "captions.json").write_text(json.dumps(captions))
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'''recipe = "query"
+data_dir = "data"
+output_dir = "run"
+model_file = "{models_dir / 'diffusion_models' / tiny_models.WAN_FILE}"
+vae_file = "{models_dir / 'vae' / tiny_models.VAE_FILE}"
+steps = {steps}
+checkpoint_every = 2
+clip_frames = 9
+width = 64
+height = 64
+query_layers = 2
+predict_latent_frames = 1
+max_context_multiple = 2
+mixed_precision = "fp32"
+lr = 1e-4
+''')
+    return cfg
+
+
+def test_train_command_skips_the_broken_video_and_exports_loadable_files(comfy, models_dir, tmp_path, capsys):
+    cfg = write_run(tmp_path, models_dir)
+    assert main([str(cfg)], text_fn=random_text) == 0
+    out = capsys.readouterr()
+    assert "2 clips, 1 skipped" in out.err
+    exported = [p for p in out.out.splitlines() if p.endswith(".safetensors")]
+    assert [p.rsplit("/", 1)[-1] for p in exported] == ["memlearner_wan21.safetensors", "memlearner_query.safetensors"]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000003").is_dir()
+
+
+def test_a_longer_run_resumes_from_the_checkpoint(comfy, models_dir, tmp_path, capsys):
+    main([str(write_run(tmp_path, models_dir, steps=2))], text_fn=random_text)
+    assert main([str(write_run(tmp_path, models_dir, steps=4))], text_fn=random_text) == 0
+    assert "trained 4 steps (from 2)" in capsys.readouterr().out
+
+
+def test_example_config_loads(tmp_path, capsys):
+    assert main(["--example", "query"]) == 0
+    path = tmp_path / "q.toml"
+    path.write_text(capsys.readouterr().out)
+    assert load_config(path).recipe == "query"
+
+
+def test_a_bad_config_is_exit_2_naming_the_key(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text('recipe = "query"\ndata_dir = "d"\noutput_dir = "o"\nmodel_file = "m"\nvae_file = "v"\nstepz = 3\n')
+    assert main([str(path)]) == 2
+    assert "stepz" in capsys.readouterr().err
