@@ -87,6 +87,10 @@ def run_training(cfg: TrainConfig, text_fn=None):
     from memlearner_core.training.dataset import ClipFolder, LatentCache, encode_all
     from memlearner_core.training.trainer import train
 
+    if cfg.lora_rank:
+        raise ValueError("lora_rank: LoRA training is not available yet; set lora_rank = 0 (full fine-tune)")
+    if cfg.gradient_checkpointing:
+        print("memlearner-train: gradient_checkpointing is not available yet and is ignored", file=sys.stderr)
     model = comfy.sd.load_diffusion_model(str(cfg.model_file))
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(cfg.vae_file)))
     wa.check_wan21_vae(vae)
