@@ -173,15 +173,13 @@ def read_video(path) -> torch.Tensor:
 
 
 def text_embedding(clip, text: str) -> torch.Tensor:
-    """``[D]``: ``text`` through the user's loaded text encoder, pooled as ``pool_text_embedding`` does."""
-    from memlearner_core.memory_bank import pool_text_embedding
-
+    """``[D]``: ``text`` through the user's loaded text encoder, pooled as a prompt's CONDITIONING is."""
     cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-    return pool_text_embedding(cond.cpu(), pooled.cpu() if torch.is_tensor(pooled) else None)
+    return conditioning_embedding([[cond, {"pooled_output": pooled}]])
 
 
 def conditioning_embedding(conditioning) -> torch.Tensor:
-    """``[D]`` for a CONDITIONING (its first entry), pooled the same way as ``text_embedding``."""
+    """``[D]`` for a CONDITIONING (its first entry): the encoder's pooled output, else ``pool_text_embedding``."""
     from memlearner_core.memory_bank import pool_text_embedding
 
     if not conditioning:

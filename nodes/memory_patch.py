@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
-import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
@@ -251,27 +250,19 @@ def check_context_matches(context: ContextSpec, noise: torch.Tensor) -> None:
         raise ValueError(f"query memory needs a Wan2.1 video latent [B, 16, T, H, W], got {tuple(noise.shape)}")
 
 
-class FixedMemory:
-    """Memory tokens computed by the caller (e.g. with gradients, while training an encoder)."""
-
-    def __init__(self, tokens: MemoryTokens):
-        self._tokens = tokens
-
-    def tokens(self) -> MemoryTokens:
-        return self._tokens
-
-
-def patched_forward(dm, x, t, context, memory=None, query: QueryMemory | None = None, run: RunState | None = None):
-    """One forward of a Wan2.1 diffusion model ``dm`` with the memories, outside a sampler (training): the same
-    block patches and wrapper the nodes install, passed in ``transformer_options``. ``x [B, 16, T, H, W]`` in
-    the model's latent space, ``t [B]`` timesteps, ``context [B, L, 4096]`` text; gradients flow."""
-    opts = {"cond_or_uncond": [0] * x.shape[0], RUN_KEY: run or RunState(0)}
-    for i in range(len(dm.blocks)):
-        opts = comfy.model_patcher.set_model_options_patch_replace({"transformer_options": opts}, BlockPatch(i), "dit",
-                                                                   "double_block", i)["transformer_options"]
-    comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY,
-                                                 DiffusionModelWrapper(memory, query), opts)
-    return dm(x, t, context, transformer_options=opts)
+def patched_forward(model, x, t, context, cond_or_uncond=None, run: RunState | None = None):
+    """One forward of a (patched) MODEL's Wan2.1 outside a sampler (training, tests): its transformer options and
+    wrappers merged the way the sampler merges them. ``x [B, 16, T, H, W]`` in the model's latent space, ``t [B]``
+    timesteps, ``context [B, L, 4096]`` text; gradients flow when enabled."""
+    opts = comfy.patcher_extension.copy_nested_dicts(model.model_options.get("transformer_options", {}))
+    for wrapper_type, keyed in model.wrappers.items():
+        for key, wrappers in keyed.items():
+            for w in wrappers:
+                comfy.patcher_extension.add_wrapper_with_key(wrapper_type, key, w, opts)
+    opts["cond_or_uncond"] = cond_or_uncond or [0] * x.shape[0]
+    if run is not None:
+        opts[RUN_KEY] = run
+    return model.model.diffusion_model(x, t, context, transformer_options=opts)
 
 
 def installed_patch(model) -> DiffusionModelWrapper | None:

@@ -1,5 +1,5 @@
 """Training recipes on ComfyUI's own Wan2.1 model, so a fine-tune loads in the nodes unchanged and trains the
-exact attention code the nodes run (``memory_patch.patched_forward``)."""
+exact patches the nodes install (``apply_memory``, run by ``patched_forward``)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from memlearner_core.training.flow_matching import (
 )
 
 from . import comfy_adapter as wa
-from .memory_patch import QueryMemory, RunState, patched_forward
+from .memory_patch import QueryMemory, RunState, apply_memory, patched_forward
 
 WAN_EXPORT, QUERY_EXPORT = "memlearner_wan21.safetensors", "memlearner_query.safetensors"
 
@@ -37,7 +37,7 @@ class QueryRecipe:
     """
 
     def __init__(self, model_patcher, cfg: TrainConfig, device: str | torch.device = "cpu"):
-        self.dm = wa.wan21_model(model_patcher)
+        self.model, self.dm = model_patcher, wa.wan21_model(model_patcher)
         self.cfg, self.device = cfg, torch.device(device)
         self.dm.to(self.device).float().train().requires_grad_(True)  # fp32 master weights; autocast for bf16
         self.camera = CameraEmbedding(self.dm.dim).to(self.device)
@@ -62,7 +62,8 @@ class QueryRecipe:
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
         sigma = sample_sigmas(1, generator).to(self.device)
         run = RunState(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        pred = patched_forward(self.dm, noisy_latents(x0, noise, sigma), timesteps(sigma), text, None, query, run)
+        patched = apply_memory(self.model, query=query)
+        pred = patched_forward(patched, noisy_latents(x0, noise, sigma), timesteps(sigma), text, run=run)
         return flow_loss(pred, velocity_target(x0, noise))
 
     def export(self, folder: Path) -> list[Path]:

@@ -53,11 +53,10 @@ def test_query_fine_tune_loads_in_the_nodes(comfy, tmp_path):
                           query_weights="trained_query.safetensors")[0]
         x, t, txt = torch.randn(1, 16, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 8, 4096)
         out = model_forward(model, x, t, txt, run_seed=1)
-        with torch.no_grad():  # the nodes run exactly what was trained
-            recipe.dm.eval()
-            trained = host.pack("nodes.memory_patch").patched_forward(
-                recipe.dm, x, t, txt, None, model.get_wrappers("diffusion_model", "memlearner")[0].query,
-                host.pack("nodes.memory_patch").RunState(1))
+        recipe.dm.eval()  # the nodes run exactly what was trained
+        query = model.get_wrappers("diffusion_model", "memlearner")[0].query
+        trained = model_forward(host.pack("nodes.memory_patch").apply_memory(recipe.model, query=query), x, t, txt,
+                                run_seed=1)
         torch.testing.assert_close(out, trained)
     finally:
         (models / "trained_wan.safetensors").unlink()

@@ -100,17 +100,30 @@ def dit_mem_reference(tiny: bool = False, seed: int = 42) -> dict:
     return g
 
 
-def query_memory(tiny: bool = False, seed: int = 42) -> dict:
-    """Query memory: a first chunk from plain Wan2.1, then a second chunk that reads it as history."""
+def two_chunks(tiny: bool, seed: int, reference: bool) -> dict:
+    """A first chunk from plain Wan2.1, then a chunk that reads it as query-memory history (and, with
+    ``reference``, as its DiT-Mem reference video too)."""
     f = TINY if tiny else REAL
     g = base(f, tiny)
     sampler(g, f, "chunk1", "unet", seed, title="First chunk")
+    memory = {}
+    if reference:
+        encoder(g, f)
+        g["memory"] = node("MemLearnerEncodeReferenceVideo", memory_encoder=["encoder", 0], latent=["chunk1", 0],
+                           frames_per_video=0, strength=1.0, deduplicate=True)
+        memory = {"memory": ["memory", 0]}
     g["apply"] = node("MemLearnerApplyQueryMemory", model=["unet", 0], context=["chunk1", 0],
-                      query_layers=f["query_layers"], query_weights="none", camera_poses="", cache_context=True)
+                      query_layers=f["query_layers"], **memory, query_weights="none", camera_poses="",
+                      cache_context=True)
     sampler(g, f, "chunk2", "apply", seed + 1, title="Next chunk")
     save_video(g, "chunk1", "chunk1")
     save_video(g, "chunk2", "chunk2")
     return g
+
+
+def query_memory(tiny: bool = False, seed: int = 42) -> dict:
+    """Query memory: a first chunk from plain Wan2.1, then a second chunk that reads it as history."""
+    return two_chunks(tiny, seed, reference=False)
 
 
 def memory_rollout(tiny: bool = False, seed: int = 42) -> dict:
@@ -129,19 +142,7 @@ def memory_rollout(tiny: bool = False, seed: int = 42) -> dict:
 
 def both_memories(tiny: bool = False, seed: int = 42) -> dict:
     """Both memories: the first chunk is the query-memory history and the DiT-Mem reference video of the next."""
-    f = TINY if tiny else REAL
-    g = base(f, tiny)
-    sampler(g, f, "chunk1", "unet", seed, title="First chunk")
-    encoder(g, f)
-    g["memory"] = node("MemLearnerEncodeReferenceVideo", memory_encoder=["encoder", 0], latent=["chunk1", 0],
-                       frames_per_video=0, strength=1.0, deduplicate=True)
-    g["apply"] = node("MemLearnerApplyQueryMemory", model=["unet", 0], context=["chunk1", 0],
-                      query_layers=f["query_layers"], memory=["memory", 0], query_weights="none", camera_poses="",
-                      cache_context=True)
-    sampler(g, f, "chunk2", "apply", seed + 1, title="Next chunk")
-    save_video(g, "chunk1", "chunk1")
-    save_video(g, "chunk2", "chunk2")
-    return g
+    return two_chunks(tiny, seed, reference=True)
 
 
 WORKFLOWS = {"dit_mem_reference": dit_mem_reference, "query_memory": query_memory,
