@@ -89,3 +89,17 @@ def latent_cache_path(video: Path, settings: str) -> Path:
     key = f"{video.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{settings}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     return video.parent / CACHE_DIR / f"{video.stem}-{digest}.safetensors"
+
+
+def reference_sets(captions: torch.Tensor, k: int) -> list[list[int]]:
+    """For each of ``captions [N, D]``, the ``k`` other captions closest to it (cosine, best first): the
+    reference videos a training clip gets from its memory bank, never itself."""
+    if captions.shape[0] < 2:
+        raise MemoryBankError("training a memory encoder needs at least 2 captioned videos (each clip's "
+                              "references are other videos of the folder)")
+    k = min(k, captions.shape[0] - 1)
+    sets = []
+    for i in range(captions.shape[0]):
+        ranked = rank_by_text(captions[i], captions, k + 1)
+        sets.append([j for j, _ in ranked if j != i][:k])
+    return sets

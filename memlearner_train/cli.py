@@ -1,4 +1,5 @@
-"""``memlearner-train CONFIG.toml``: fine-tune Wan2.1 with query memory on a folder of captioned videos.
+"""``memlearner-train CONFIG.toml``: fine-tune Wan2.1 with query memory, or train a DiT-Mem memory encoder, on a
+folder of captioned videos. ``torchrun --nproc_per_node N -m memlearner_train CONFIG.toml`` trains on N GPUs.
 
 The model, VAE and text encoder are loaded by ComfyUI as a library (``COMFYUI_PATH``, or the ComfyUI this pack
 sits in, or ``.host/ComfyUI``), and training runs the very patches the nodes install, so the exported files load
@@ -48,15 +49,12 @@ def main(argv: list[str] | None = None, text_fn=None) -> int:
         print(example_config(args.example))
         return 0
     if not args.config:
-        ap.error("give a CONFIG.toml (or --example query)")
+        ap.error("give a CONFIG.toml (or --example query / --example encoder)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
         print(f"memlearner-train: {e}", file=sys.stderr)
-        return 2
-    if cfg.recipe != "query":
-        print("memlearner-train: the 'encoder' recipe is not available yet; use recipe = \"query\"", file=sys.stderr)
         return 2
     training_host = load_pack(comfyui_path())
     result = training_host.run_training(cfg, text_fn)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import comfy.patcher_extension
 import torch
+import torch.utils.checkpoint
 
 from memlearner_core.attention import attention_with_memory
 from memlearner_core.camera import CameraEmbedding, frame_embedding_to_tokens
@@ -71,6 +72,34 @@ class ReferenceMemory:
         tokens = self._cache[key]
         return tokens if self.strength == 1.0 else tokens.with_strength(self.strength)
 
+    def managed_models(self) -> list:
+        """Modules ComfyUI loads and offloads with the patched model."""
+        return [self.encoder]
+
+
+@dataclass
+class TrainableMemory:
+    """Reference memory whose tokens keep their gradients (training a memory encoder against a frozen Wan).
+
+    ``latents [1, N, 16, T, H, W]`` in the model's latent space; ``encoder`` a plain ``MemoryEncoder`` owned by
+    the trainer. Tokens are recomputed on every forward (dropout, shuffling) and never de-duplicated: the
+    collapse is exact for a fixed encoder only."""
+
+    latents: torch.Tensor
+    encoder: MemoryEncoder
+    strength: float = 1.0
+
+    @property
+    def width(self) -> int:
+        return self.encoder.cfg.width
+
+    def tokens(self) -> MemoryTokens:
+        p = next(self.encoder.parameters())
+        return MemoryTokens.full(self.encoder(self.latents.to(device=p.device)))
+
+    def managed_models(self) -> list:
+        return []
+
 
 def context_in_model_space(spec: ContextSpec) -> ContextSpec:
     """History as handed out by samplers and VAE Encode -> the normalized space of the latent being denoised."""
@@ -89,10 +118,14 @@ class QueryMemory:
 
 
 class RunState:
-    """State of one sampling run: query-noise generator seeded by the sampler's seed, context K/V cache."""
+    """State of one sampling run: query-noise generator seeded by the sampler's seed, context K/V cache.
 
-    def __init__(self, seed: int | None):
+    ``gradient_checkpointing`` (training): each block's activations are recomputed in the backward pass instead
+    of kept, trading about one extra forward for memory that no longer grows with the number of blocks."""
+
+    def __init__(self, seed: int | None, gradient_checkpointing: bool = False):
         self.seed = int(seed or 0)
+        self.gradient_checkpointing = gradient_checkpointing
         self.generator = torch.Generator().manual_seed(self.seed & 0xFFFF_FFFF_FFFF)
         self.context_tokens: dict = {}  # (device, dtype) -> history tokens, RoPE tables, t=0 modulation
         self.context_cache: dict = {}  # (layer, device, dtype) -> ContextKV
@@ -123,21 +156,33 @@ class ForwardState:
         where = (str(x.device), x.dtype)
         if q.cache_context and (index, *where) in self.run.context_cache:
             return self.run.context_cache[(index, *where)]
-        tokens_cache = self.run.context_tokens if q.cache_context else self.context_tokens
-        if where not in tokens_cache:
-            tokens_cache[where] = context_tokens(self.dm, q, x.device, x.dtype)
-        tokens, freqs, e0_clean = tokens_cache[where]
+        tokens, freqs, e0_clean = self.history_tokens(x)
         kv = wa.context_kv(self.dm.blocks[index], tokens, e0_clean, freqs)
         if q.cache_context:
             self.run.context_cache[(index, *where)] = kv
         return kv
 
+    def history_tokens(self, x: torch.Tensor):
+        """The history's tokens, RoPE tables and clean modulation, made once per run (cached) or per forward."""
+        where = (str(x.device), x.dtype)
+        cache = self.run.context_tokens if self.query.cache_context else self.context_tokens
+        if where not in cache:
+            cache[where] = context_tokens(self.dm, self.query, x.device, x.dtype)
+        return cache[where]
+
     def block(self, index: int, args: dict) -> torch.Tensor:
-        x, e0 = args["img"], args["vec"]
-        block = self.dm.blocks[index]
+        x = args["img"]
         if index == 0 and self.p_camera is not None:
             cam = self.p_camera.to(x)
             x = torch.cat([x[:, : self.n_query], x[:, self.n_query:] + cam], 1)
+        if self.query is not None and index < self.query.query_layers and self.query.context.segments:
+            self.history_tokens(x)  # shared by the query layers: made outside any checkpointed region
+        if self.run.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._block, index, x, args, use_reentrant=False)
+        return self._block(index, x, args)
+
+    def _block(self, index: int, x: torch.Tensor, args: dict) -> torch.Tensor:
+        e0, block = args["vec"], self.dm.blocks[index]
         mem = None
         if self.memory is not None:
             lw = None if self.memory.is_plain else self.memory.log_weight
@@ -195,7 +240,7 @@ class BlockPatch(_Shared):
 
 
 class DiffusionModelWrapper(_Shared):
-    def __init__(self, memory: ReferenceMemory | None, query: QueryMemory | None):
+    def __init__(self, memory: ReferenceMemory | TrainableMemory | None, query: QueryMemory | None):
         self.memory, self.query = memory, query
 
     def __call__(self, executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options=None, **kwargs):
@@ -271,7 +316,7 @@ def installed_patch(model) -> DiffusionModelWrapper | None:
     return found[-1] if found else None
 
 
-def apply_memory(model, memory: ReferenceMemory | None = None, query: QueryMemory | None = None):
+def apply_memory(model, memory: ReferenceMemory | TrainableMemory | None = None, query: QueryMemory | None = None):
     """A clone of ``model`` with the memories applied; the input model is never modified.
 
     A memory the model already carries is kept unless replaced (Apply Reference Memory then Apply Query Memory
@@ -311,6 +356,6 @@ def apply_memory(model, memory: ReferenceMemory | None = None, query: QueryMemor
         m.set_model_patch_replace(BlockPatch(i), "dit", "double_block", i)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, DiffusionModelWrapper(memory, query))
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, OuterSampleWrapper(query))
-    if memory is not None:
-        m.set_additional_models(KEY, [memory.encoder])
+    if memory is not None and memory.managed_models():
+        m.set_additional_models(KEY, memory.managed_models())
     return m

@@ -1,5 +1,9 @@
-"""Training recipes on ComfyUI's own Wan2.1 model, so a fine-tune loads in the nodes unchanged and trains the
-exact patches the nodes install (``apply_memory``, run by ``patched_forward``)."""
+"""Training recipes on ComfyUI's own Wan2.1, so their outputs load in the nodes unchanged and train the exact
+patches the nodes install (``apply_memory``, run by ``patched_forward``).
+
+- ``QueryRecipe`` (MemLearner): the DiT itself, fully or through LoRA (peft), plus a camera MLP.
+- ``EncoderRecipe`` (DiT-Mem): a memory encoder against the frozen DiT.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from memlearner_core.camera import CameraEmbedding
-from memlearner_core.checkpoint_io import save_query_weights
+from memlearner_core.checkpoint_io import load_memory_encoder, save_memory_encoder, save_query_weights
 from memlearner_core.context_tokens import ContextSpec
+from memlearner_core.memory_encoder import EncoderConfig, MemoryEncoder, cnn_output_shape
+from memlearner_core.reference_video import resample_latent
 from memlearner_core.training.config import TrainConfig
 from memlearner_core.training.context_sampling import clip_windows, sample_context_length
 from memlearner_core.training.flow_matching import (
@@ -23,13 +29,44 @@ from memlearner_core.training.flow_matching import (
 )
 
 from . import comfy_adapter as wa
-from .memory_patch import QueryMemory, RunState, apply_memory, patched_forward
+from .memory_patch import QueryMemory, RunState, TrainableMemory, apply_memory, patched_forward
 
-WAN_EXPORT, QUERY_EXPORT = "memlearner_wan21.safetensors", "memlearner_query.safetensors"
+WAN_EXPORT, LORA_EXPORT = "memlearner_wan21.safetensors", "memlearner_wan21_lora.safetensors"
+QUERY_EXPORT, ENCODER_EXPORT = "memlearner_query.safetensors", "memlearner_encoder.safetensors"
+# LoRA on every linear layer of the blocks: attention projections (self and cross) and the MLP.
+LORA_TARGETS = r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)|blocks\.\d+\.ffn\.(0|2)"
 
 
-class QueryRecipe:
-    """MemLearner: the whole DiT (and a zero-initialised camera MLP) fine-tuned end to end with query layers.
+class WanRecipe(torch.nn.Module):
+    """What both recipes share: the Wan2.1 of a ComfyUI MODEL and one flow-matching step through the nodes'
+    patches. Parameters with ``requires_grad`` are the trained ones."""
+
+    def __init__(self, model_patcher, cfg: TrainConfig, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.model, self.dm = model_patcher, wa.wan21_model(model_patcher)
+        self.cfg, self.device = cfg, torch.device(device)
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def checkpointed(self) -> dict[str, torch.Tensor]:
+        return self.trainable()
+
+    def denoise_loss(self, x0: torch.Tensor, text: torch.Tensor, generator: torch.Generator,
+                     memory: TrainableMemory | None = None, query: QueryMemory | None = None) -> torch.Tensor:
+        """Flow-matching loss of denoising ``x0 [1, 16, T, H, W]`` (model space) at a random sigma."""
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)
+        sigma = sample_sigmas(1, generator).to(self.device)
+        run = RunState(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)), self.cfg.gradient_checkpointing)
+        patched = apply_memory(self.model, memory=memory, query=query)
+        pred = patched_forward(patched, noisy_latents(x0, noise, sigma), timesteps(sigma), text.to(self.device),
+                               run=run)
+        return flow_loss(pred, velocity_target(x0, noise))
+
+
+class QueryRecipe(WanRecipe):
+    """MemLearner: the DiT (all of it, or LoRA adapters when ``lora_rank`` > 0) and a zero-initialised camera
+    MLP fine-tuned end to end with query layers.
 
     An item is ``(latent [16, N, H, W] LATENT samples, poses [N, 3, 4] | None, text [1, L, 4096])``. Each step
     denoises the last ``predict_latent_frames`` frames with a context of the frames right before them, its length
@@ -37,19 +74,17 @@ class QueryRecipe:
     """
 
     def __init__(self, model_patcher, cfg: TrainConfig, device: str | torch.device = "cpu"):
-        self.model, self.dm = model_patcher, wa.wan21_model(model_patcher)
-        self.cfg, self.device = cfg, torch.device(device)
-        self.dm.to(self.device).float().train().requires_grad_(True)  # fp32 master weights; autocast for bf16
+        super().__init__(model_patcher, cfg, device)
+        self.dm.to(self.device).float().train()  # fp32 master weights; autocast for bf16
+        if cfg.lora_rank:
+            add_lora(self.dm, cfg.lora_rank)  # freezes everything but the adapters
+        else:
+            self.dm.requires_grad_(True)
         self.camera = CameraEmbedding(self.dm.dim).to(self.device)
         torch.nn.init.zeros_(self.camera.proj.weight)  # starts as "no camera": the stock model's behaviour
         torch.nn.init.zeros_(self.camera.proj.bias)
 
-    def trainable(self) -> dict[str, torch.nn.Parameter]:
-        params = {f"dm.{n}": p for n, p in self.dm.named_parameters()}
-        params.update({f"camera.{n}": p for n, p in self.camera.named_parameters()})
-        return params
-
-    def loss(self, item, generator: torch.Generator) -> torch.Tensor:
+    def forward(self, item, generator: torch.Generator) -> torch.Tensor:
         latent, poses, text = (None if v is None else v.to(self.device) for v in item)
         latent = wa.wan21_latent_in(latent.float())
         p = self.cfg.predict_latent_frames
@@ -58,40 +93,109 @@ class QueryRecipe:
         pose = (lambda s: None) if poses is None else (lambda s: poses[s])
         history = ContextSpec.from_history(latent[:, c_slice], pose(c_slice))
         query = QueryMemory(self.cfg.query_layers, history, self.camera, pose(p_slice), cache_context=False)
-        x0 = latent[:, p_slice].unsqueeze(0)
-        noise = torch.randn(x0.shape, generator=generator).to(self.device)
-        sigma = sample_sigmas(1, generator).to(self.device)
-        run = RunState(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        patched = apply_memory(self.model, query=query)
-        pred = patched_forward(patched, noisy_latents(x0, noise, sigma), timesteps(sigma), text, run=run)
-        return flow_loss(pred, velocity_target(x0, noise))
+        return self.denoise_loss(latent[:, p_slice].unsqueeze(0), text, generator, query=query)
 
     def export(self, folder: Path) -> list[Path]:
-        """The fine-tuned Wan2.1 state dict (load it with Load Diffusion Model) and the query weights (camera
-        MLP, for Apply Query Memory's ``query_weights``)."""
+        """The query weights (camera MLP, for Apply Query Memory's ``query_weights``) and either the fine-tuned
+        Wan2.1 state dict (for Load Diffusion Model) or, with LoRA, the adapters in ComfyUI's LoRA format (for
+        LoraLoaderModelOnly on the stock Wan2.1)."""
         folder.mkdir(parents=True, exist_ok=True)
-        wan, query = folder / WAN_EXPORT, folder / QUERY_EXPORT
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.dm.state_dict().items()}, str(wan))
+        query = folder / QUERY_EXPORT
+        if self.cfg.lora_rank:
+            wan = folder / LORA_EXPORT
+            save_file(comfy_lora_state(self.dm, self.cfg.lora_rank), str(wan))
+        else:
+            wan = folder / WAN_EXPORT
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.dm.state_dict().items()}, str(wan))
         save_query_weights(query, self.camera.state_dict(), self.cfg.query_layers)
         return [wan, query]
+
+
+class EncoderRecipe(WanRecipe):
+    """DiT-Mem: a memory encoder trained against the frozen DiT, whose every self-attention layer reads its tokens.
+
+    An item is ``(latent [16, T, H, W], references [[16, T, H, W], ...], text [1, L, 4096])``, LATENT samples;
+    the loss is the flow-matching loss on the whole clip. References are brought to the encoder's shape the way
+    Encode Reference Video brings them. ``encoder`` starts from ``cfg.encoder_file`` when set,
+    else from a fresh encoder for ``latent_shape`` (T, H, W) in the DiT's width."""
+
+    def __init__(self, model_patcher, cfg: TrainConfig, latent_shape: tuple[int, int, int],
+                 device: str | torch.device = "cpu"):
+        super().__init__(model_patcher, cfg, device)
+        frozen = torch.bfloat16 if cfg.mixed_precision == "bf16" and self.device.type == "cuda" else torch.float32
+        self.dm.to(self.device, frozen).eval().requires_grad_(False)
+        if cfg.encoder_file is not None:
+            encoder = load_memory_encoder(cfg.encoder_file)
+        else:
+            encoder = MemoryEncoder(EncoderConfig(width=self.dm.dim, latent_shape=tuple(latent_shape)))
+        if min(cnn_output_shape(encoder.cfg)) < 1:
+            raise ValueError(f"the encoder's reference shape {encoder.cfg.latent_shape} (latent T, H, W) is too small "
+                             "for its two strided convolutions and poolings (each side needs at least 13 latent "
+                             "frames / pixels: clip_frames >= 49, width and height >= 104)")
+        if encoder.cfg.width != self.dm.dim:
+            raise ValueError(f"encoder_file makes {encoder.cfg.width}-wide tokens but the model is {self.dm.dim} "
+                             f"wide; use an encoder for this model, or leave encoder_file out to start a new one")
+        self.encoder = encoder.float().to(self.device).train().requires_grad_(True)
+
+    def checkpointed(self) -> dict[str, torch.Tensor]:
+        return {f"encoder.{k}": v for k, v in self.encoder.state_dict(keep_vars=True).items()}
+
+    def forward(self, item, generator: torch.Generator) -> torch.Tensor:
+        latent, references, text = item
+        x0 = wa.wan21_latent_in(latent.float()).unsqueeze(0).to(self.device)
+        shape = self.encoder.cfg.latent_shape
+        refs = torch.stack([resample_latent(r, shape) for r in references]).float()
+        refs = wa.wan21_latent_in(refs).unsqueeze(0).to(self.device)
+        return self.denoise_loss(x0, text, generator, memory=TrainableMemory(refs, self.encoder))
+
+    def export(self, folder: Path) -> list[Path]:
+        """The encoder, for Load Memory Encoder (``models/memory_encoders/``)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / ENCODER_EXPORT
+        save_memory_encoder(self.encoder, path)
+        return [path]
+
+
+def add_lora(dm: torch.nn.Module, rank: int) -> None:
+    """LoRA adapters (peft) of ``rank`` on the blocks' linear layers, ``alpha = rank``; the rest is frozen."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ImportError("lora_rank needs peft: pip install 'comfyui-memlearner[train]' "
+                          "(or set lora_rank = 0 for a full fine-tune)") from None
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), dm)
+
+
+def comfy_lora_state(dm: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """The adapters as ComfyUI reads a LoRA: ``diffusion_model.<layer>.lora_A/lora_B.weight`` and ``.alpha``."""
+    out = {}
+    for name, module in dm.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            key = f"diffusion_model.{name}"
+            out[f"{key}.lora_A.weight"] = module.lora_A["default"].weight.detach().contiguous().cpu()
+            out[f"{key}.lora_B.weight"] = module.lora_B["default"].weight.detach().contiguous().cpu()
+            out[f"{key}.alpha"] = torch.tensor(float(rank))
+    return out
 
 
 def run_training(cfg: TrainConfig, text_fn=None):
     """Load the model, VAE and text encoder with ComfyUI, encode the clips once (cached), train, export.
 
-    ``text_fn(caption) -> [1, L, 4096]`` replaces loading ``cfg.text_encoder_file`` (tests)."""
+    Under ``torchrun`` every process trains on its own GPU (see ``training.distributed``); the first one encodes
+    the clips into the cache, the others read them from it. ``text_fn(caption) -> [1, L, 4096]`` replaces
+    loading ``cfg.text_encoder_file`` (tests)."""
     import comfy.model_management
     import comfy.sd
     import comfy.utils
     from tqdm import tqdm
 
+    from memlearner_core.memory_bank import pool_text_embedding, reference_sets
     from memlearner_core.training.dataset import ClipFolder, LatentCache, encode_all
+    from memlearner_core.training.distributed import Processes
     from memlearner_core.training.trainer import train
 
-    if cfg.lora_rank:
-        raise ValueError("lora_rank: LoRA training is not available yet; set lora_rank = 0 (full fine-tune)")
-    if cfg.gradient_checkpointing:
-        print("memlearner-train: gradient_checkpointing is not available yet and is ignored", file=sys.stderr)
+    procs = Processes.from_env()
+    device = procs.device() if procs.world > 1 else comfy.model_management.get_torch_device()
     model = comfy.sd.load_diffusion_model(str(cfg.model_file))
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(cfg.vae_file)))
     wa.check_wan21_vae(vae)
@@ -104,17 +208,31 @@ def run_training(cfg: TrainConfig, text_fn=None):
             return clip.encode_from_tokens(clip.tokenize(caption))
 
     clips = ClipFolder(cfg.data_dir, cfg.clip_frames, cfg.width, cfg.height)
-    encoded, skipped = encode_all(clips, wa.read_video, lambda frames: vae.encode(frames).detach().cpu(),
-                                  LatentCache(cfg.cache_dir), wa.vae_fingerprint(vae))
+    for turn in (True, False):  # the first process fills the latent cache, then the others read it
+        if procs.is_main == turn:
+            encoded, skipped = encode_all(clips, wa.read_video, lambda frames: vae.encode(frames).detach().cpu(),
+                                          LatentCache(cfg.cache_dir), wa.vae_fingerprint(vae))
+        procs.barrier()
     texts = {e.caption: text_fn(e.caption).detach().float().cpu() for e, _, _ in encoded}
-    items = [(latent, poses, texts[entry.caption]) for entry, latent, poses in encoded]
-    print(f"training data: {len(items)} clips, {len(skipped)} skipped", file=sys.stderr)
-    device = comfy.model_management.get_torch_device()
-    recipe = QueryRecipe(model, cfg, device)
-    with tqdm(total=cfg.steps, desc="memlearner-train", file=sys.stderr) as bar:
+    if procs.is_main:
+        print(f"training data: {len(encoded)} clips, {len(skipped)} skipped", file=sys.stderr)
+    if cfg.recipe == "query":
+        items = [(latent, poses, texts[entry.caption]) for entry, latent, poses in encoded]
+        recipe = QueryRecipe(model, cfg, device)
+    else:
+        if not encoded:
+            raise ValueError("no training data: every video was skipped (see the warnings above) or the folder "
+                             "is empty")
+        captions = torch.stack([pool_text_embedding(texts[e.caption]) for e, _, _ in encoded])
+        latents = [latent for _, latent, _ in encoded]
+        items = [(latents[i], [latents[j] for j in refs], texts[encoded[i][0].caption])
+                 for i, refs in enumerate(reference_sets(captions, cfg.top_k_references))]
+        recipe = EncoderRecipe(model, cfg, tuple(latents[0].shape[1:]), device)
+    with tqdm(total=cfg.steps, desc=f"memlearner-train {cfg.recipe}", file=sys.stderr,
+              disable=not procs.is_main) as bar:
         def on_step(step, loss):
             bar.n = step
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.refresh()
 
-        return train(cfg, recipe, items, device, on_step=on_step)
+        return train(cfg, recipe, items, device, on_step=on_step, processes=procs)

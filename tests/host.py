@@ -35,7 +35,7 @@ def use_gpu() -> bool:
 
 def write_extra_paths(models_dir: Path, path: Path) -> Path:
     """An extra_model_paths.yaml pointing ComfyUI at the test models and the test-only nodes."""
-    names = ["diffusion_models", "vae", "memory_encoders", "memlearner"]
+    names = ["diffusion_models", "vae", "memory_encoders", "memlearner", "loras"]
     lines = ["memlearner_tests:", f"  base_path: {models_dir}", "  is_default: true"]
     lines += [f"  {n}: {n}/" for n in names]
     lines += [f"  custom_nodes: {TEST_NODES}"]

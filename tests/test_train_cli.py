@@ -1,6 +1,8 @@
 """``memlearner-train``: a folder of captioned videos in, files the nodes load out."""
 
 import json
+import os
+import shutil
 
 import torch
 
@@ -15,14 +17,17 @@ def random_text(caption):
     return torch.randn(1, 8, 4096, generator=g)
 
 
-def write_run(tmp_path, models_dir, steps=3):
-    data = tmp_path / "data"
+def write_videos(data, frames=12, size=64):
     data.mkdir(exist_ok=True)
     captions = {"a.mp4": "a walk through a courtyard", "b.mp4": "waves at sunset", "broken.mp4": "unreadable"}
     for i, name in enumerate(["a.mp4", "b.mp4"]):
-        tiny_models.write_video(data / name, i, frames=12, size=64)
+        tiny_models.write_video(data / name, i, frames=frames, size=size)
     (data / "broken.mp4").write_bytes(b"not a video")
     (data / "captions.json").write_text(json.dumps(captions))
+
+
+def write_run(tmp_path, models_dir, steps=3):
+    write_videos(tmp_path / "data")
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'''recipe = "query"
 data_dir = "data"
@@ -51,6 +56,35 @@ def test_train_command_skips_the_broken_video_and_exports_loadable_files(comfy, 
     exported = [p for p in out.out.splitlines() if p.endswith(".safetensors")]
     assert [p.rsplit("/", 1)[-1] for p in exported] == ["memlearner_wan21.safetensors", "memlearner_query.safetensors"]
     assert (tmp_path / "run" / "checkpoints" / "step-00000003").is_dir()
+
+
+def test_train_command_trains_an_encoder_that_load_memory_encoder_reads(comfy, models_dir, tmp_path, capsys):
+    write_videos(tmp_path / "data", frames=49, size=128)  # the tiny encoder's convolutions need 13 latent frames
+    cfg = tmp_path / "enc.toml"
+    cfg.write_text(f'''recipe = "encoder"
+data_dir = "data"
+output_dir = "run"
+model_file = "{models_dir / 'diffusion_models' / tiny_models.WAN_FILE}"
+vae_file = "{models_dir / 'vae' / tiny_models.VAE_FILE}"
+encoder_file = "{models_dir / 'memory_encoders' / tiny_models.ENCODER_FILE}"
+steps = 2
+clip_frames = 49
+width = 128
+height = 128
+mixed_precision = "fp32"
+''')
+    assert main([str(cfg)], text_fn=random_text) == 0
+    out = capsys.readouterr()
+    assert "2 clips, 1 skipped" in out.err
+    (exported,) = [p for p in out.out.splitlines() if p.endswith(".safetensors")]
+    assert exported.endswith("memlearner_encoder.safetensors")
+    folder = comfy.folder_paths.get_folder_paths("memory_encoders")[0]
+    shutil.copy(exported, os.path.join(folder, "cli_encoder.safetensors"))
+    try:
+        enc = comfy.run("MemLearnerLoadMemoryEncoder", encoder_name="cli_encoder.safetensors", dtype="fp32")[0]
+        assert enc.model.cfg.width == tiny_models.TINY_WAN["dim"]
+    finally:
+        os.remove(os.path.join(folder, "cli_encoder.safetensors"))
 
 
 def test_a_longer_run_resumes_from_the_checkpoint(comfy, models_dir, tmp_path, capsys):

@@ -1,24 +1,38 @@
-"""The training loop shared by both recipes: the loss falls, a resumed run equals an uninterrupted one."""
+"""The training loop shared by both recipes: the loss falls, a resumed run equals an uninterrupted one, and
+data-parallel processes (torch.distributed + DDP) train exactly like one process with their batch."""
 
+import os
+import socket
+
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from memlearner_core.training.checkpointing import TrainCheckpointError
 from memlearner_core.training.config import config_from_dict
+from memlearner_core.training.distributed import Processes
 from memlearner_core.training.trainer import train
 
 
-class ToyRecipe:
+class ToyRecipe(torch.nn.Module):
     """Fit y = W x with noisy targets: the noise is drawn from the loop's generator, like the flow target."""
 
-    def __init__(self):
+    def __init__(self, noise: float = 0.01):
+        super().__init__()
+        self.noise = noise
         torch.manual_seed(123)
         self.model = torch.nn.Linear(4, 4)
-        self.true = torch.nn.Linear(4, 4)
+        self.true = torch.nn.Linear(4, 4).requires_grad_(False)
 
     def trainable(self):
         return dict(self.model.named_parameters())
 
-    def loss(self, item, generator):
-        target = self.true(item).detach() + 0.01 * torch.randn(item.shape, generator=generator)
+    def checkpointed(self):
+        return self.trainable()
+
+    def forward(self, item, generator):
+        target = self.true(item).detach() + self.noise * torch.randn(item.shape, generator=generator)
         return torch.nn.functional.mse_loss(self.model(item), target)
 
     def export(self, folder):
@@ -58,7 +72,50 @@ def test_resume_after_a_crash_loses_and_repeats_no_step(tmp_path):
 
 
 def test_empty_data_is_a_clear_error(tmp_path):
-    import pytest
-
     with pytest.raises(ValueError, match="no training data"):
         train(config(tmp_path), ToyRecipe(), [])
+
+
+def test_a_batch_averages_the_gradients_of_its_items(tmp_path):
+    batched = ToyRecipe(noise=0.0)
+    train(config(tmp_path / "a", steps=1, batch_size=2), batched, ITEMS)
+    by_hand = ToyRecipe(noise=0.0)
+    order = torch.randperm(len(ITEMS), generator=torch.Generator().manual_seed(0)).tolist()
+    loss = sum(by_hand(ITEMS[i], None) for i in order[:2]) / 2
+    loss.backward()
+    opt = torch.optim.AdamW(by_hand.parameters(), lr=0.05, weight_decay=0.0)
+    opt.step()
+    for a, b in zip(batched.model.parameters(), by_hand.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data_parallel_worker(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    procs = Processes.from_env()
+    recipe = ToyRecipe(noise=0.0)
+    from pathlib import Path
+
+    result = train(config(Path(folder), steps=6), recipe, ITEMS, processes=procs)
+    torch.save({"weights": recipe.model.state_dict(), "exported": [str(p) for p in result.exported]},
+               Path(folder) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_processes_train_like_one_process_with_a_batch_of_two(tmp_path):
+    mp.spawn(_data_parallel_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2)
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in range(2)]
+    single = ToyRecipe(noise=0.0)
+    train(config(tmp_path / "one", steps=6, batch_size=2), single, ITEMS)
+    for name, value in single.model.state_dict().items():
+        torch.testing.assert_close(ranks[0]["weights"][name], value)
+        torch.testing.assert_close(ranks[1]["weights"][name], value)
+    assert len(ranks[0]["exported"]) == 1 and ranks[1]["exported"] == []  # only the first process writes
+    with pytest.raises(TrainCheckpointError, match="written by 2 process"):
+        train(config(tmp_path / "ddp", steps=8), ToyRecipe(), ITEMS)

@@ -1,7 +1,9 @@
-"""Training on ComfyUI's own Wan2.1 (tiny fixture): the query recipe learns, and its output drives the nodes."""
+"""Training on ComfyUI's own Wan2.1 (tiny fixture): both recipes learn, and their outputs drive the nodes."""
 
+import dataclasses
 import shutil
 
+import pytest
 import torch
 
 from memlearner_core.training.config import config_from_dict
@@ -69,3 +71,124 @@ def test_training_resumes_from_its_last_checkpoint(comfy, tmp_path):
     result = train(query_config(tmp_path, steps=14), th.QueryRecipe(fresh_wan(comfy), query_config(tmp_path)),
                    clip_items())
     assert result.start_step == 10 and len(result.losses) == 4
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradients(comfy, tmp_path):
+    recipe = host.pack("nodes.training_host").QueryRecipe(fresh_wan(comfy), query_config(tmp_path))
+    calls = []
+    recipe.dm.blocks[0].self_attn.q.register_forward_hook(lambda *_: calls.append(1))
+    grads, counts = [], []
+    for checkpointing in (False, True):
+        recipe.cfg = dataclasses.replace(recipe.cfg, gradient_checkpointing=checkpointing)
+        calls.clear()
+        recipe(clip_items()[0], torch.Generator().manual_seed(5)).backward()
+        grads.append({n: p.grad.clone() for n, p in recipe.trainable().items() if p.grad is not None})
+        recipe.zero_grad()
+        counts.append(len(calls))
+    assert counts[1] == 2 * counts[0]  # block 0 ran again in the backward pass
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_lora_trains_only_the_adapters_and_loads_with_comfyuis_lora_loader(comfy, tmp_path):
+    th = host.pack("nodes.training_host")
+    cfg = query_config(tmp_path, steps=4, lora_rank=4)
+    recipe = th.QueryRecipe(fresh_wan(comfy), cfg)
+    assert all(".lora_" in n or n.startswith("camera.") for n in recipe.trainable())
+    before = recipe.dm.blocks[0].self_attn.q.base_layer.weight.clone()
+    result = train(cfg, recipe, clip_items())
+    assert torch.equal(recipe.dm.blocks[0].self_attn.q.base_layer.weight, before)
+    lora_file, query_file = result.exported
+    assert lora_file.name == th.LORA_EXPORT
+    loras = host.Path(comfy.folder_paths.get_folder_paths("loras")[0])
+    weights = host.Path(comfy.folder_paths.get_folder_paths("memlearner")[0])
+    shutil.copy(lora_file, loras / "trained_lora.safetensors")
+    shutil.copy(query_file, weights / "trained_lora_query.safetensors")
+    try:
+        tuned = comfy.run("LoraLoaderModelOnly", model=fresh_wan(comfy), lora_name="trained_lora.safetensors",
+                          strength_model=1.0)[0]
+        model = comfy.run("MemLearnerApplyQueryMemory", model=tuned, context={"samples": torch.randn(1, 16, 3, 8, 8)},
+                          query_layers=2, query_weights="trained_lora_query.safetensors")[0]
+        from comfy import model_management
+
+        model_management.load_models_gpu([model])  # ComfyUI merges the LoRA into the weights on load
+        x, t, txt = torch.randn(1, 16, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 8, 4096)
+        out = model_forward(model, x, t, txt, run_seed=1)
+        query = model.get_wrappers("diffusion_model", "memlearner")[0].query
+        trained = model_forward(host.pack("nodes.memory_patch").apply_memory(recipe.model, query=query), x, t, txt,
+                                run_seed=1)
+        assert not torch.allclose(recipe.dm.blocks[0].self_attn.q(x.new_ones(1, 4, 256)),
+                                  recipe.dm.blocks[0].self_attn.q.base_layer(x.new_ones(1, 4, 256)))
+        torch.testing.assert_close(out, trained, rtol=1e-4, atol=1e-4)
+    finally:
+        (loras / "trained_lora.safetensors").unlink()
+        (weights / "trained_lora_query.safetensors").unlink()
+
+
+def encoder_items(n=3, k=2):
+    """Clips long and large enough for the tiny encoder's convolutions (13 latent frames, 16x16)."""
+    g = torch.Generator().manual_seed(0)
+    latents = [torch.randn(16, 13, 16, 16, generator=g) for _ in range(n)]
+    texts = [torch.randn(1, 8, 4096, generator=g) for _ in range(n)]
+    return [(latents[i], [latents[j] for j in range(n) if j != i][:k], texts[i]) for i in range(n)]
+
+
+def encoder_config(tmp_path, models_dir, **kw):
+    kw = {"encoder_file": str(models_dir / "memory_encoders" / tiny_models.ENCODER_FILE), **kw}
+    return query_config(tmp_path, recipe="encoder", clip_frames=49, width=128, height=128, **kw)
+
+
+def test_encoder_recipe_loss_falls_in_thirty_steps(comfy, models_dir, tmp_path):
+    cfg = encoder_config(tmp_path, models_dir)
+    recipe = host.pack("nodes.training_host").EncoderRecipe(fresh_wan(comfy), cfg, (13, 16, 16))
+    result = train(cfg, recipe, encoder_items())
+    assert len(result.losses) == 30
+    assert sum(result.losses[-10:]) < sum(result.losses[:10])
+
+
+def test_encoder_recipe_trains_the_encoder_against_a_frozen_wan(comfy, models_dir, tmp_path):
+    cfg = encoder_config(tmp_path, models_dir, steps=3)
+    recipe = host.pack("nodes.training_host").EncoderRecipe(fresh_wan(comfy), cfg, (13, 16, 16))
+    wan_before = {k: v.clone() for k, v in recipe.dm.state_dict().items()}
+    enc_before = {k: v.clone() for k, v in recipe.encoder.state_dict().items()}
+    assert all(n.startswith("encoder.") for n in recipe.trainable())
+    train(cfg, recipe, encoder_items())
+    assert all(torch.equal(v, wan_before[k]) for k, v in recipe.dm.state_dict().items())
+    assert not torch.equal(recipe.encoder.high_pass_module.feature_proj.weight,
+                           enc_before["high_pass_module.feature_proj.weight"])
+
+
+def test_trained_encoder_loads_in_the_nodes(comfy, models_dir, tmp_path):
+    th, mp = host.pack("nodes.training_host"), host.pack("nodes.memory_patch")
+    cfg = encoder_config(tmp_path, models_dir, steps=3)
+    recipe = th.EncoderRecipe(fresh_wan(comfy), cfg, (13, 16, 16))
+    (encoder_file,) = train(cfg, recipe, encoder_items()).exported
+    folder = host.Path(comfy.folder_paths.get_folder_paths("memory_encoders")[0])
+    shutil.copy(encoder_file, folder / "trained_encoder.safetensors")
+    try:
+        enc = comfy.run("MemLearnerLoadMemoryEncoder", encoder_name="trained_encoder.safetensors", dtype="fp32")[0]
+        refs = encoder_items()[0][1]
+        memory = comfy.run("MemLearnerEncodeReferenceVideo", memory_encoder=enc,
+                           latent={"samples": torch.stack(refs)}, deduplicate=True)[0]
+        model = comfy.run("MemLearnerApplyReferenceMemory", model=fresh_wan(comfy), memory=memory)[0]
+        x, t, txt = torch.randn(1, 16, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 8, 4096)
+        out = model_forward(model, x, t, txt)
+        recipe.encoder.eval()  # the nodes run the encoder in eval mode: no dropout, running statistics
+        refs_in = host.pack("nodes.comfy_adapter").wan21_latent_in(torch.stack(refs)).unsqueeze(0)
+        trained = model_forward(mp.apply_memory(recipe.model, memory=mp.TrainableMemory(refs_in, recipe.encoder)),
+                                x, t, txt)
+        torch.testing.assert_close(out, trained, rtol=1e-4, atol=1e-4)
+    finally:
+        (folder / "trained_encoder.safetensors").unlink()
+
+
+def test_an_encoder_of_another_width_is_refused_naming_both(comfy, models_dir, tmp_path):
+    from memlearner_core.checkpoint_io import save_memory_encoder
+    from memlearner_core.memory_encoder import EncoderConfig, MemoryEncoder
+
+    wide = tmp_path / "wide.safetensors"
+    save_memory_encoder(MemoryEncoder(EncoderConfig(**{**tiny_models.TINY_ENCODER, "width": 512})), wide)
+    cfg = encoder_config(tmp_path, models_dir, encoder_file=str(wide))
+    with pytest.raises(ValueError, match="512-wide tokens but the model is 256 wide"):
+        host.pack("nodes.training_host").EncoderRecipe(fresh_wan(comfy), cfg, (13, 16, 16))

@@ -85,7 +85,8 @@ def write_models(models_dir: Path) -> dict[str, Path]:
     save_file({k: v.contiguous() for k, v in tiny_wan().state_dict().items()}, str(paths["wan"]))
     save_file({k: v.contiguous() for k, v in tiny_vae().state_dict().items()}, str(paths["vae"]))
     save_memory_encoder(tiny_encoder(), paths["encoder"])
-    (models_dir / "memlearner").mkdir(exist_ok=True)
+    for folder in ("memlearner", "loras"):
+        (models_dir / folder).mkdir(exist_ok=True)
     return paths
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 try:
     import tomllib
-except ModuleNotFoundError:  # Python 3.10: tomllib is 3.11+
-    tomllib = None
+except ModuleNotFoundError:  # Python 3.10: tomllib is 3.11+, the same parser ships as tomli
+    import tomli as tomllib
 
 RECIPES = ("query", "encoder")
 PRECISIONS = ("bf16", "fp32")
@@ -125,6 +125,9 @@ def config_from_dict(data: dict, base: str | Path = ".") -> TrainConfig:
     for key in ("width", "height"):
         if getattr(cfg, key) % 16:
             raise ConfigError(f"'{key}' must be a multiple of 16 (8x VAE, 2x patch), got {getattr(cfg, key)}")
+    if cfg.recipe == "encoder" and cfg.lora_rank:
+        raise ConfigError("'lora_rank' applies to the query recipe; the encoder recipe trains the whole encoder "
+                          "against a frozen Wan2.1 (set lora_rank = 0)")
     if cfg.recipe == "query" and cfg.predict_latent_frames >= cfg.latent_frames:
         raise ConfigError(f"'predict_latent_frames' ({cfg.predict_latent_frames}) must be below the clip's "
                           f"{cfg.latent_frames} latent frames ('clip_frames' {cfg.clip_frames}), leaving "
@@ -135,8 +138,6 @@ def config_from_dict(data: dict, base: str | Path = ".") -> TrainConfig:
 def load_config(path: str | Path) -> TrainConfig:
     """Read and check a TOML training config; errors name the file and the key."""
     path = Path(path)
-    if tomllib is None:
-        raise ConfigError("reading a TOML config needs Python 3.11 or newer (tomllib)")
     if not path.is_file():
         raise ConfigError(f"training config not found: {path}")
     try:
@@ -167,7 +168,7 @@ text_encoder_file = "models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors
 # encoder_file = "models/memory_encoders/dit_mem_1.3b.safetensors"   # encoder recipe: initial weights
 
 steps = 10000
-batch_size = 1
+batch_size = 1           # clips per step and process (gradients accumulated)
 lr = {DEFAULT_LR[recipe]:g}
 weight_decay = 0.01
 checkpoint_every = 500
@@ -179,7 +180,7 @@ width = 832              # multiples of 16
 height = 480
 mixed_precision = "bf16" # "bf16" or "fp32"
 gradient_checkpointing = true
-lora_rank = 0            # 0 = full fine-tune
+lora_rank = 0            # 0 = full fine-tune; e.g. 64 = LoRA adapters only (query recipe, needs peft)
 
 # query recipe (MemLearner)
 query_layers = 5
