@@ -192,3 +192,19 @@ def test_an_encoder_of_another_width_is_refused_naming_both(comfy, models_dir, t
     cfg = encoder_config(tmp_path, models_dir, encoder_file=str(wide))
     with pytest.raises(ValueError, match="512-wide tokens but the model is 256 wide"):
         host.pack("nodes.training_host").EncoderRecipe(fresh_wan(comfy), cfg, (13, 16, 16))
+
+
+def test_encoder_training_resumes_exactly(comfy, models_dir, tmp_path):
+    th = host.pack("nodes.training_host")
+
+    def run(folder, steps):
+        cfg = encoder_config(folder, models_dir, steps=steps, checkpoint_every=2)
+        recipe = th.EncoderRecipe(fresh_wan(comfy), cfg, (13, 16, 16))
+        train(cfg, recipe, encoder_items())
+        return recipe.encoder.state_dict()
+
+    straight = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "b", 4)  # dropout, shuffling and BatchNorm statistics all carry over
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name
