@@ -73,3 +73,19 @@ def frame_token_counts(seg: ContextSegment, patch: tuple[int, int, int] = (1, 2,
     """Tokens per latent frame of a segment (after pooling and patching)."""
     lat = seg.pooled_latent()
     return tokens_per_frame(lat.shape[2], lat.shape[3], patch)
+
+
+def pooled_grid(h: int, w: int, pool: int) -> tuple[int, int]:
+    """Token rows and columns left of an ``h x w`` token grid pooled ``pool x pool`` (partial cells count)."""
+    return -(-h // pool), -(-w // pool)
+
+
+def pooled_query_positions(t: int, h: int, w: int, pool: int) -> torch.Tensor:
+    """RoPE ids ``[t*h'*w', 3]`` of query tokens pooled ``pool x pool`` over P's ``t x h x w`` token grid: frame
+    ``f`` and the centre of the cell they stand for (row ``i*pool + (pool-1)/2``), like a pooled context segment."""
+    qh, qw = pooled_grid(h, w, pool)
+    centre = (pool - 1) / 2
+    rows = torch.arange(qh, dtype=torch.float32) * pool + centre
+    cols = torch.arange(qw, dtype=torch.float32) * pool + centre
+    grid = torch.stack(torch.meshgrid(torch.arange(t, dtype=torch.float32), rows, cols, indexing="ij"), dim=-1)
+    return grid.reshape(-1, 3)

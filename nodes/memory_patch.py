@@ -3,9 +3,10 @@
 Three ModelPatcher hooks, all keyed ``memlearner`` so they stay on the clone that carries them:
 - OUTER_SAMPLE wrapper: checks shapes before sampling starts and owns the per-run state (the sampler's seed for
   the query tokens' noise, the context key/value cache), dropped when the run ends or is interrupted;
-- DIFFUSION_MODEL wrapper: per forward, prepends the query tokens Q to the latent (at P's RoPE positions) and
-  crops them from the output; with DiT-Mem only it just hands the memory to the blocks;
-- a ``double_block`` replace on every block: runs the block with the memory-aware self-attention.
+- DIFFUSION_MODEL wrapper: per forward, makes the query tokens Q (at P's RoPE positions, or pooled) and their
+  RoPE tables; with DiT-Mem only it just hands the memory to the blocks;
+- a ``double_block`` replace on every block: runs the block with the memory-aware self-attention; block 0 puts Q
+  in front of the sequence and the last block takes it out, so the model's head sees P alone.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from memlearner_core.camera import CameraEmbedding, frame_embedding_to_tokens
 from memlearner_core.context_tokens import (
     ContextSpec,
     frame_token_counts,
+    pooled_grid,
+    pooled_query_positions,
     segment_positions,
     tokens_per_frame,
 )
@@ -108,13 +111,18 @@ def context_in_model_space(spec: ContextSpec) -> ContextSpec:
 
 @dataclass
 class QueryMemory:
-    """Query-memory settings: the first ``query_layers`` blocks are query layers; ``context`` is the history."""
+    """Query-memory settings: the first ``query_layers`` blocks are query layers; ``context`` is the history.
+
+    ``query_pool`` > 1 is a query budget beyond the published method: one query token per ``pool x pool`` cell
+    of P's token grid instead of one per token, so Q costs ``1/pool^2`` of P in every layer. A model must be
+    fine-tuned with the pool it runs with."""
 
     query_layers: int
     context: ContextSpec
     camera: CameraEmbedding | None = None
     chunk_poses: torch.Tensor | None = None  # [T, 3, 4] poses of the frames being generated
     cache_context: bool = True
+    query_pool: int = 1
 
 
 class RunState:
@@ -145,6 +153,7 @@ class ForwardState:
     query: QueryMemory | None
     run: RunState
     n_query: int = 0
+    q_tokens: torch.Tensor | None = None  # [B, Nq, dim] query tokens, prepended to the sequence in block 0
     p_camera: torch.Tensor | None = None  # [Np, dim] camera vectors of P's tokens
     context_tokens: dict = field(default_factory=dict)  # this forward's history tokens when nothing is cached
 
@@ -171,15 +180,21 @@ class ForwardState:
         return cache[where]
 
     def block(self, index: int, args: dict) -> torch.Tensor:
+        """Block ``index`` on ``[Q; P]``: Q joins the sequence before block 0 and leaves it after the last block,
+        so the model's head and unpatchify see P alone."""
         x = args["img"]
+        if index == 0 and self.q_tokens is not None:
+            x = torch.cat([self.q_tokens.to(x), x], 1)
         if index == 0 and self.p_camera is not None:
             cam = self.p_camera.to(x)
             x = torch.cat([x[:, : self.n_query], x[:, self.n_query:] + cam], 1)
         if self.query is not None and index < self.query.query_layers and self.query.context.segments:
             self.history_tokens(x)  # shared by the query layers: made outside any checkpointed region
         if self.run.gradient_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._block, index, x, args, use_reentrant=False)
-        return self._block(index, x, args)
+            x = torch.utils.checkpoint.checkpoint(self._block, index, x, args, use_reentrant=False)
+        else:
+            x = self._block(index, x, args)
+        return x[:, self.n_query:] if index == len(self.dm.blocks) - 1 else x
 
     def _block(self, index: int, x: torch.Tensor, args: dict) -> torch.Tensor:
         e0, block = args["vec"], self.dm.blocks[index]
@@ -256,16 +271,25 @@ class DiffusionModelWrapper(_Shared):
         b, _, t, h, w = x.shape
         xp = wa.pad_latent(dm, x)
         groups = len(transformer_options.get("cond_or_uncond", [])) or 1
-        noise_q = run.query_noise(xp.shape, groups, x.device, x.dtype)
         freqs_p = wa.rope_for_latent(dm, t, h, w, x.device, x.dtype, transformer_options)
-        st.n_query = freqs_p.shape[1]
+        pool = self.query.query_pool
+        if pool == 1:  # one query token per predicted token, at the same positions
+            noise_q, freqs_q = run.query_noise(xp.shape, groups, x.device, x.dtype), freqs_p
+        else:
+            ph, pw = xp.shape[-2] // dm.patch_size[1], xp.shape[-1] // dm.patch_size[2]
+            qh, qw = pooled_grid(ph, pw, pool)
+            shape = (b, xp.shape[1], t, qh * dm.patch_size[1], qw * dm.patch_size[2])
+            noise_q = run.query_noise(shape, groups, x.device, x.dtype)
+            freqs_q = wa.rope_from_ids(dm, pooled_query_positions(t, ph, pw, pool), x.device, x.dtype)
+        st.q_tokens = wa.embed_latent(dm, noise_q, x.dtype)
+        st.n_query = st.q_tokens.shape[1]
         if self.query.camera is not None:
             poses = self.query.chunk_poses if self.query.chunk_poses is not None else torch.zeros(t, 3, 4)
             emb = self.query.camera(poses[:t].to(x.device)).to(x.dtype)
             st.p_camera = frame_embedding_to_tokens(emb, tokens_per_frame(h, w, tuple(dm.patch_size)))
-        out = dm.forward_orig(torch.cat([noise_q, xp], 2), timestep, context, clip_fea=clip_fea,
-                              freqs=torch.cat([freqs_p, freqs_p], 1), transformer_options=opts, **kwargs)
-        return out[:, :, xp.shape[2]:][:, :, :t, :h, :w]
+        out = dm.forward_orig(xp, timestep, context, clip_fea=clip_fea, freqs=torch.cat([freqs_q, freqs_p], 1),
+                              transformer_options=opts, **kwargs)
+        return out[:, :, :t, :h, :w]
 
 
 class OuterSampleWrapper(_Shared):
@@ -336,6 +360,8 @@ def apply_memory(model, memory: ReferenceMemory | TrainableMemory | None = None,
         n = len(dm.blocks)
         if not 1 <= query.query_layers <= n:
             raise ValueError(f"query_layers must be between 1 and {n} (this model has {n} blocks), got {query.query_layers}")
+        if query.query_pool < 1:
+            raise ValueError(f"query_pool must be 1 (one query token per predicted token) or more, got {query.query_pool}")
         if query.camera is not None and query.camera.proj.out_features != dm.dim:
             raise ValueError(f"the camera MLP is {query.camera.proj.out_features} wide but the model is {dm.dim} wide")
     if memory is not None and memory.strength == 0:

@@ -32,6 +32,13 @@ def query_weights_input(**kw):
                                                       "from models/memlearner.", **kw)
 
 
+def query_pool_input():
+    return io.Int.Input("query_pool", default=1, min=1, max=8, optional=True,
+                        tooltip="1: one query token per video token (the published method). 2: one per 2x2 cell, "
+                                "4x fewer query tokens, much cheaper at long histories. Use the value the model "
+                                "was fine-tuned with.")
+
+
 class ApplyQueryMemory(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -57,13 +64,14 @@ class ApplyQueryMemory(io.ComfyNode):
                                         "3x4 [R|t] matrices or {\"position\": [x,y,z], \"yaw\": deg, \"pitch\": deg}."),
                 io.Boolean.Input("cache_context", default=True, optional=True,
                                  tooltip="Compute the history's keys/values once per run (exact; faster)."),
+                query_pool_input(),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
 
     @classmethod
     def execute(cls, model, context=None, query_layers=5, memory=None, query_weights=NO_WEIGHTS, camera_poses="",
-                cache_context=True) -> io.NodeOutput:
+                cache_context=True, query_pool=1) -> io.NodeOutput:
         query = None
         if context is not None:
             samples = context["samples"]
@@ -79,8 +87,7 @@ class ApplyQueryMemory(io.ComfyNode):
             elif camera_poses and camera_poses.strip():
                 raise ValueError("camera_poses need query_weights: the camera MLP is part of the query-memory weights")
             history = context_in_model_space(ContextSpec.from_history(samples[0].cpu(), history_poses))
-            query = QueryMemory(int(query_layers), history,
-                                camera, chunk_poses, bool(cache_context))
+            query = QueryMemory(int(query_layers), history, camera, chunk_poses, bool(cache_context), int(query_pool))
         return io.NodeOutput(apply_memory(model, memory=memory, query=query))
 
 

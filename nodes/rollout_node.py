@@ -16,7 +16,7 @@ from memlearner_core.trajectory import parse_trajectory, preset_names
 
 from . import comfy_adapter as wa
 from .memory_patch import QueryMemory, apply_memory, context_in_model_space, installed_patch
-from .query_memory_node import load_camera, query_weights_input
+from .query_memory_node import load_camera, query_pool_input, query_weights_input
 
 NO_CAMERA, CUSTOM = "none", "custom JSON"
 log = logging.getLogger("memlearner")
@@ -90,6 +90,7 @@ class MemoryRollout(io.ComfyNode):
                 io.Latent.Input("first_chunk", optional=True,
                                 tooltip="Latent frames to continue from: they enter the memory bank first and "
                                         "start the output."),
+                query_pool_input(),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="The whole video: first_chunk, then every chunk."),
                      io.String.Output(display_name="report",
@@ -100,7 +101,7 @@ class MemoryRollout(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, width, height,
                 chunk_frames, chunks, policy, context_frames, query_layers, query_weights="none", camera=NO_CAMERA,
-                trajectory="", denoise=1.0, first_chunk=None) -> io.NodeOutput:
+                trajectory="", denoise=1.0, first_chunk=None, query_pool=1) -> io.NodeOutput:
         wa.wan21_model(model)
         t, h, w = latent_frames(chunk_frames), height // 8, width // 8
         first = None
@@ -134,7 +135,7 @@ class MemoryRollout(io.ComfyNode):
             for k in range(chunks):
                 records.append(cls.generate_chunk(
                     bank, k, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, denoise,
-                    (t, h, w), policy, budget, query_layers, camera_mlp, progress))
+                    (t, h, w), policy, budget, query_layers, int(query_pool), camera_mlp, progress))
         except BaseException as e:
             if wa.is_interrupt(e) and bank.n_frames > n_first:
                 path = wa.save_latent(bank.frames.unsqueeze(0), "memlearner/rollout_interrupted")
@@ -146,7 +147,7 @@ class MemoryRollout(io.ComfyNode):
 
     @staticmethod
     def generate_chunk(bank: MemoryBank, k, model, positive, negative, seed, steps, cfg, sampler_name, scheduler,
-                       denoise, shape, policy, budget, query_layers, camera_mlp, progress) -> ChunkRecord:
+                       denoise, shape, policy, budget, query_layers, query_pool, camera_mlp, progress) -> ChunkRecord:
         t, h, w = shape
         start = bank.n_frames
         chunk_poses = bank.poses(start, start + t)
@@ -155,7 +156,7 @@ class MemoryRollout(io.ComfyNode):
         if query_layers:
             picks = select_context(policy, start, budget, (h, w), bank.poses(0, start), chunk_poses)
             context = context_in_model_space(bank.context(picks, start))
-            query = QueryMemory(query_layers, context, camera_mlp, chunk_poses, True)
+            query = QueryMemory(query_layers, context, camera_mlp, chunk_poses, True, query_pool)
             patched = apply_memory(model, query=query)
         record = ChunkRecord(k, start, [[p.index, p.pool] for p in picks], context_tokens(picks, (h, w)))
         wa.reset_peak_memory(model.load_device)

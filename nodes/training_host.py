@@ -92,7 +92,8 @@ class QueryRecipe(WanRecipe):
         c_slice, p_slice = clip_windows(latent.shape[1], p, n_ctx)
         pose = (lambda s: None) if poses is None else (lambda s: poses[s])
         history = ContextSpec.from_history(latent[:, c_slice], pose(c_slice))
-        query = QueryMemory(self.cfg.query_layers, history, self.camera, pose(p_slice), cache_context=False)
+        query = QueryMemory(self.cfg.query_layers, history, self.camera, pose(p_slice), cache_context=False,
+                            query_pool=self.cfg.query_pool)
         return self.denoise_loss(latent[:, p_slice].unsqueeze(0), text, generator, query=query)
 
     def export(self, folder: Path) -> list[Path]:

@@ -85,9 +85,9 @@ def query_masks(nc, nq, npred, query_layer: bool):
 
 
 @torch.no_grad()
-def query_memory_reference(dm, x, t, txt, context_latent, context_freqs, q_noise, query_layers):
+def query_memory_reference(dm, x, t, txt, context_latent, context_freqs, q_noise, query_layers, q_freqs=None):
     """MemLearner on ``[C; Q; P]`` with dense masks: C at t=0 and unchanged through the query layers, dropped
-    after them; Q at P's positions and timestep; only P reaches the head."""
+    after them; Q at P's positions (or ``q_freqs``) and timestep; only P reaches the head."""
     grid = x.shape[2:]
     b = x.shape[0]
     p = embed(dm, x)
@@ -98,18 +98,19 @@ def query_memory_reference(dm, x, t, txt, context_latent, context_freqs, q_noise
     _, e0_clean = time_mod(dm, torch.zeros(1))
     ctx = dm.text_embedding(txt)
     fp = dm.rope_encode(*grid, device=x.device, dtype=x.dtype)
+    fq = fp if q_freqs is None else q_freqs
     seq = torch.cat([c, qtok, p], 1)
     for i, block in enumerate(dm.blocks):
         if i < query_layers:
             e_tok = torch.cat([e0_clean.expand(b, nc, -1, -1), e0.expand(-1, nq + npred, -1, -1)], 1)
-            freqs = torch.cat([context_freqs, fp, fp], 1) if nc else torch.cat([fp, fp], 1)
+            freqs = torch.cat([context_freqs, fq, fp], 1) if nc else torch.cat([fq, fp], 1)
             out = dense_block(block, seq, e_tok, freqs, ctx, query_masks(nc, nq, npred, True))
             seq = torch.cat([seq[:, :nc], out[:, nc:]], 1)  # C is never a query: unchanged
         else:
             if i == query_layers:
                 seq = seq[:, nc:]
             e_tok = e0.expand(-1, nq + npred, -1, -1)
-            seq = dense_block(block, seq, e_tok, torch.cat([fp, fp], 1), ctx, query_masks(0, nq, npred, False))
+            seq = dense_block(block, seq, e_tok, torch.cat([fq, fp], 1), ctx, query_masks(0, nq, npred, False))
     if query_layers >= len(dm.blocks):
         seq = seq[:, nc:]
     return head(dm, seq[:, nq:], e, grid)

@@ -238,3 +238,31 @@ def test_interrupted_sampling_leaves_the_model_unpatched(comfy, wan_model, text_
     assert torch.equal(model_forward(wan_model, x, t, txt), before)
     assert "memlearner" not in str(wan_model.wrappers) + str(wan_model.model_options)
     assert "memlearner_run" not in str(model.model_options)  # no per-run state survives on the patched clone
+
+
+@pytest.mark.parametrize("context_frames", [0, 3])
+def test_pooled_queries_equal_the_dense_mask_reference(comfy, wan_model, context_frames):
+    mp = host.pack("nodes.memory_patch")
+    model = comfy.run("MemLearnerApplyQueryMemory", model=wan_model, context=history(context_frames),
+                      query_layers=2, query_pool=2)[0]
+    x, t, txt = inputs(2)
+    out = model_forward(model, x, t, txt, [0, 1], run_seed=4)
+    # P is 3 frames of 4x4 tokens; pooled 2x2, Q is 3 frames of 2x2 tokens centred on their cells
+    q_noise = mp.RunState(4).query_noise((2, 16, 3, 4, 4), 2, x.device, x.dtype)
+    ids = torch.stack(torch.meshgrid(torch.arange(3.0), torch.tensor([0.5, 2.5]), torch.tensor([0.5, 2.5]),
+                                     indexing="ij"), -1).reshape(-1, 3)
+    dm = wan_model.model.diffusion_model
+    q_freqs = dm.rope_embedder(ids.unsqueeze(0)).movedim(1, 2)
+    ctx = in_model_space(wan_model, history(context_frames)["samples"])[0] if context_frames else None
+    freqs = dm.rope_embedder(segment_positions(ContextSpec.from_history(ctx).segments[0]).unsqueeze(0)).movedim(1, 2) \
+        if context_frames else None
+    ref = reference_wan.query_memory_reference(dm, x, t, txt, ctx, freqs, q_noise, 2, q_freqs=q_freqs)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_pooled_queries_change_the_output_but_not_its_shape(comfy, wan_model):
+    x, t, txt = inputs(1)
+    outs = [model_forward(comfy.run("MemLearnerApplyQueryMemory", model=wan_model, context=history(3),
+                                    query_layers=2, query_pool=pool)[0], x, t, txt, run_seed=4) for pool in (1, 2)]
+    assert outs[0].shape == outs[1].shape == x.shape
+    assert not torch.allclose(outs[0], outs[1])

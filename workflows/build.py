@@ -114,7 +114,7 @@ def two_chunks(tiny: bool, seed: int, reference: bool) -> dict:
         memory = {"memory": ["memory", 0]}
     g["apply"] = node("MemLearnerApplyQueryMemory", model=["unet", 0], context=["chunk1", 0],
                       query_layers=f["query_layers"], **memory, query_weights="none", camera_poses="",
-                      cache_context=True)
+                      cache_context=True, query_pool=1)
     sampler(g, f, "chunk2", "apply", seed + 1, title="Next chunk")
     save_video(g, "chunk1", "chunk1")
     save_video(g, "chunk2", "chunk2")
@@ -135,7 +135,7 @@ def memory_rollout(tiny: bool = False, seed: int = 42) -> dict:
                         scheduler="simple", width=f["width"], height=f["height"], chunk_frames=f["chunk_frames"],
                         chunks=f["chunks"], policy="fov", context_frames=f["context_frames"],
                         query_layers=f["query_layers"], query_weights="none", camera="walk_and_revisit",
-                        trajectory='{"distance": 4.0}', denoise=1.0)
+                        trajectory='{"distance": 4.0}', denoise=1.0, query_pool=1)
     save_video(g, "rollout", "rollout")
     return g
 

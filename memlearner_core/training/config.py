@@ -23,7 +23,7 @@ PRECISIONS = ("bf16", "fp32")
 DEFAULT_LR = {"query": 1e-5, "encoder": 1e-5}
 REQUIRED = ("recipe", "data_dir", "output_dir", "model_file", "vae_file")
 MINIMUM = {"steps": 1, "batch_size": 1, "weight_decay": 0.0, "checkpoint_every": 1, "keep_checkpoints": 1,
-           "seed": 0, "query_layers": 1, "predict_latent_frames": 1, "max_context_multiple": 0,
+           "seed": 0, "query_layers": 1, "query_pool": 1, "predict_latent_frames": 1, "max_context_multiple": 0,
            "clip_frames": 5, "width": 16, "height": 16, "lora_rank": 0, "top_k_references": 1}
 CHOICES = {"recipe": RECIPES, "mixed_precision": PRECISIONS}
 
@@ -50,6 +50,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     query_layers: int = 5
+    query_pool: int = 1  # one query token per query_pool x query_pool cell of the predicted frames (query recipe)
     predict_latent_frames: int = 2  # P, latent frames denoised per clip (query recipe)
     max_context_multiple: int = 9  # context length uniform in 0 .. this x P (query recipe)
     clip_frames: int = 81  # video frames per clip, 4k+1
@@ -184,6 +185,7 @@ lora_rank = 0            # 0 = full fine-tune; e.g. 64 = LoRA adapters only (que
 
 # query recipe (MemLearner)
 query_layers = 5
+query_pool = 1                 # 2: one query token per 2x2 cell (4x fewer; run the nodes with the same value)
 predict_latent_frames = 2      # P: latent frames denoised per clip; the loss counts only these
 max_context_multiple = 9       # context length uniform in 0 .. 9 x P latent frames (capped by the clip)
 
