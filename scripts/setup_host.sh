@@ -57,7 +57,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torchaudio would pull another torch build; without it only ComfyUI's audio nodes fail to import.
   grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$VENV/comfy-requirements.txt"
   $PIP install -r "$VENV/comfy-requirements.txt" requests
-  $PIP install -e ".[test,train]"
+  $PIP install -e ".[test,train,bench]"
   echo "$want" > "$stamp"
 fi
 
