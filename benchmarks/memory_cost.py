@@ -10,14 +10,14 @@ Measured per configuration (``CONFIGURATIONS``, plain data): plain Wan; DiT-Mem 
 1000 tokens and the de-duplicated ones); query memory with a history of 0, 1, 3, 9 chunk lengths, with and without
 the context cache; and Context-as-Memory style full concatenation at the same history sizes, measured as what it
 costs: a plain Wan forward on a latent of T + T_context frames (every layer attends over history + chunk). The
-first step runs untimed-for-the-median (it fills the caches: memory tokens, context keys/values) and is reported as
-``first_step_ms``; then the median of ``--steps`` timed steps (CUDA events on a GPU, ``perf_counter`` on CPU) and
-the peak memory (``torch.cuda.max_memory_allocated``, reset per configuration; on CPU the process's peak RSS).
+first step, which fills the caches (memory tokens, context keys/values), is reported apart as ``first_step_ms``;
+then the median of ``--steps`` timed steps (CUDA events on a GPU, ``perf_counter`` on CPU) and the peak memory
+(``torch.cuda.max_memory_allocated``, reset per configuration; on CPU the process's peak RSS).
 
 Rollout: ``--chunks`` chunks per context policy (all, recent, fov, framepack) under one token budget; before each
 chunk the policy picks the context from a ``MemoryBank`` of everything before it (random latents stand in for
-generated ones, an orbit camera for ``fov``), and one step is timed with a fresh run (cache fill) and then
-per step: the time per denoising step per chunk, not a whole chunk's sampling.
+generated ones, an orbit camera for ``fov``); a fresh run's first step (the cache fill) and then cached steps are
+timed: the time per denoising step per chunk, not a whole chunk's sampling.
 
 Floor: the analytic matmul FLOPs of each configuration (``step_flops``) over the device's bf16 (or ``--dtype``)
 matrix rate, measured with one large GEMM; ``achieved = floor_ms / step_ms``. Targets are checked and every miss
@@ -117,7 +117,7 @@ def step_flops(s: Shape, p: int, kind: str, context: int = 0, query_layers: int 
     computed with batch 1 through q/k/v as the patch does, per step without the cache). Norms, RoPE, modulation
     and the time embedding are left out (element-wise or negligible)."""
     d, n_layers = s.dim, s.layers
-    embed = lambda n: 4 * s.patch_in * d * n  # noqa: E731  patch embedding in + head out
+    embed = lambda n, out=None: 2 * s.patch_in * d * (n + (n if out is None else out))  # noqa: E731  patch in, head out
     text = 2 * s.text_len * (s.text_dim * d + d * d)
     once = 0.0
     if kind == "plain":
@@ -131,7 +131,7 @@ def step_flops(s: Shape, p: int, kind: str, context: int = 0, query_layers: int 
         q = p if q is None else q
         gen = layer_flops(s, q + p, q * p + p * (q + p))
         qry = layer_flops(s, q + p, q * (context + p) + p * (q + p))
-        per = query_layers * qry + (n_layers - query_layers) * gen + embed(q + p)
+        per = query_layers * qry + (n_layers - query_layers) * gen + embed(q + p, p)  # Q leaves before the head
         ctx = query_layers * 6 * d * d * context + 2 * s.patch_in * d * context  # batch 1
         once = ctx if cache else 0.0
         return dict(step=batch * (per + text) + (0.0 if cache else ctx), once=once)
@@ -141,7 +141,7 @@ def step_flops(s: Shape, p: int, kind: str, context: int = 0, query_layers: int 
 
 
 def query_tokens(latent: tuple[int, int, int], pool: int = 1) -> int:
-    """Q's token count: as many as P, or (an assumption for a pooled-Q option) P pooled ``pool x pool``."""
+    """Q's token count for a latent ``(T, H, W)``: P's (pool 1), or one per ``pool x pool`` cell of P's grid."""
     t, h, w = latent
     return t * math.ceil(h / 2 / pool) * math.ceil(w / 2 / pool)
 
@@ -422,7 +422,7 @@ def targets(res: dict) -> list[dict]:
     misses = [dict(name=c["name"], achieved=round(c["achieved"], 4), short_by=round(0.6 - c["achieved"], 4))
               for c in measured if c["achieved"] < 0.6]
     worst = min((100 * c["achieved"] for c in measured), default=None)
-    rows.append(check("floor", "every configuration >= 60% of its own FLOP floor (worst configuration shown)",
+    rows.append(check("floor", "every step configuration >= 60% of its own FLOP floor (worst one shown)",
                       worst, ">=", 60, "% of floor", dict(misses=misses, configurations=len(measured))))
     for name in ("dit_mem_official", "dit_mem_dedup"):
         v = 100 * (cfgs[name]["step_ms"] / plain["step_ms"] - 1) if plain and name in cfgs else None
