@@ -132,7 +132,7 @@ def step_flops(s: Shape, p: int, kind: str, context: int = 0, query_layers: int 
         gen = layer_flops(s, q + p, q * p + p * (q + p))
         qry = layer_flops(s, q + p, q * (context + p) + p * (q + p))
         per = query_layers * qry + (n_layers - query_layers) * gen + embed(q + p, p)  # Q leaves before the head
-        ctx = query_layers * 6 * d * d * context + 2 * s.patch_in * d * context  # batch 1
+        ctx = query_layers * 4 * d * d * context + 2 * s.patch_in * d * context  # batch 1, k/v only
         once = ctx if cache else 0.0
         return dict(step=batch * (per + text) + (0.0 if cache else ctx), once=once)
     else:

@@ -86,8 +86,11 @@ def memory_kv(block, tokens: torch.Tensor, e0: torch.Tensor, log_weight: torch.T
 def context_kv(block, tokens: torch.Tensor, e0_clean: torch.Tensor, freqs: torch.Tensor) -> ContextKV:
     """Query-layer keys/values of context tokens ``[1, Nc, C]`` at their RoPE positions, modulated at t=0."""
     e = block_modulation(block, e0_clean, tokens)
-    _, k, v = qkv(block, _modulated_norm1(block, tokens, e), freqs)
-    return ContextKV(k, v)
+    h = _modulated_norm1(block, tokens, e)
+    sa = block.self_attn
+    b, s, n, d = h.shape[0], h.shape[1], sa.num_heads, sa.head_dim
+    k = apply_rope1(sa.norm_k(sa.k(h)).view(b, s, n, d), freqs).view(b, s, n * d)  # C is never a query: no q
+    return ContextKV(k, sa.v(h))
 
 
 def run_block(block, x, e0, freqs, context, transformer_options, self_attention) -> torch.Tensor:
