@@ -52,16 +52,21 @@ class ContextSpec:
         return None if not self.segments else tuple(self.segments[0].latent.shape[-2:])
 
 
+def cell_positions(frames: torch.Tensor, h: int, w: int, pool: int) -> torch.Tensor:
+    """RoPE ids ``[T*h*w, 3]`` of an ``h x w`` token grid per frame of ``frames [T]`` whose tokens each stand for a
+    ``pool x pool`` cell of full-resolution tokens: at the cell's centre, row ``i*pool + (pool-1)/2``."""
+    centre = (pool - 1) / 2
+    rows = torch.arange(h, dtype=torch.float32) * pool + centre
+    cols = torch.arange(w, dtype=torch.float32) * pool + centre
+    grid = torch.stack(torch.meshgrid(frames.float(), rows, cols, indexing="ij"), dim=-1)
+    return grid.reshape(-1, 3)
+
+
 def segment_positions(seg: ContextSegment, patch: tuple[int, int, int] = (1, 2, 2)) -> torch.Tensor:
     """RoPE ids ``[T*h*w, 3]`` (time, row, column) of a segment's tokens, in patch units."""
     lat = seg.pooled_latent()
     t, h, w = lat.shape[1] // patch[0], -(-lat.shape[2] // patch[1]), -(-lat.shape[3] // patch[2])
-    s = float(seg.pool)
-    rows = torch.arange(h, dtype=torch.float32) * s + (s - 1) / 2
-    cols = torch.arange(w, dtype=torch.float32) * s + (s - 1) / 2
-    tt = seg.frame_index[: t].float()
-    grid = torch.stack(torch.meshgrid(tt, rows, cols, indexing="ij"), dim=-1)
-    return grid.reshape(-1, 3)
+    return cell_positions(seg.frame_index[:t], h, w, seg.pool)
 
 
 def tokens_per_frame(h: int, w: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
@@ -82,10 +87,5 @@ def pooled_grid(h: int, w: int, pool: int) -> tuple[int, int]:
 
 def pooled_query_positions(t: int, h: int, w: int, pool: int) -> torch.Tensor:
     """RoPE ids ``[t*h'*w', 3]`` of query tokens pooled ``pool x pool`` over P's ``t x h x w`` token grid: frame
-    ``f`` and the centre of the cell they stand for (row ``i*pool + (pool-1)/2``), like a pooled context segment."""
-    qh, qw = pooled_grid(h, w, pool)
-    centre = (pool - 1) / 2
-    rows = torch.arange(qh, dtype=torch.float32) * pool + centre
-    cols = torch.arange(qw, dtype=torch.float32) * pool + centre
-    grid = torch.stack(torch.meshgrid(torch.arange(t, dtype=torch.float32), rows, cols, indexing="ij"), dim=-1)
-    return grid.reshape(-1, 3)
+    ``f`` and the centre of the cell they stand for, like a pooled context segment."""
+    return cell_positions(torch.arange(t), *pooled_grid(h, w, pool), pool)

@@ -56,16 +56,23 @@ def _modulated_norm1(block, x: torch.Tensor, e) -> torch.Tensor:
     return torch.addcmul(wan.repeat_e(e[0], x), block.norm1(x), 1 + wan.repeat_e(e[1], x))
 
 
+def _rope(x: torch.Tensor, freqs: torch.Tensor, heads: int) -> torch.Tensor:
+    b, s = x.shape[:2]
+    return apply_rope1(x.view(b, s, heads, -1), freqs).view(b, s, -1)
+
+
+def key_value(block, h: torch.Tensor, freqs: torch.Tensor | None):
+    """Self-attention keys (RMSNorm, RoPE when ``freqs`` is given) and values of modulated states ``[B, L, C]``."""
+    sa = block.self_attn
+    k = sa.norm_k(sa.k(h))
+    return (k if freqs is None else _rope(k, freqs, sa.num_heads)), sa.v(h)
+
+
 def qkv(block, h: torch.Tensor, freqs: torch.Tensor | None):
     """Self-attention projections of modulated hidden states ``[B, L, C]`` -> q, k, v ``[B, L, C]``."""
     sa = block.self_attn
-    b, s, n, d = h.shape[0], h.shape[1], sa.num_heads, sa.head_dim
     q = sa.norm_q(sa.q(h))
-    k = sa.norm_k(sa.k(h))
-    if freqs is not None:
-        q = apply_rope1(q.view(b, s, n, d), freqs).view(b, s, n * d)
-        k = apply_rope1(k.view(b, s, n, d), freqs).view(b, s, n * d)
-    return q, k, sa.v(h)
+    return (q if freqs is None else _rope(q, freqs, sa.num_heads)), *key_value(block, h, freqs)
 
 
 def memory_kv(block, tokens: torch.Tensor, e0: torch.Tensor, log_weight: torch.Tensor | None) -> MemoryKV:
@@ -76,9 +83,7 @@ def memory_kv(block, tokens: torch.Tensor, e0: torch.Tensor, log_weight: torch.T
     if tokens.shape[0] != b:
         tokens = tokens.expand(b, -1, -1)
     e = block_modulation(block, e0[:, :1] if e0.ndim == 4 else e0, tokens)
-    h = _modulated_norm1(block, tokens, e)
-    sa = block.self_attn
-    k, v = sa.norm_k(sa.k(h)), sa.v(h)
+    k, v = key_value(block, _modulated_norm1(block, tokens, e), None)
     lw = None if log_weight is None else log_weight.to(e0.device).expand(b, -1)
     return MemoryKV(k, v, lw)
 
@@ -86,11 +91,7 @@ def memory_kv(block, tokens: torch.Tensor, e0: torch.Tensor, log_weight: torch.T
 def context_kv(block, tokens: torch.Tensor, e0_clean: torch.Tensor, freqs: torch.Tensor) -> ContextKV:
     """Query-layer keys/values of context tokens ``[1, Nc, C]`` at their RoPE positions, modulated at t=0."""
     e = block_modulation(block, e0_clean, tokens)
-    h = _modulated_norm1(block, tokens, e)
-    sa = block.self_attn
-    b, s, n, d = h.shape[0], h.shape[1], sa.num_heads, sa.head_dim
-    k = apply_rope1(sa.norm_k(sa.k(h)).view(b, s, n, d), freqs).view(b, s, n * d)  # C is never a query: no q
-    return ContextKV(k, sa.v(h))
+    return ContextKV(*key_value(block, _modulated_norm1(block, tokens, e), freqs))  # C is never a query: no q
 
 
 def run_block(block, x, e0, freqs, context, transformer_options, self_attention) -> torch.Tensor:
