@@ -544,25 +544,25 @@ def plots(res: dict, out: Path) -> list[str]:
         plain_number = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
         ax.yaxis.set_major_formatter(plain_number)
         ax.yaxis.set_minor_formatter(plain_number)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "step_time_vs_context.png", dpi=120)
-        plt.close(fig)
-        written.append("step_time_vs_context.png")
+        written.append(save_plot(plt, fig, ax, out / "step_time_vs_context.png"))
     pol = res.get("rollout", {}).get("policies", {})
     if pol:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for policy, rows in pol.items():
             ax.plot([r["chunk"] for r in rows], [r["step_ms"] for r in rows], marker="o", label=policy)
         ax.set(xlabel="chunk", ylabel="time per step (ms)", title="Rollout: time per denoising step per chunk")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "rollout_step_time.png", dpi=120)
-        plt.close(fig)
-        written.append("rollout_step_time.png")
+        written.append(save_plot(plt, fig, ax, out / "rollout_step_time.png"))
     return written
+
+
+def save_plot(plt, fig, ax, path: Path) -> str:
+    """Legend, grid, tight layout; writes ``path`` and returns its name."""
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
 
 
 def log(msg: str) -> None:

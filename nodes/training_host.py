@@ -171,7 +171,7 @@ def comfy_lora_state(dm: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
     """The adapters as ComfyUI reads a LoRA: ``diffusion_model.<layer>.lora_A/lora_B.weight`` and ``.alpha``."""
     out = {}
     for name, module in dm.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+        if "default" in getattr(module, "lora_A", {}):
             key = f"diffusion_model.{name}"
             out[f"{key}.lora_A.weight"] = module.lora_A["default"].weight.detach().contiguous().cpu()
             out[f"{key}.lora_B.weight"] = module.lora_B["default"].weight.detach().contiguous().cpu()
@@ -193,7 +193,7 @@ def run_training(cfg: TrainConfig, text_fn=None):
     from memlearner_core.memory_bank import pool_text_embedding, reference_sets
     from memlearner_core.training.dataset import ClipFolder, LatentCache, encode_all
     from memlearner_core.training.distributed import Processes
-    from memlearner_core.training.trainer import train
+    from memlearner_core.training.trainer import require_data, train
 
     procs = Processes.from_env()
     device = procs.device() if procs.world > 1 else comfy.model_management.get_torch_device()
@@ -217,13 +217,11 @@ def run_training(cfg: TrainConfig, text_fn=None):
     texts = {e.caption: text_fn(e.caption).detach().float().cpu() for e, _, _ in encoded}
     if procs.is_main:
         print(f"training data: {len(encoded)} clips, {len(skipped)} skipped", file=sys.stderr)
+    require_data(encoded)
     if cfg.recipe == "query":
         items = [(latent, poses, texts[entry.caption]) for entry, latent, poses in encoded]
         recipe = QueryRecipe(model, cfg, device)
     else:
-        if not encoded:
-            raise ValueError("no training data: every video was skipped (see the warnings above) or the folder "
-                             "is empty")
         captions = torch.stack([pool_text_embedding(texts[e.caption]) for e, _, _ in encoded])
         latents = [latent for _, latent, _ in encoded]
         items = [(latents[i], [latents[j] for j in refs], texts[encoded[i][0].caption])

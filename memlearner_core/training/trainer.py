@@ -57,6 +57,12 @@ class TrainResult:
     exported: list[Path] = field(default_factory=list)
 
 
+def require_data(items: list) -> None:
+    """Refuse to train on nothing, saying why it can be empty."""
+    if not items:
+        raise ValueError("no training data: every video was skipped (see the warnings above) or the folder is empty")
+
+
 def data_order(n: int, generator: torch.Generator) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
@@ -67,8 +73,7 @@ def train(cfg: TrainConfig, recipe: Recipe, items: list, device: str | torch.dev
     ``cfg.output_dir/checkpoints``), checkpointing every ``cfg.checkpoint_every`` steps and at the end, then
     export. ``on_step(step, loss)`` is called after each step (progress bars); ``processes`` is this process's
     place in a ``torchrun`` launch (default: alone)."""
-    if not items:
-        raise ValueError("no training data: every video was skipped (see the warnings above) or the folder is empty")
+    require_data(items)
     procs = processes or Processes()
     params = recipe.trainable()
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
