@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -29,9 +30,10 @@ class MemoryTokens:
     def width(self) -> int:
         return self.tokens.shape[-1]
 
-    @property
+    @cached_property
     def is_plain(self) -> bool:
-        """True when every row counts exactly once (nothing collapsed, strength 1)."""
+        """True when every row counts exactly once (nothing collapsed, strength 1). Read once per object: on a GPU
+        the check waits for the device, and every block of every step asks."""
         return bool((self.log_weight == 0).all())
 
     def with_strength(self, strength: float) -> MemoryTokens:

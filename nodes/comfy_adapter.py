@@ -154,6 +154,12 @@ def managed_module(module: torch.nn.Module):
         offload_device=comfy.model_management.unet_offload_device())
 
 
+def load_whole(patcher) -> None:
+    """Load a model onto ComfyUI's compute device in full (or, under ``--novram``, leave all of it offloaded), so
+    its weights are never split between two devices; ComfyUI accounts for it like any loaded model."""
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+
+
 def default_dtype(choice: str) -> torch.dtype:
     """fp32/fp16/bf16 by name; ``default`` is what ComfyUI would pick for a diffusion model on this device."""
     named = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

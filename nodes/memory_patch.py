@@ -43,14 +43,14 @@ log = logging.getLogger("memlearner")
 @dataclass
 class ReferenceMemory:
     """The MEMORY type: reference-video latents ``[1, N, 16, T, H, W]`` and the encoder that turns them into
-    tokens. Tokens are computed on first use, on the device and in the dtype the encoder was loaded to by
-    ComfyUI's model management, and cached."""
+    tokens. Tokens are computed once, on whatever device ComfyUI's model management put the encoder, and kept:
+    the encoder's weights never change, and the blocks move the tokens to their own device and dtype."""
 
     latents: torch.Tensor
     encoder: object  # comfy.model_patcher.ModelPatcher wrapping a MemoryEncoder
     strength: float = 1.0
     deduplicate: bool = True
-    _cache: dict = field(default_factory=dict, repr=False)
+    _tokens: MemoryTokens | None = field(default=None, repr=False)
 
     @classmethod
     def from_latents(cls, videos: list[torch.Tensor], encoder, strength: float = 1.0, deduplicate: bool = True):
@@ -63,17 +63,21 @@ class ReferenceMemory:
         return self.encoder.model.cfg.width
 
     def tokens(self) -> MemoryTokens:
-        enc: MemoryEncoder = self.encoder.model
-        p = next(enc.parameters())
-        key = (str(p.device), p.dtype)
-        if key not in self._cache:
+        if self._tokens is None:
+            # Whole, never split between GPU and CPU by a low-VRAM partial load: the encoder's layers are plain
+            # torch modules, which ComfyUI cannot stream weight by weight.
+            wa.load_whole(self.encoder)
+            enc: MemoryEncoder = self.encoder.model
+            p = next(enc.parameters())
             with torch.no_grad():
                 raw = enc(self.latents.to(device=p.device, dtype=p.dtype))
-            tokens = MemoryTokens.deduplicated(raw) if self.deduplicate else MemoryTokens.full(raw)
-            self._cache.clear()
-            self._cache[key] = tokens
-        tokens = self._cache[key]
-        return tokens if self.strength == 1.0 else tokens.with_strength(self.strength)
+            self._tokens = MemoryTokens.deduplicated(raw) if self.deduplicate else MemoryTokens.full(raw)
+        return self._tokens if self.strength == 1.0 else self._tokens.with_strength(self.strength)
+
+    def prepare(self) -> None:
+        """Compute the tokens before sampling loads the diffusion model, so the encoder's turn on the GPU comes
+        first instead of in the middle of the first step."""
+        self.tokens()
 
     def managed_models(self) -> list:
         """Modules ComfyUI loads and offloads with the patched model."""
@@ -99,6 +103,9 @@ class TrainableMemory:
     def tokens(self) -> MemoryTokens:
         p = next(self.encoder.parameters())
         return MemoryTokens.full(self.encoder(self.latents.to(device=p.device)))
+
+    def prepare(self) -> None:
+        """Nothing to do ahead: the tokens are recomputed, with their gradients, in every forward."""
 
     def managed_models(self) -> list:
         return []
@@ -293,12 +300,14 @@ class DiffusionModelWrapper(_Shared):
 
 
 class OuterSampleWrapper(_Shared):
-    def __init__(self, query: QueryMemory | None):
-        self.query = query
+    def __init__(self, memory: ReferenceMemory | TrainableMemory | None, query: QueryMemory | None):
+        self.memory, self.query = memory, query
 
     def __call__(self, executor, noise, *args, **kwargs):
         if self.query is not None:
             check_context_matches(self.query.context, noise)
+        if self.memory is not None:
+            self.memory.prepare()
         seed = kwargs.get("seed", args[6] if len(args) > 6 else None)
         guider = executor.class_obj
         topts = guider.model_options.setdefault("transformer_options", {})
@@ -381,7 +390,7 @@ def apply_memory(model, memory: ReferenceMemory | TrainableMemory | None = None,
     for i in range(len(dm.blocks)):
         m.set_model_patch_replace(BlockPatch(i), "dit", "double_block", i)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, DiffusionModelWrapper(memory, query))
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, OuterSampleWrapper(query))
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, OuterSampleWrapper(memory, query))
     if memory is not None and memory.managed_models():
         m.set_additional_models(KEY, memory.managed_models())
     return m

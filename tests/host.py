@@ -1,7 +1,8 @@
 """A real ComfyUI for the tests: imported in-process (library use) or started as its HTTP server.
 
 The ComfyUI is the one ``scripts/setup_host.sh`` prepared (``.host/ComfyUI``), or ``COMFYUI_PATH``.
-Without a GPU it runs with ``--cpu``.
+Without a GPU it runs with ``--cpu``; ``MEMLEARNER_TEST_GPU=1`` runs it on the GPU, with ``MEMLEARNER_TEST_VRAM=lowvram|novram``
+for ComfyUI's low-VRAM modes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,23 @@ def use_gpu() -> bool:
     return os.environ.get("MEMLEARNER_TEST_GPU", "") == "1"
 
 
+def vram_mode() -> str | None:
+    """``MEMLEARNER_TEST_VRAM``: ``lowvram`` or ``novram`` runs ComfyUI with that flag (GPU runs only)."""
+    mode = os.environ.get("MEMLEARNER_TEST_VRAM", "") or None
+    if mode not in (None, "lowvram", "novram"):
+        raise RuntimeError(f"MEMLEARNER_TEST_VRAM must be lowvram or novram, got {mode!r}")
+    if mode and not use_gpu():
+        raise RuntimeError("MEMLEARNER_TEST_VRAM needs a GPU run (MEMLEARNER_TEST_GPU=1)")
+    return mode
+
+
+def comfy_flags() -> list[str]:
+    """ComfyUI command-line flags for this run: ``--cpu`` without a GPU, else the VRAM mode, if any."""
+    if not use_gpu():
+        return ["--cpu"]
+    return [f"--{vram_mode()}"] if vram_mode() else []
+
+
 def write_extra_paths(models_dir: Path, path: Path) -> Path:
     """An extra_model_paths.yaml pointing ComfyUI at the test models and the test-only nodes."""
     names = ["diffusion_models", "vae", "memory_encoders", "memlearner", "loras"]
@@ -50,7 +68,8 @@ def prepare_imports() -> None:
         sys.path.insert(0, str(comfy))
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = not use_gpu()
+    for flag in comfy_flags():
+        setattr(comfy.cli_args.args, flag.removeprefix("--"), True)
 
 
 def boot_in_process(extra_paths_yaml: Path):
@@ -98,7 +117,7 @@ def free_port() -> int:
 class ComfyServer:
     """The real ComfyUI HTTP server (main.py) on 127.0.0.1, always stopped by ``stop``."""
 
-    def __init__(self, workdir: Path, extra_paths_yaml: Path | None = None, cpu: bool | None = None):
+    def __init__(self, workdir: Path, extra_paths_yaml: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "comfyui-server.log"
@@ -110,8 +129,7 @@ class ComfyServer:
                 "--disable-auto-launch", "--log-stdout"]
         if extra_paths_yaml is not None:
             args += ["--extra-model-paths-config", str(extra_paths_yaml)]
-        if cpu if cpu is not None else not use_gpu():
-            args.append("--cpu")
+        args += comfy_flags()
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(comfy_path()))
 

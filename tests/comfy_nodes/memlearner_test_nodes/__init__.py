@@ -92,10 +92,49 @@ class TinyTextEncoder(io.ComfyNode):
         return io.NodeOutput(tiny_umt5_clip(seed))
 
 
+def memory_in_use() -> dict:
+    """What the process still holds after a garbage collection: bytes of live torch tensors (each storage once)
+    and, on CUDA, the allocator's allocated bytes."""
+    import gc
+
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+                s = obj.untyped_storage()
+                storages[(s.device.type, s.data_ptr())] = s.nbytes()
+        except Exception:  # objects that die or refuse inspection mid-scan
+            continue
+    cuda = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    return {"tensor_bytes": sum(storages.values()), "cuda_allocated": cuda}
+
+
+class MemoryStats(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MemLearnerTestMemoryStats",
+            display_name="Memory In Use (tests)",
+            category="memlearner/testing",
+            description="Unloads all models, collects garbage, and reports the memory still held.",
+            inputs=[io.Int.Input("tag", default=0, min=0, max=2**31 - 1, tooltip="Any value; a new one reruns.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, tag) -> io.NodeOutput:
+        import comfy.model_management as mm
+
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+        return io.NodeOutput(ui={"memory": [memory_in_use()]})
+
+
 class TestExtension(ComfyExtension):
     @override
     async def get_node_list(self):
-        return [RandomTextConditioning, TinyTextEncoder]
+        return [RandomTextConditioning, TinyTextEncoder, MemoryStats]
 
 
 async def comfy_entrypoint():
