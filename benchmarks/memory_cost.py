@@ -183,19 +183,30 @@ def random_value(name: str, shape, gen, device, dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
-def build_model(size: str, device: str, dtype: torch.dtype):
-    """A ComfyUI MODEL (ModelPatcher over WAN21) with a random Wan2.1 state dict of ``size``, on ``device``."""
+def random_state_dict(module: torch.nn.Module, device, dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded random values for every tensor of ``module`` (built on the meta device), made on ``device``."""
+    gen = torch.Generator(device).manual_seed(seed)
+    return {k: random_value(k, v.shape, gen, device, dtype) for k, v in module.state_dict().items()}
+
+
+def random_wan_state_dict(size: str, device, dtype) -> dict[str, torch.Tensor]:
+    """A Wan2.1 T2V state dict of ``size`` (``1.3b``: the released architecture) with random values."""
     import comfy.ldm.wan.model
-    import comfy.model_management
     import comfy.ops
-    import comfy.sd
 
     with torch.device("meta"):
         meta = comfy.ldm.wan.model.WanModel(**WAN_COMMON, **SIZES[size]["wan"], operations=comfy.ops.disable_weight_init)
-    gen = torch.Generator(device).manual_seed(0)
-    sd = {k: random_value(k, v.shape, gen, device, dtype) for k, v in meta.state_dict().items()}
+    return random_state_dict(meta, device, dtype)
+
+
+def build_model(size: str, device: str, dtype: torch.dtype):
+    """A ComfyUI MODEL (ModelPatcher over WAN21) with a random Wan2.1 state dict of ``size``, on ``device``."""
+    import comfy.model_management
+    import comfy.sd
+
+    sd = random_wan_state_dict(size, device, dtype)
     model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
-    del sd, meta
+    del sd
     comfy.model_management.load_models_gpu([model])
     return model
 

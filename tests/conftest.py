@@ -85,3 +85,11 @@ def text_cond(comfy):
 def seeded():
     torch.manual_seed(0)
     return torch.Generator().manual_seed(0)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """A GPU run leaves its log in tests/gpu_results/ (see gpu_log.py)."""
+    if host.use_gpu():
+        import gpu_log
+
+        terminalreporter.write_line(f"GPU test log: {gpu_log.write(terminalreporter, exitstatus)}")

@@ -8,6 +8,7 @@ for ComfyUI's low-VRAM modes.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import socket
@@ -130,6 +131,8 @@ class ComfyServer:
         if extra_paths_yaml is not None:
             args += ["--extra-model-paths-config", str(extra_paths_yaml)]
         args += comfy_flags()
+        if importlib.util.find_spec("comfyui_frontend_package") is None:  # e.g. a GPU machine set up offline
+            args += ["--front-end-root", str(_mkdir(workdir / "frontend"))]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(comfy_path()))
 
