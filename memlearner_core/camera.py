@@ -17,7 +17,10 @@ class CameraEmbedding(nn.Module):
         self.proj = nn.Linear(12, dim)
 
     def forward(self, poses: torch.Tensor) -> torch.Tensor:
-        return self.proj(poses.reshape(*poses.shape[:-2], 12).to(self.proj.weight.dtype))
+        """Poses ``[..., 3, 4]`` on any device -> ``[..., dim]`` on the poses' device. The MLP runs where its weights
+        are (it is tiny, and nobody's model management moves it)."""
+        w = self.proj.weight
+        return self.proj(poses.reshape(*poses.shape[:-2], 12).to(device=w.device, dtype=w.dtype)).to(poses.device)
 
 
 def frame_embedding_to_tokens(frame_emb: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:

@@ -71,6 +71,15 @@ def prepare_imports() -> None:
 
     for flag in comfy_flags():
         setattr(comfy.cli_args.args, flag.removeprefix("--"), True)
+    if use_gpu():
+        # In-process models load in float32 unless a test names a dtype, and float32 matmuls and convolutions stay
+        # exact (no TF32), so the equivalence tests keep their fp32 tolerance on the GPU. The server keeps ComfyUI's
+        # own dtype choices.
+        import torch
+
+        comfy.cli_args.args.fp32_unet = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def boot_in_process(extra_paths_yaml: Path):

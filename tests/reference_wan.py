@@ -6,11 +6,21 @@ masks, tokens appended and rows dropped. Slow and memory-hungry on purpose; neve
 
 from __future__ import annotations
 
+import copy
+
 import comfy.ldm.wan.model as wan
 import torch
 import torch.nn.functional as F
 from comfy.ldm.flux.math import apply_rope1
 from einops import rearrange
+
+
+def on_cpu_float32(dm):
+    """The model itself when it is all float32 on the CPU, else a float32 CPU copy: the references run there,
+    whatever device and dtype ComfyUI loaded the model to (inputs ``[B, ...]`` on the CPU)."""
+    if all(p.device.type == "cpu" and p.dtype == torch.float32 for p in dm.parameters()):
+        return dm
+    return copy.deepcopy(dm).to("cpu", torch.float32)
 
 
 def embed(dm, latent):
@@ -88,6 +98,7 @@ def query_masks(nc, nq, npred, query_layer: bool):
 def query_memory_reference(dm, x, t, txt, context_latent, context_freqs, q_noise, query_layers, q_freqs=None):
     """MemLearner on ``[C; Q; P]`` with dense masks: C at t=0 and unchanged through the query layers, dropped
     after them; Q at P's positions (or ``q_freqs``) and timestep; only P reaches the head."""
+    dm = on_cpu_float32(dm)
     grid = x.shape[2:]
     b = x.shape[0]
     p = embed(dm, x)

@@ -171,7 +171,7 @@ def test_injection_equals_appending_tokens_in_every_block(comfy, wan_model, enco
     x, t, txt = inputs(len(cond_or_uncond))
     out = model_forward(patched, x, t, txt, cond_or_uncond)
     with torch.no_grad():
-        tokens = encoder.model(memory.latents)
+        tokens = encoder.model(memory.latents.to(next(encoder.model.parameters()).device)).float().cpu()
     ref = reference_wan.dit_mem_reference(wan_model.model.diffusion_model, x, t, txt, tokens)
     assert rel_err(out, ref) < 1e-5
     assert rel_err(out, model_forward(wan_model, x, t, txt)) > 1e-3  # the memory does change the output
