@@ -49,7 +49,8 @@ def comfy_flags() -> list[str]:
     """ComfyUI command-line flags for this run: ``--cpu`` without a GPU, else the VRAM mode, if any."""
     if not use_gpu():
         return ["--cpu"]
-    return [f"--{vram_mode()}"] if vram_mode() else []
+    mode = vram_mode()
+    return [f"--{mode}"] if mode else []
 
 
 def write_extra_paths(models_dir: Path, path: Path) -> Path:

@@ -26,15 +26,20 @@ def write_videos(data, frames=12, size=64):
     (data / "captions.json").write_text(json.dumps(captions))
 
 
-def write_run(tmp_path, models_dir, steps=3):
-    write_videos(tmp_path / "data")
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(f'''recipe = "query"
+def write_config(path, models_dir, recipe: str, settings: str):
+    """A run file for ``recipe`` on the tiny models, reading ``data/`` and writing ``run/``, plus ``settings``."""
+    path.write_text(f'''recipe = "{recipe}"
 data_dir = "data"
 output_dir = "run"
 model_file = "{models_dir / 'diffusion_models' / tiny_models.WAN_FILE}"
 vae_file = "{models_dir / 'vae' / tiny_models.VAE_FILE}"
-steps = {steps}
+''' + settings)
+    return path
+
+
+def write_run(tmp_path, models_dir, steps=3):
+    write_videos(tmp_path / "data")
+    return write_config(tmp_path / "run.toml", models_dir, "query", f'''steps = {steps}
 checkpoint_every = 2
 clip_frames = 9
 width = 64
@@ -45,7 +50,6 @@ max_context_multiple = 2
 mixed_precision = "fp32"
 lr = 1e-4
 ''')
-    return cfg
 
 
 def test_train_command_skips_the_broken_video_and_exports_loadable_files(comfy, models_dir, tmp_path, capsys):
@@ -60,13 +64,8 @@ def test_train_command_skips_the_broken_video_and_exports_loadable_files(comfy, 
 
 def test_train_command_trains_an_encoder_that_load_memory_encoder_reads(comfy, models_dir, tmp_path, capsys):
     write_videos(tmp_path / "data", frames=49, size=128)  # the tiny encoder's convolutions need 13 latent frames
-    cfg = tmp_path / "enc.toml"
-    cfg.write_text(f'''recipe = "encoder"
-data_dir = "data"
-output_dir = "run"
-model_file = "{models_dir / 'diffusion_models' / tiny_models.WAN_FILE}"
-vae_file = "{models_dir / 'vae' / tiny_models.VAE_FILE}"
-encoder_file = "{models_dir / 'memory_encoders' / tiny_models.ENCODER_FILE}"
+    encoder_file = models_dir / "memory_encoders" / tiny_models.ENCODER_FILE
+    cfg = write_config(tmp_path / "enc.toml", models_dir, "encoder", f'''encoder_file = "{encoder_file}"
 steps = 2
 clip_frames = 49
 width = 128
