@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+if importlib.util.find_spec("memlearner_host") is None:  # not pip-installed: the repository root, appended so
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # the pack's ``nodes`` never shadows ComfyUI's
 
 import host  # noqa: E402
 

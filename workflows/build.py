@@ -169,14 +169,15 @@ def write_all(object_info: dict) -> list[Path]:
 
 
 def main() -> None:
-    """Start ComfyUI with the pack (the test host), read its node definitions, write the workflows."""
-    sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+    """Start ComfyUI with the pack (``memlearner_host``), read its node definitions, write the workflows."""
+    sys.path.insert(0, str(HERE))
+    sys.path.append(str(HERE.parent))  # appended: the pack's ``nodes`` never shadows ComfyUI's
     import tempfile
 
-    import host
+    from memlearner_host.server import ComfyServer
 
     with tempfile.TemporaryDirectory() as tmp:
-        server = host.ComfyServer(Path(tmp), None)
+        server = ComfyServer(Path(tmp), None)
         try:
             server.wait_ready()
             info = server.get("/object_info")

@@ -1,5 +1,6 @@
-"""Test-only ComfyUI nodes. ComfyUI's loader builds umt5 at its full 5.7B size, so tests condition on seeded random
-text, and the text-ranking tests use a tiny umt5-shaped encoder built from ComfyUI's own T5 and tokenizer classes."""
+"""Test-only ComfyUI nodes. ComfyUI's loader builds umt5 at its full 5.7B size, so the text-ranking tests use a tiny
+umt5-shaped encoder built from ComfyUI's own T5 and tokenizer classes (the random text conditioning of the tiny
+fixtures is in ``memlearner_host/comfy_nodes``)."""
 
 import functools
 import io as _io
@@ -7,24 +8,6 @@ import io as _io
 import torch
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
-
-
-class RandomTextConditioning(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="MemLearnerTestRandomConditioning",
-            display_name="Random Text Conditioning (tests)",
-            category="memlearner/testing",
-            inputs=[io.Int.Input("variant", default=0, min=0, max=2**31 - 1, tooltip="Seeds the random text.")],
-            outputs=[io.Conditioning.Output()],
-        )
-
-    @classmethod
-    def execute(cls, variant) -> io.NodeOutput:
-        gen = torch.Generator().manual_seed(variant)
-        return io.NodeOutput([[torch.randn(1, 512, 4096, generator=gen), {}]])
-
 
 TINY_UMT5 = {"d_ff": 64, "d_kv": 16, "d_model": 64, "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True,
              "layer_norm_epsilon": 1e-6, "model_type": "umt5", "num_heads": 4, "num_layers": 2,
@@ -134,7 +117,7 @@ class MemoryStats(io.ComfyNode):
 class TestExtension(ComfyExtension):
     @override
     async def get_node_list(self):
-        return [RandomTextConditioning, TinyTextEncoder, MemoryStats]
+        return [TinyTextEncoder, MemoryStats]
 
 
 async def comfy_entrypoint():
