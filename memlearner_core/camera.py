@@ -1,6 +1,8 @@
 """Camera conditioning: a per-frame pose ``[R|t]`` (3x4) through one linear layer, added to that frame's tokens.
 
-Frames without a pose use zeros, as in training on datasets that have none.
+Frames without a pose use zeros, as in training on datasets that have none. The embedding goes on the history C
+and the predicted tokens P, and, with ``on_query`` (query-weights version 2, the published default), on the query
+tokens Q too: Q's only cue for which history frames show the place it is asked about.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from torch import nn
 class CameraEmbedding(nn.Module):
     """``poses [T, 3, 4] -> [T, dim]``, one vector per latent frame."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, on_query: bool = True):
         super().__init__()
         self.proj = nn.Linear(12, dim)
+        self.on_query = on_query
 
     def forward(self, poses: torch.Tensor) -> torch.Tensor:
         """Poses ``[..., 3, 4]`` on any device -> ``[..., dim]`` on the poses' device. The MLP runs where its weights

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -136,30 +137,52 @@ def save_memory_encoder(enc: MemoryEncoder, path: str | os.PathLike, prefix: str
 
 # --- Query-memory weights -------------------------------------------------------------------------------------
 # A MemLearner-fine-tuned Wan is an ordinary Wan state dict (loaded by ComfyUI's UNETLoader) plus this file,
-# which holds the pack's own tensors. Format, version 1:
-#   metadata  memlearner.format = "query-memory", memlearner.version = "1",
-#             memlearner.query_layers = "<K the model was fine-tuned with>"
+# which holds the pack's own tensors.
+#   metadata  memlearner.format = "query-memory", memlearner.version = "2",
+#             memlearner.query_layers = "<K the model was fine-tuned with>",
+#             memlearner.query_pool = "<query pool it was fine-tuned with>"  (version 2)
 #   tensors   camera.proj.weight [dim, 12], camera.proj.bias [dim]
+# Version 1 (camera MLP on the history C and the predicted tokens P) still loads; version 2 also adds it to the
+# query tokens Q, as the published method does.
 QUERY_FORMAT = "query-memory"
-QUERY_VERSIONS = {"1"}
+QUERY_VERSIONS = {"1", "2"}
+QUERY_VERSION = "2"
 
 
-def save_query_weights(path, camera_state: dict[str, torch.Tensor], query_layers: int) -> None:
+@dataclass(frozen=True)
+class QueryWeights:
+    """A query-weights file: the camera MLP's state dict and what the model was fine-tuned with."""
+
+    camera: dict[str, torch.Tensor]
+    query_layers: int
+    query_pool: int | None  # None: not recorded (version 1)
+    camera_on_query: bool
+
+
+def save_query_weights(path, camera_state: dict[str, torch.Tensor], query_layers: int, query_pool: int = 1) -> None:
     sd = {f"camera.{k}": v.detach().contiguous().cpu() for k, v in camera_state.items()}
-    save_file(sd, str(path), metadata={"memlearner.format": QUERY_FORMAT, "memlearner.version": "1",
-                                       "memlearner.query_layers": str(query_layers)})
+    save_file(sd, str(path), metadata={"memlearner.format": QUERY_FORMAT, "memlearner.version": QUERY_VERSION,
+                                       "memlearner.query_layers": str(query_layers),
+                                       "memlearner.query_pool": str(query_pool)})
 
 
-def load_query_weights(path) -> tuple[dict[str, torch.Tensor], int]:
-    """The camera MLP's state dict and the number of query layers the model was fine-tuned with."""
+def load_query_weights(path) -> QueryWeights:
+    """Read and check a query-weights file (either version)."""
     sd, meta = read_safetensors(path)
+    name = Path(path).name
     fmt, version = meta.get("memlearner.format"), meta.get("memlearner.version")
     if fmt != QUERY_FORMAT:
-        raise CheckpointError(f"{Path(path).name}: not a query-memory weights file (format {fmt!r}, expected {QUERY_FORMAT!r})")
+        raise CheckpointError(f"{name}: not a query-memory weights file (format {fmt!r}, expected {QUERY_FORMAT!r})")
     if version not in QUERY_VERSIONS:
-        raise CheckpointError(f"{Path(path).name}: query-memory weights version {version!r} is not supported "
+        raise CheckpointError(f"{name}: query-memory weights version {version!r} is not supported "
                               f"(this pack reads versions {sorted(QUERY_VERSIONS)}); update the pack")
     camera = {k[len("camera."):]: v for k, v in sd.items() if k.startswith("camera.")}
     if set(camera) != {"proj.weight", "proj.bias"}:
-        raise CheckpointError(f"{Path(path).name}: expected camera.proj.weight and camera.proj.bias, found {sorted(sd)}")
-    return camera, int(meta.get("memlearner.query_layers", "5"))
+        raise CheckpointError(f"{name}: expected camera.proj.weight and camera.proj.bias, found {sorted(sd)}")
+    numbers = {}
+    for key, default in (("query_layers", "5"), ("query_pool", None)):
+        raw = meta.get(f"memlearner.{key}", default)
+        if raw is not None and not (raw.isdigit() and int(raw) >= 1):
+            raise CheckpointError(f"{name}: metadata memlearner.{key} must be a whole number >= 1, got {raw!r}")
+        numbers[key] = None if raw is None else int(raw)
+    return QueryWeights(camera, numbers["query_layers"], numbers["query_pool"], camera_on_query=version != "1")

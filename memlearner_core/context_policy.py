@@ -129,7 +129,8 @@ def select_context(policy: str, n_history: int, budget_tokens: int | None, laten
     if policy in ("all", "recent"):
         return [FramePick(i) for i in range(n_history - fit, n_history)]
     if policy == "fov":
-        score = overlap_matrix(history_poses, chunk_poses, fov_deg).amax(dim=1).tolist()
+        # rounded so that equal poses tie exactly (arccos of a rounded dot product is not exactly 0): ties go newest
+        score = [round(v, 6) for v in overlap_matrix(history_poses, chunk_poses, fov_deg).amax(dim=1).tolist()]
         best = sorted(range(n_history), key=lambda i: (-score[i], -i))[:fit]
         return [FramePick(i) for i in sorted(best)]
     return sorted(_framepack(n_history, budget_tokens, h, w, patch), key=lambda p: p.index)

@@ -102,6 +102,26 @@ def boot_in_process(extra_paths_yaml: Path):
     return nodes, folder_paths
 
 
+def pack(submodule: str):
+    """A module of the pack as ComfyUI loaded it (``pack("nodes.memory_patch")``), so tests and nodes share
+    one copy of every class. ComfyUI names a custom-node package after its folder path."""
+    import importlib
+
+    init = (ROOT / "__init__.py").resolve()
+    for name, module in list(sys.modules.items()):
+        f = getattr(module, "__file__", None)
+        if f and Path(f).resolve() == init:
+            return importlib.import_module(f"{name}.{submodule}")
+    raise RuntimeError("the pack is not loaded into ComfyUI")
+
+
+def run_node(cls, **inputs) -> tuple:
+    """Execute a node class the way ComfyUI does (V3 ``execute`` or V1 ``FUNCTION``); returns its outputs."""
+    if hasattr(cls, "GET_SCHEMA") and hasattr(cls, "define_schema"):
+        return tuple(cls.execute(**inputs).args)
+    return tuple(getattr(cls(), cls.FUNCTION)(**inputs))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

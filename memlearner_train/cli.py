@@ -28,9 +28,16 @@ def comfyui_path() -> Path:
     raise SystemExit("memlearner-train: ComfyUI not found; set COMFYUI_PATH to your ComfyUI folder")
 
 
-def load_pack(comfy: Path):
-    """ComfyUI importable as a library, then this pack as a package (``pack.nodes.training_host``)."""
+def load_pack(comfy: Path, device: str = "auto"):
+    """ComfyUI importable as a library, then this pack as a package (``pack.nodes.training_host``). ComfyUI picks
+    its compute device when ``comfy.model_management`` is first imported: on a machine without a usable CUDA GPU
+    (or with ``device = "cpu"``) it is told ``--cpu`` first, as its own launcher would be."""
     sys.path.insert(0, str(comfy))
+    import comfy.cli_args
+    import torch
+
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        comfy.cli_args.args.cpu = True
     spec = importlib.util.spec_from_file_location("comfyui_memlearner", PACK / "__init__.py",
                                                   submodule_search_locations=[str(PACK)])
     module = importlib.util.module_from_spec(spec)
@@ -56,8 +63,12 @@ def main(argv: list[str] | None = None, text_fn=None) -> int:
     except ConfigError as e:
         print(f"memlearner-train: {e}", file=sys.stderr)
         return 2
-    training_host = load_pack(comfyui_path())
-    result = training_host.run_training(cfg, text_fn)
+    training_host = load_pack(comfyui_path(), cfg.device)
+    try:
+        result = training_host.run_training(cfg, text_fn)
+    except ValueError as e:  # config, data and device problems, each one line naming the input
+        print(f"memlearner-train: {e}", file=sys.stderr)
+        return 2
     print(f"trained {result.steps_done} steps (from {result.start_step}); last loss "
           f"{result.losses[-1] if result.losses else float('nan'):.4f}")
     for path in result.exported:

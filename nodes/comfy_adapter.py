@@ -278,3 +278,20 @@ def wan21_latent_in(latent: torch.Tensor) -> torch.Tensor:
     fmt = comfy.latent_formats.Wan21()
     flat = latent.reshape(-1, *latent.shape[-4:])
     return fmt.process_in(flat).reshape(latent.shape)
+
+
+def wan21_latent_out(latent: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``wan21_latent_in``: model-space latents -> a LATENT's samples."""
+    import comfy.latent_formats
+
+    fmt = comfy.latent_formats.Wan21()
+    flat = latent.reshape(-1, *latent.shape[-4:])
+    return fmt.process_out(flat).reshape(latent.shape)
+
+
+def wan21_preview_factors() -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI's Wan2.1 latent-to-RGB preview factors ``[16, 3]`` and bias ``[3]`` (applied to model-space latents)."""
+    import comfy.latent_formats
+
+    fmt = comfy.latent_formats.Wan21()
+    return torch.tensor(fmt.latent_rgb_factors), torch.tensor(fmt.latent_rgb_factors_bias)

@@ -290,10 +290,13 @@ class DiffusionModelWrapper(_Shared):
             freqs_q = wa.rope_from_ids(dm, pooled_query_positions(t, ph, pw, pool), x.device, x.dtype)
         st.q_tokens = wa.embed_latent(dm, noise_q, x.dtype)
         st.n_query = st.q_tokens.shape[1]
-        if self.query.camera is not None:
+        camera = self.query.camera
+        if camera is not None:
             poses = self.query.chunk_poses if self.query.chunk_poses is not None else torch.zeros(t, 3, 4)
-            emb = self.query.camera(poses[:t].to(x.device)).to(x.dtype)
+            emb = camera(poses[:t].to(x.device)).to(x.dtype)  # [t, dim]
             st.p_camera = frame_embedding_to_tokens(emb, tokens_per_frame(h, w, tuple(dm.patch_size)))
+            if camera.on_query:
+                st.q_tokens = st.q_tokens + frame_embedding_to_tokens(emb, st.n_query // t)
         out = dm.forward_orig(xp, timestep, context, clip_fea=clip_fea, freqs=torch.cat([freqs_q, freqs_p], 1),
                               transformer_options=opts, **kwargs)
         return out[:, :, :t, :h, :w]

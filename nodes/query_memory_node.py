@@ -16,13 +16,20 @@ from .memory_patch import QueryMemory, apply_memory, context_in_model_space
 NO_WEIGHTS = "none"
 
 
-def load_camera(query_weights: str | None) -> CameraEmbedding | None:
-    """The camera MLP of a query-memory weights file in models/memlearner; None for "none"."""
+def load_camera(query_weights: str | None, query_layers: int, query_pool: int) -> CameraEmbedding | None:
+    """The camera MLP of a query-memory weights file in models/memlearner; None for "none". A file fine-tuned
+    with other ``query_layers`` or ``query_pool`` than the node's is refused: the model would run untrained."""
     if not query_weights or query_weights == NO_WEIGHTS:
         return None
-    state, _ = load_query_weights(folder_paths.get_full_path_or_raise(QUERY_WEIGHTS_FOLDER, query_weights))
-    camera = CameraEmbedding(state["proj.weight"].shape[0])
-    camera.load_state_dict(state)
+    weights = load_query_weights(folder_paths.get_full_path_or_raise(QUERY_WEIGHTS_FOLDER, query_weights))
+    if weights.query_layers != query_layers:
+        raise ValueError(f"query_weights {query_weights} was fine-tuned with query_layers = {weights.query_layers}, "
+                         f"but the node says {query_layers}: set query_layers to {weights.query_layers}")
+    if weights.query_pool is not None and weights.query_pool != query_pool:
+        raise ValueError(f"query_weights {query_weights} was fine-tuned with query_pool = {weights.query_pool}, "
+                         f"but the node says {query_pool}: set query_pool to {weights.query_pool}")
+    camera = CameraEmbedding(weights.camera["proj.weight"].shape[0], on_query=weights.camera_on_query)
+    camera.load_state_dict(weights.camera)
     return camera.requires_grad_(False)
 
 
@@ -78,7 +85,7 @@ class ApplyQueryMemory(io.ComfyNode):
             if samples.ndim != 5:
                 raise ValueError(f"context must be a video latent [B, 16, T, H, W], got {tuple(samples.shape)}")
             chunk_poses, history_poses = None, None
-            camera = load_camera(query_weights)
+            camera = load_camera(query_weights, int(query_layers), int(query_pool))
             if camera is not None:
                 n_hist = samples.shape[2]
                 poses = parse_trajectory(camera_poses, n_hist) if (camera_poses or "").strip() else None

@@ -114,7 +114,7 @@ class MemoryRollout(io.ComfyNode):
         text = trajectory_text(camera or NO_CAMERA, trajectory or "")
         poses = None if text is None else parse_trajectory(text, n_first + chunks * t)
         budget = None if context_frames == 0 else context_frames * frame_cost(h, w)
-        camera_mlp = load_camera(query_weights)
+        camera_mlp = load_camera(query_weights, query_layers, int(query_pool)) if query_layers else None
         prev = installed_patch(model)
         if query_layers == 0 and prev is not None and prev.query is not None:
             raise ValueError("query_layers is 0 but the model carries query memory from Apply Query Memory; connect "

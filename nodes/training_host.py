@@ -15,11 +15,10 @@ from safetensors.torch import save_file
 
 from memlearner_core.camera import CameraEmbedding
 from memlearner_core.checkpoint_io import load_memory_encoder, save_memory_encoder, save_query_weights
-from memlearner_core.context_tokens import ContextSpec
 from memlearner_core.memory_encoder import EncoderConfig, MemoryEncoder, cnn_output_shape
 from memlearner_core.reference_video import resample_latent
 from memlearner_core.training.config import TrainConfig
-from memlearner_core.training.context_sampling import clip_windows, sample_context_length
+from memlearner_core.training.context_sampling import sample_context
 from memlearner_core.training.flow_matching import (
     flow_loss,
     noisy_latents,
@@ -58,20 +57,23 @@ class WanRecipe(torch.nn.Module):
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
         sigma = sample_sigmas(1, generator).to(self.device)
         run = RunState(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)), self.cfg.gradient_checkpointing)
-        patched = apply_memory(self.model, memory=memory, query=query)
+        patched = self.model if memory is None and query is None else apply_memory(self.model, memory=memory,
+                                                                                     query=query)
         pred = patched_forward(patched, noisy_latents(x0, noise, sigma), timesteps(sigma), text.to(self.device),
                                run=run)
         return flow_loss(pred, velocity_target(x0, noise))
 
 
 class QueryRecipe(WanRecipe):
-    """MemLearner: the DiT (all of it, or LoRA adapters when ``lora_rank`` > 0) and a zero-initialised camera
-    MLP fine-tuned end to end with query layers.
+    """MemLearner: the DiT (all of it, or LoRA adapters when ``lora_rank`` > 0) and a camera MLP fine-tuned end to
+    end with query layers. With ``query_layers = 0`` the same clips train a plain Wan2.1 (no memory: a baseline).
 
     An item is ``(latent [16, N, H, W] LATENT samples, poses [N, 3, 4] | None, text [1, L, 4096])``. Each step
-    denoises the last ``predict_latent_frames`` frames with a context of the frames right before them, its length
-    uniform in ``0 .. max_context_multiple x P``; the loss is the flow-matching loss on P only, Q is fresh noise.
-    """
+    denoises the last ``predict_latent_frames`` frames; their context is picked from the frames before them by one
+    of ``context_policies`` (as Memory Rollout picks it) within a budget uniform in ``0 .. max_context_multiple x
+    P`` frames; the loss is the flow-matching loss on P only, Q is fresh noise. The camera MLP starts at zero
+    ("no camera": a pretrained Wan's behaviour) or, from scratch, ``normal`` (zeros leave Q without a cue to
+    learn from)."""
 
     def __init__(self, model_patcher, cfg: TrainConfig, device: str | torch.device = "cpu"):
         super().__init__(model_patcher, cfg, device)
@@ -80,35 +82,45 @@ class QueryRecipe(WanRecipe):
             add_lora(self.dm, cfg.lora_rank)  # freezes everything but the adapters
         else:
             self.dm.requires_grad_(True)
-        self.camera = CameraEmbedding(self.dm.dim).to(self.device)
-        torch.nn.init.zeros_(self.camera.proj.weight)  # starts as "no camera": the stock model's behaviour
-        torch.nn.init.zeros_(self.camera.proj.bias)
+        self.camera = None
+        if cfg.query_layers:
+            self.camera = CameraEmbedding(self.dm.dim).to(self.device)
+            if cfg.camera_init == "zeros":
+                torch.nn.init.zeros_(self.camera.proj.weight)
+            else:
+                g = torch.Generator().manual_seed(cfg.seed)
+                self.camera.proj.weight.data.copy_(torch.randn(self.camera.proj.weight.shape, generator=g)
+                                                   * cfg.camera_init_std)
+            torch.nn.init.zeros_(self.camera.proj.bias)
 
     def forward(self, item, generator: torch.Generator) -> torch.Tensor:
         latent, poses, text = (None if v is None else v.to(self.device) for v in item)
         latent = wa.wan21_latent_in(latent.float())
         p = self.cfg.predict_latent_frames
-        n_ctx = sample_context_length(p, self.cfg.max_context_multiple, latent.shape[1] - p, generator)
-        c_slice, p_slice = clip_windows(latent.shape[1], p, n_ctx)
-        pose = (lambda s: None) if poses is None else (lambda s: poses[s])
-        history = ContextSpec.from_history(latent[:, c_slice], pose(c_slice))
-        query = QueryMemory(self.cfg.query_layers, history, self.camera, pose(p_slice), cache_context=False,
+        if not self.cfg.query_layers:
+            return self.denoise_loss(latent[:, -p:].unsqueeze(0), text, generator)
+        context, target, _, _ = sample_context(latent, poses, p, self.cfg.max_context_multiple,
+                                               self.cfg.context_policies, generator)
+        chunk_poses = None if poses is None else poses[-p:]
+        query = QueryMemory(self.cfg.query_layers, context, self.camera, chunk_poses, cache_context=False,
                             query_pool=self.cfg.query_pool)
-        return self.denoise_loss(latent[:, p_slice].unsqueeze(0), text, generator, query=query)
+        return self.denoise_loss(target.unsqueeze(0), text, generator, query=query)
 
     def export(self, folder: Path) -> list[Path]:
         """The query weights (camera MLP, for Apply Query Memory's ``query_weights``) and either the fine-tuned
         Wan2.1 state dict (for Load Diffusion Model) or, with LoRA, the adapters in ComfyUI's LoRA format (for
-        LoraLoaderModelOnly on the stock Wan2.1)."""
+        LoraLoaderModelOnly on the stock Wan2.1). A plain baseline (``query_layers = 0``) has no query weights."""
         folder.mkdir(parents=True, exist_ok=True)
-        query = folder / QUERY_EXPORT
         if self.cfg.lora_rank:
             wan = folder / LORA_EXPORT
             save_file(comfy_lora_state(self.dm, self.cfg.lora_rank), str(wan))
         else:
             wan = folder / WAN_EXPORT
             save_file({k: v.detach().contiguous().cpu() for k, v in self.dm.state_dict().items()}, str(wan))
-        save_query_weights(query, self.camera.state_dict(), self.cfg.query_layers)
+        if self.camera is None:
+            return [wan]
+        query = folder / QUERY_EXPORT
+        save_query_weights(query, self.camera.state_dict(), self.cfg.query_layers, self.cfg.query_pool)
         return [wan, query]
 
 
@@ -179,6 +191,17 @@ def comfy_lora_state(dm: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def training_device(choice: str) -> torch.device:
+    """The config's ``device``; ``auto`` is ComfyUI's compute device (CUDA when present, else the CPU)."""
+    import comfy.model_management
+
+    if choice == "auto":
+        return comfy.model_management.get_torch_device()
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device = \"{choice}\" but this machine has no usable CUDA GPU; use \"auto\" or \"cpu\"")
+    return torch.device(choice)
+
+
 def run_training(cfg: TrainConfig, text_fn=None):
     """Load the model, VAE and text encoder with ComfyUI, encode the clips once (cached), train, export.
 
@@ -191,29 +214,36 @@ def run_training(cfg: TrainConfig, text_fn=None):
     from tqdm import tqdm
 
     from memlearner_core.memory_bank import pool_text_embedding, reference_sets
-    from memlearner_core.training.dataset import ClipFolder, LatentCache, encode_all
+    from memlearner_core.training.dataset import ClipFolder, LatentCache, encode_all, read_latent_folder
     from memlearner_core.training.distributed import Processes
     from memlearner_core.training.trainer import require_data, train
 
     procs = Processes.from_env()
-    device = procs.device() if procs.world > 1 else comfy.model_management.get_torch_device()
+    device = procs.device() if procs.world > 1 else training_device(cfg.device)
     model = comfy.sd.load_diffusion_model(str(cfg.model_file))
-    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(cfg.vae_file)))
-    wa.check_wan21_vae(vae)
-    if text_fn is None:
+    if text_fn is None and cfg.text == "none":
+        def text_fn(caption):
+            return torch.zeros(1, 1, wa.wan21_model(model).text_dim)
+    elif text_fn is None:
         if cfg.text_encoder_file is None:
-            raise ValueError("the config needs text_encoder_file (umt5_xxl, to encode the captions)")
+            raise ValueError("the config needs text_encoder_file (umt5_xxl, to encode the captions), "
+                             "or text = \"none\" to train without text")
         clip = comfy.sd.load_clip([str(cfg.text_encoder_file)], clip_type=comfy.sd.CLIPType.WAN)
 
         def text_fn(caption):
             return clip.encode_from_tokens(clip.tokenize(caption))
 
-    clips = ClipFolder(cfg.data_dir, cfg.clip_frames, cfg.width, cfg.height)
-    for turn in (True, False):  # the first process fills the latent cache, then the others read it
-        if procs.is_main == turn:
-            encoded, skipped = encode_all(clips, wa.read_video, lambda frames: vae.encode(frames).detach().cpu(),
-                                          LatentCache(cfg.cache_dir), wa.vae_fingerprint(vae))
-        procs.barrier()
+    if cfg.data_format == "latents":
+        encoded, skipped = read_latent_folder(cfg.data_dir, cfg.latent_frames, cfg.width, cfg.height)
+    else:
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(cfg.vae_file)))
+        wa.check_wan21_vae(vae)
+        clips = ClipFolder(cfg.data_dir, cfg.clip_frames, cfg.width, cfg.height)
+        for turn in (True, False):  # the first process fills the latent cache, then the others read it
+            if procs.is_main == turn:
+                encoded, skipped = encode_all(clips, wa.read_video, lambda frames: vae.encode(frames).detach().cpu(),
+                                              LatentCache(cfg.cache_dir), wa.vae_fingerprint(vae))
+            procs.barrier()
     texts = {e.caption: text_fn(e.caption).detach().float().cpu() for e, _, _ in encoded}
     if procs.is_main:
         print(f"training data: {len(encoded)} clips, {len(skipped)} skipped", file=sys.stderr)

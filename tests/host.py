@@ -5,7 +5,6 @@ with ``MEMLEARNER_TEST_VRAM=lowvram|novram`` for ComfyUI's low-VRAM modes.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from memlearner_host import server
@@ -17,7 +16,9 @@ from memlearner_host.server import (  # noqa: F401  (the tests use them as host.
     comfy_flags,
     comfy_path,
     free_port,
+    pack,
     prepare_imports,
+    run_node,
     use_gpu,
     vram_mode,
 )
@@ -30,23 +31,3 @@ def write_extra_paths(models_dir: Path, path: Path) -> Path:
     """An extra_model_paths.yaml pointing ComfyUI at the test models, the tiny fixtures' node and the test-only
     nodes."""
     return server.write_extra_paths(models_dir, path, [TINY_NODES, TEST_NODES])
-
-
-def pack(submodule: str):
-    """A module of the pack as ComfyUI loaded it (``pack("nodes.memory_patch")``), so tests and nodes share
-    one copy of every class. ComfyUI names a custom-node package after its folder path."""
-    import importlib
-
-    init = (ROOT / "__init__.py").resolve()
-    for name, module in list(sys.modules.items()):
-        f = getattr(module, "__file__", None)
-        if f and Path(f).resolve() == init:
-            return importlib.import_module(f"{name}.{submodule}")
-    raise RuntimeError("the pack is not loaded into ComfyUI")
-
-
-def run_node(cls, **inputs) -> tuple:
-    """Execute a node class the way ComfyUI does (V3 ``execute`` or V1 ``FUNCTION``); returns its outputs."""
-    if hasattr(cls, "GET_SCHEMA") and hasattr(cls, "define_schema"):
-        return tuple(cls.execute(**inputs).args)
-    return tuple(getattr(cls(), cls.FUNCTION)(**inputs))

@@ -95,15 +95,18 @@ def query_masks(nc, nq, npred, query_layer: bool):
 
 
 @torch.no_grad()
-def query_memory_reference(dm, x, t, txt, context_latent, context_freqs, q_noise, query_layers, q_freqs=None):
+def query_memory_reference(dm, x, t, txt, context_latent, context_freqs, q_noise, query_layers, q_freqs=None,
+                           camera=(0, 0, 0)):
     """MemLearner on ``[C; Q; P]`` with dense masks: C at t=0 and unchanged through the query layers, dropped
-    after them; Q at P's positions (or ``q_freqs``) and timestep; only P reaches the head."""
+    after them; Q at P's positions (or ``q_freqs``) and timestep; only P reaches the head. ``camera``: per-token
+    camera vectors ``[N, C]`` added to the embedded C, Q and P tokens (0 for none)."""
     dm = on_cpu_float32(dm)
     grid = x.shape[2:]
     b = x.shape[0]
-    p = embed(dm, x)
-    qtok = embed(dm, q_noise)
-    c = embed(dm, context_latent.unsqueeze(0)).expand(b, -1, -1) if context_latent is not None else p[:, :0]
+    c_cam, q_cam, p_cam = camera
+    p = embed(dm, x) + p_cam
+    qtok = embed(dm, q_noise) + q_cam
+    c = embed(dm, context_latent.unsqueeze(0)).expand(b, -1, -1) + c_cam if context_latent is not None else p[:, :0]
     nc, nq, npred = c.shape[1], qtok.shape[1], p.shape[1]
     e, e0 = time_mod(dm, t)
     _, e0_clean = time_mod(dm, torch.zeros(1))

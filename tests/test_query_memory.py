@@ -201,6 +201,50 @@ def test_camera_poses_condition_the_output(comfy, wan_model):
     assert torch.equal(run(poses_json(5, shift=0.5)), moving)
 
 
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_camera_goes_on_history_queries_and_video_as_the_weights_version_says(comfy, wan_model, version):
+    """Version 2 (the published default) adds the camera to C, Q and P; version 1 files keep C and P only."""
+    from memlearner_core.checkpoint_io import load_query_weights
+    from memlearner_core.trajectory import parse_trajectory
+
+    mp = host.pack("nodes.memory_patch")
+    name = f"cam_ref_v{version}.safetensors"
+    write_query_weights(comfy, name, version)
+    poses = poses_json(5, shift=0.3)  # 2 history frames, then the 3 being generated
+    model = comfy.run("MemLearnerApplyQueryMemory", model=wan_model, context=history(2), query_layers=2,
+                      query_weights=name, camera_poses=poses)[0]
+    x, t, txt = inputs(1)
+    out = model_forward(model, x, t, txt, run_seed=3)
+
+    weights = load_query_weights(comfy.folder_paths.get_full_path("memlearner", name))
+    cam = torch.nn.Linear(12, 256)
+    cam.load_state_dict({k.removeprefix("proj."): v for k, v in weights.camera.items()})
+    with torch.no_grad():
+        per_token = cam(parse_trajectory(poses).reshape(5, 12)).repeat_interleave(16, 0)  # 16 tokens per frame
+    c_cam, p_cam = per_token[:32], per_token[32:]
+    q_cam = p_cam if version == "2" else 0
+    dm = wan_model.model.diffusion_model
+    ctx = in_model_space(wan_model, history(2)["samples"])[0]
+    freqs = dm.rope_embedder(segment_positions(ContextSpec.from_history(ctx).segments[0]).unsqueeze(0)).movedim(1, 2)
+    q_noise = mp.RunState(3).query_noise(x.shape, 1, x.device, x.dtype)
+    ref = reference_wan.query_memory_reference(dm, x, t, txt, ctx, freqs, q_noise, 2, camera=(c_cam, q_cam, p_cam))
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_query_weights_trained_with_other_layers_or_pool_are_refused(comfy, wan_model):
+    from memlearner_core.camera import CameraEmbedding
+    from memlearner_core.checkpoint_io import save_query_weights
+
+    folder = comfy.folder_paths.get_folder_paths("memlearner")[0]
+    save_query_weights(f"{folder}/cam_l2_p2.safetensors", CameraEmbedding(256).state_dict(), 2, 2)
+    with pytest.raises(ValueError, match="fine-tuned with query_layers = 2, but the node says 3"):
+        comfy.run("MemLearnerApplyQueryMemory", model=wan_model, context=history(2), query_layers=3,
+                  query_weights="cam_l2_p2.safetensors", query_pool=2)
+    with pytest.raises(ValueError, match="fine-tuned with query_pool = 2, but the node says 1"):
+        comfy.run("MemLearnerApplyQueryMemory", model=wan_model, context=history(2), query_layers=2,
+                  query_weights="cam_l2_p2.safetensors", query_pool=1)
+
+
 def test_unknown_weights_version_is_refused(comfy, wan_model):
     write_query_weights(comfy, "cam_v9.safetensors", version="9")
     with pytest.raises(ValueError, match="version '9' is not supported"):

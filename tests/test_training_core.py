@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from memlearner_core.context_policy import frame_cost, select_context
 from memlearner_core.reference_video import sample_indices
 from memlearner_core.training.checkpointing import (
     TrainCheckpointError,
@@ -25,6 +26,7 @@ from memlearner_core.training.config import ConfigError, config_from_dict, examp
 from memlearner_core.training.context_sampling import (
     ContextSamplingError,
     clip_windows,
+    sample_context,
     sample_context_length,
     split_clip,
 )
@@ -33,7 +35,9 @@ from memlearner_core.training.dataset import (
     DatasetError,
     LatentCache,
     encode_all,
+    read_latent_folder,
     resize_and_crop,
+    write_latent_clip,
 )
 from memlearner_core.training.flow_matching import (
     FlowMatchingError,
@@ -43,6 +47,7 @@ from memlearner_core.training.flow_matching import (
     timesteps,
     velocity_target,
 )
+from memlearner_core.training.trainer import warmup_factor
 from memlearner_core.trajectory import orbit, trajectory_json
 
 REQUIRED = {"recipe": "query", "data_dir": "d", "output_dir": "o", "model_file": "m.safetensors",
@@ -84,12 +89,30 @@ def test_config_defaults_and_absolute_paths(tmp_path):
     ({"width": 840}, ["'width'", "multiple of 16"]),
     ({"steps": 0}, ["'steps'", ">= 1"]),
     ({"predict_latent_frames": 21}, ["'predict_latent_frames'", "21 latent frames"]),
+    ({"context_policies": ["all", "nearest"]}, ["'context_policies'", "'framepack'"]),
+    ({"context_policies": []}, ["'context_policies'", "non-empty list"]),
+    ({"device": "gpu"}, ["'device'", '"cuda:N"']),
+    ({"camera_init": "ones"}, ["'camera_init'", "'normal'"]),
+    ({"recipe": "encoder", "text": "none"}, ["encoder recipe", 'text = "captions"']),
 ])
 def test_config_errors_name_the_key(tmp_path, extra, words):
     with pytest.raises(ConfigError) as e:
         config_from_dict({**REQUIRED, **extra}, tmp_path)
     for w in words:
         assert w in str(e.value)
+
+
+def test_pre_encoded_latents_need_no_vae_and_videos_do(tmp_path):
+    cfg = config_from_dict({k: v for k, v in REQUIRED.items() if k != "vae_file"} | {"data_format": "latents",
+                                                                                      "text": "none"}, tmp_path)
+    assert cfg.vae_file is None and cfg.context_policies == ("all", "recent", "fov", "framepack")
+    with pytest.raises(ConfigError, match="vae_file"):
+        config_from_dict({k: v for k, v in REQUIRED.items() if k != "vae_file"}, tmp_path)
+
+
+def test_warmup_rises_linearly_then_holds():
+    assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0
 
 
 def test_config_file_errors_name_the_file(tmp_path):
@@ -158,6 +181,34 @@ def test_context_length_is_uniform_over_its_bounds(p, multiple, available, top):
     assert set(draws) == set(range(top + 1))  # every value reachable, none outside
     expected = 4000 / (top + 1)
     assert all(abs(c - expected) < 0.25 * expected + 5 for c in draws.values())
+
+
+def test_training_context_is_picked_by_each_rollout_policy_within_the_sampled_budget():
+    from memlearner_core import revisit_world as rw
+
+    g = torch.Generator().manual_seed(0)
+    poses = rw.random_trajectory(12, g)
+    latent = torch.arange(12.0).reshape(1, 12, 1, 1).expand(16, 12, 8, 8)  # frame i holds the value i
+    drawn = Counter()
+    for _ in range(200):
+        spec, target, policy, picks = sample_context(latent, poses, 2, 5, ("all", "recent", "fov", "framepack"), g)
+        drawn[policy] += 1
+        assert target[0, :, 0, 0].tolist() == [10, 11]  # P: the last frames
+        tokens = sum(frame_cost(8, 8, pk.pool) for pk in picks)
+        budget = next(b for b in range(11) if select_context(policy, 10, b * frame_cost(8, 8), (8, 8), poses[:10],
+                                                             poses[10:]) == picks)
+        assert tokens <= budget * frame_cost(8, 8)
+        for seg in spec.segments:  # history at its true offset before P, its own poses
+            assert (seg.frame_index < 0).all()
+            assert torch.equal(seg.latent[0, :, 0, 0], seg.frame_index.float() + 10)
+            assert torch.equal(seg.poses, poses[seg.frame_index + 10])
+    assert set(drawn) == {"all", "recent", "fov", "framepack"} and min(drawn.values()) > 25
+
+
+def test_training_context_without_poses_never_uses_fov():
+    g = torch.Generator().manual_seed(1)
+    latent = torch.randn(16, 8, 4, 4)
+    assert {sample_context(latent, None, 2, 3, ("fov",), g)[2] for _ in range(20)} == {"recent"}
 
 
 def test_split_clip_takes_the_frames_right_before_the_prediction():
@@ -259,6 +310,37 @@ def test_wrong_poses_file_is_an_error_naming_it(video_folder):
     with pytest.raises(DatasetError, match=r"e_posed\.poses\.json: 10 poses, but the video has 12 frames"):
         encode_all(clips, host.decode, host.encode)
     assert host.encoded == 1  # checked before the video is encoded
+
+
+def test_latent_folder_reads_clips_with_poses_and_captions_and_skips_unfit_files(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    poses = orbit(6)
+    write_latent_clip(tmp_path / "a.safetensors", torch.randn(16, 6, 4, 4), poses, "a caption")
+    write_latent_clip(tmp_path / "b.safetensors", torch.randn(16, 5, 4, 4))  # more frames than a clip: cut
+    write_latent_clip(tmp_path / "short.safetensors", torch.randn(16, 2, 4, 4))
+    write_latent_clip(tmp_path / "nan.safetensors", torch.full((16, 5, 4, 4), float("nan")))
+    write_latent_clip(tmp_path / "size.safetensors", torch.randn(16, 5, 8, 8))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    (tmp_path / "broken.safetensors").write_bytes(b"not safetensors")
+    with caplog.at_level(logging.WARNING, logger="memlearner"):
+        items, skipped = read_latent_folder(tmp_path, latent_frames=4, width=32, height=32)
+    assert [e.path.name for e, _, _ in items] == ["a.safetensors", "b.safetensors"]
+    (entry, latent, clip_poses), (_, _, none) = items
+    assert entry.caption == "a caption" and latent.shape == (16, 4, 4, 4) and none is None
+    assert torch.equal(clip_poses, poses[:4])
+    assert {p.name for p, _ in skipped} == {"short.safetensors", "nan.safetensors", "size.safetensors",
+                                           "other.safetensors", "broken.safetensors"}
+    assert "5 of 7 latent file(s) skipped" in caplog.text
+
+
+def test_latent_folder_poses_that_do_not_fit_are_an_error_naming_the_file(tmp_path):
+    write_latent_clip(tmp_path / "bad.safetensors", torch.randn(16, 4, 4, 4), torch.randn(4, 3, 4))
+    with pytest.raises(DatasetError, match="bad.safetensors.*not orthonormal"):
+        read_latent_folder(tmp_path, 4, 32, 32)
+    write_latent_clip(tmp_path / "bad.safetensors", torch.randn(16, 4, 4, 4), orbit(2))
+    with pytest.raises(DatasetError, match="bad.safetensors: poses must be"):
+        read_latent_folder(tmp_path, 4, 32, 32)
 
 
 def test_resize_and_crop_covers_then_crops_the_centre():

@@ -20,12 +20,18 @@ except ModuleNotFoundError:  # Python 3.10: tomllib is 3.11+, the same parser sh
 
 RECIPES = ("query", "encoder")
 PRECISIONS = ("bf16", "fp32")
+DATA_FORMATS = ("videos", "latents")
+TEXT_SOURCES = ("captions", "none")
+CAMERA_INITS = ("zeros", "normal")
+CONTEXT_POLICIES = ("all", "recent", "fov", "framepack")  # as context_policy.POLICIES; the rollout's choices
 DEFAULT_LR = {"query": 1e-5, "encoder": 1e-5}
-REQUIRED = ("recipe", "data_dir", "output_dir", "model_file", "vae_file")
+REQUIRED = ("recipe", "data_dir", "output_dir", "model_file")
 MINIMUM = {"steps": 1, "batch_size": 1, "weight_decay": 0.0, "checkpoint_every": 1, "keep_checkpoints": 1,
-           "seed": 0, "query_layers": 1, "query_pool": 1, "predict_latent_frames": 1, "max_context_multiple": 0,
-           "clip_frames": 5, "width": 16, "height": 16, "lora_rank": 0, "top_k_references": 1}
-CHOICES = {"recipe": RECIPES, "mixed_precision": PRECISIONS}
+           "seed": 0, "query_layers": 0, "query_pool": 1, "predict_latent_frames": 1, "max_context_multiple": 0,
+           "clip_frames": 5, "width": 16, "height": 16, "lora_rank": 0, "top_k_references": 1,
+           "warmup_steps": 0, "grad_clip": 0.0, "camera_init_std": 0.0}
+CHOICES = {"recipe": RECIPES, "mixed_precision": PRECISIONS, "data_format": DATA_FORMATS, "text": TEXT_SOURCES,
+           "camera_init": CAMERA_INITS, "context_policies": CONTEXT_POLICIES}
 
 
 class ConfigError(ValueError):
@@ -41,24 +47,33 @@ class TrainConfig:
     data_dir: Path
     output_dir: Path
     model_file: Path
-    vae_file: Path
+    vae_file: Path | None = None  # the Wan2.1 VAE; needed for data_format = "videos"
     steps: int = 10_000
     batch_size: int = 1
     lr: float | None = None  # None: DEFAULT_LR of the recipe
+    warmup_steps: int = 0  # learning rate rises linearly from 0 over these steps
+    grad_clip: float = 0.0  # clip the gradient norm to this (0: no clipping)
     weight_decay: float = 0.01
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     seed: int = 0
-    query_layers: int = 5
+    query_layers: int = 5  # 0: no query memory (a plain Wan2.1 trained on the same clips, a baseline)
     query_pool: int = 1  # one query token per query_pool x query_pool cell of the predicted frames (query recipe)
     predict_latent_frames: int = 2  # P, latent frames denoised per clip (query recipe)
     max_context_multiple: int = 9  # context length uniform in 0 .. this x P (query recipe)
+    # context picked from the clip's earlier frames by one of these rollout policies per item (query recipe)
+    context_policies: tuple[str, ...] = CONTEXT_POLICIES
+    camera_init: str = "zeros"  # camera MLP init: "zeros" (fine-tuning a pretrained Wan) or "normal" (from scratch)
+    camera_init_std: float = 0.5  # the normal init's standard deviation
     clip_frames: int = 81  # video frames per clip, 4k+1
     width: int = 832
     height: int = 480
     lora_rank: int = 0  # 0: full fine-tune
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = True
+    device: str = "auto"  # "auto": CUDA when present, else the CPU; or "cpu", "cuda", "cuda:1", ...
+    data_format: str = "videos"  # "latents": data_dir holds <clip>.safetensors with `latent` (and `poses`)
+    text: str = "captions"  # "none": no text, every clip conditioned on an empty (zero) text embedding
     top_k_references: int = 5  # encoder recipe
     encoder_file: Path | None = None  # encoder recipe: initial weights, None = random init
     text_encoder_file: Path | None = None  # umt5 for the captions (ComfyUI's text_encoders file)
@@ -86,11 +101,19 @@ def _check(key: str, value, base: Path):
             raise ConfigError(f"'{key}' must be a path (a non-empty string), got {value!r}")
         path = Path(value).expanduser()
         return path if path.is_absolute() else (base / path).resolve()
+    if kind.startswith("tuple"):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
+                or any(v not in CHOICES[key] for v in value):
+            raise ConfigError(f"'{key}' must be a non-empty list of {', '.join(repr(c) for c in CHOICES[key])}, "
+                              f"got {value!r}")
+        return tuple(dict.fromkeys(value))
     if kind == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"'{key}' must be true or false, got {value!r}")
         return value
     if kind == "str":
+        if key == "device":
+            return _device(value)
         if value not in CHOICES[key]:
             raise ConfigError(f"'{key}' must be one of {', '.join(repr(c) for c in CHOICES[key])}, "
                               f"got {value!r}")
@@ -103,6 +126,13 @@ def _check(key: str, value, base: Path):
     if key in MINIMUM and value < MINIMUM[key]:
         raise ConfigError(f"'{key}' must be >= {MINIMUM[key]}, got {value!r}")
     return value if kind == "int" else float(value)
+
+
+def _device(value) -> str:
+    if not isinstance(value, str) or not (value in ("auto", "cpu", "cuda", "mps")
+                                          or (value.startswith("cuda:") and value[5:].isdigit())):
+        raise ConfigError(f"'device' must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {value!r}")
+    return value
 
 
 def config_from_dict(data: dict, base: str | Path = ".") -> TrainConfig:
@@ -129,6 +159,11 @@ def config_from_dict(data: dict, base: str | Path = ".") -> TrainConfig:
     if cfg.recipe == "encoder" and cfg.lora_rank:
         raise ConfigError("'lora_rank' applies to the query recipe; the encoder recipe trains the whole encoder "
                           "against a frozen Wan2.1 (set lora_rank = 0)")
+    if cfg.data_format == "videos" and cfg.vae_file is None:
+        raise ConfigError("missing required key(s): vae_file (the Wan2.1 VAE encodes the videos; with pre-encoded "
+                          "latents set data_format = \"latents\")")
+    if cfg.recipe == "encoder" and cfg.text == "none":
+        raise ConfigError("the encoder recipe ranks references by caption: it needs text = \"captions\"")
     if cfg.recipe == "query" and cfg.predict_latent_frames >= cfg.latent_frames:
         raise ConfigError(f"'predict_latent_frames' ({cfg.predict_latent_frames}) must be below the clip's "
                           f"{cfg.latent_frames} latent frames ('clip_frames' {cfg.clip_frames}), leaving "
@@ -181,6 +216,11 @@ width = 832              # multiples of 16
 height = 480
 mixed_precision = "bf16" # "bf16" or "fp32"
 gradient_checkpointing = true
+device = "auto"          # CUDA when present, else the CPU; or "cpu", "cuda:1", ...
+data_format = "videos"   # or "latents": <clip>.safetensors holding latent [16, T, H, W] (+ poses [T, 3, 4])
+text = "captions"        # or "none": train without text (an empty text embedding)
+warmup_steps = 0         # linear learning-rate warmup
+grad_clip = 0.0          # gradient-norm clipping (0 = off)
 lora_rank = 0            # 0 = full fine-tune; e.g. 64 = LoRA adapters only (query recipe, needs peft)
 
 # query recipe (MemLearner)
@@ -188,6 +228,9 @@ query_layers = 5
 query_pool = 1                 # 2: one query token per 2x2 cell (4x fewer; run the nodes with the same value)
 predict_latent_frames = 2      # P: latent frames denoised per clip; the loss counts only these
 max_context_multiple = 9       # context length uniform in 0 .. 9 x P latent frames (capped by the clip)
+context_policies = ["all", "recent", "fov", "framepack"]   # how the context is picked, as Memory Rollout does
+camera_init = "zeros"          # "normal" when training a model from scratch
+camera_init_std = 0.5
 
 # encoder recipe (DiT-Mem)
 top_k_references = 5           # reference videos per clip, by caption similarity

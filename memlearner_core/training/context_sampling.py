@@ -4,11 +4,20 @@ A clip of N latent frames is cut into the last ``p`` frames, P, which the model 
 and the ``n_context`` frames right before them, C, which the model reads clean. MemLearner samples the context
 length uniformly from 0 to 9x the length of P, so the model learns to use no history, a little, and a lot; a
 clip shorter than that caps it at what the clip holds.
+
+``sample_context`` draws the context the way Memory Rollout hands it to the model: the sampled length becomes a
+token budget and a policy (``all``/``recent``: the newest frames; ``fov``: the frames whose view overlaps P's;
+``framepack``: older frames pooled coarser) picks frames from everything before P, so gapped and pooled contexts
+are seen in training too.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..context_policy import FramePick, frame_cost, select_context
+from ..context_tokens import ContextSpec
+from ..rollout import MemoryBank
 
 
 class ContextSamplingError(ValueError):
@@ -43,3 +52,25 @@ def split_clip(latent: torch.Tensor, p: int, n_context: int) -> tuple[torch.Tens
         raise ContextSamplingError(f"expected a clip latent [C, N, H, W], got {tuple(latent.shape)}")
     context, target = clip_windows(latent.shape[1], p, n_context)
     return latent[:, context], latent[:, target]
+
+
+def sample_context(latent: torch.Tensor, poses: torch.Tensor | None, p: int, max_multiple: int,
+                   policies: tuple[str, ...], generator: torch.Generator | None = None
+                   ) -> tuple[ContextSpec, torch.Tensor, str, list[FramePick]]:
+    """A training example from ``latent [C, N, H, W]`` (poses ``[N, 3, 4]`` or None): the context (a
+    ``ContextSpec``, frames at their offsets before P), the target P ``[C, p, H, W]`` (the last ``p`` frames), the
+    policy drawn (uniformly from ``policies``; ``fov`` becomes ``recent`` for a clip without poses) and its picks.
+    The budget is ``sample_context_length`` full-resolution frames of tokens."""
+    n = latent.shape[1]
+    start = clip_windows(n, p, 0)[1].start
+    n_ctx = sample_context_length(p, max_multiple, start, generator)
+    policy = policies[int(torch.randint(0, len(policies), (1,), generator=generator))]
+    if policy == "fov" and poses is None:
+        policy = "recent"
+    hw = tuple(latent.shape[-2:])
+    history = None if poses is None else poses[:start]
+    chunk = None if poses is None else poses[start:]
+    picks = select_context(policy, start, n_ctx * frame_cost(*hw), hw, history, chunk)
+    bank = MemoryBank(poses)
+    bank.append(latent[:, :start])
+    return bank.context(picks, start), latent[:, start:], policy, picks

@@ -1,4 +1,5 @@
-"""Training clips from a folder of captioned videos, encoded once to Wan2.1 VAE latents and cached on disk.
+"""Training clips from a folder of captioned videos, encoded once to Wan2.1 VAE latents and cached on disk, or from
+a folder of latents encoded beforehand (``read_latent_folder``).
 
 The folder is a memory bank's (``captions.json`` or ``<video>.txt``), plus an optional ``<stem>.poses.json``
 per video: a JSON list of 3x4 camera-to-world matrices, one per video frame. Decoding and the VAE belong to
@@ -24,7 +25,7 @@ from safetensors.torch import save_file
 
 from ..memory_bank import latent_cache_path, read_captioned_folder
 from ..reference_video import sample_indices
-from ..trajectory import TrajectoryError, parse_trajectory
+from ..trajectory import TrajectoryError, parse_trajectory, validate_poses
 
 POSES_SUFFIX = ".poses.json"
 RESIZE_CHUNK = 16  # frames resized at once
@@ -214,3 +215,76 @@ def encode_all(clips: ClipFolder, decode_fn: Callable[[Path], torch.Tensor],
     if skipped:
         log.warning("training data %s: %d of %d video(s) skipped", clips.folder, len(skipped), len(clips))
     return items, skipped
+
+
+LATENT_SUFFIX = ".safetensors"
+
+
+def _latent_clip(path: Path, latent_frames: int, hw: tuple[int, int]) -> tuple[torch.Tensor | None, str, dict]:
+    """A pre-encoded clip's first ``latent_frames`` frames ``[16, T, h, w]``, or None and why it is skipped."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, names = f.metadata() or {}, set(f.keys())
+            if "latent" not in names:
+                return None, f"has no 'latent' tensor (found {sorted(names)})", {}
+            latent = f.get_tensor("latent")
+            poses = f.get_tensor("poses") if "poses" in names else None
+    except Exception as e:  # not a safetensors file, truncated, ...
+        return None, f"could not be read ({type(e).__name__}: {e})", {}
+    if latent.ndim == 5 and latent.shape[0] == 1:
+        latent = latent[0]
+    if latent.ndim != 4 or latent.shape[0] != 16:
+        return None, f"latent is {tuple(latent.shape)}, not a Wan2.1 video latent [16, T, H, W]", {}
+    if not latent.is_floating_point() or not torch.isfinite(latent).all():
+        return None, "latent is not finite floating-point numbers", {}
+    if tuple(latent.shape[2:]) != hw:
+        return None, f"latent frames are {tuple(latent.shape[2:])}, the config's width and height make {hw}", {}
+    if latent.shape[1] < latent_frames:
+        return None, f"{latent.shape[1]} latent frames, fewer than the {latent_frames} of a clip", {}
+    return latent[:, :latent_frames].float(), "", {"meta": meta, "poses": poses}
+
+
+def read_latent_folder(folder: str | Path, latent_frames: int, width: int, height: int
+                       ) -> tuple[list[tuple[ClipEntry, torch.Tensor, torch.Tensor | None]], list[tuple[Path, str]]]:
+    """Clips already encoded: every ``<clip>.safetensors`` of ``folder`` (sorted by name) holding ``latent
+    [16, T, H, W]`` (LATENT samples, as VAE Encode gives them, ``H, W = height/8, width/8``), optionally ``poses
+    [T, 3, 4]`` (one camera-to-world pose per latent frame) and a ``caption`` metadata entry. The first
+    ``latent_frames`` frames are the clip. Returns what ``encode_all`` returns: unreadable or unfit files are
+    logged and skipped; poses that do not fit the latent are an error naming the file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"training data folder not found: {folder}")
+    items, skipped = [], []
+    for path in sorted(folder.glob("*" + LATENT_SUFFIX)):
+        latent, why, extra = _latent_clip(path, latent_frames, (height // 8, width // 8))
+        if latent is None:
+            log.warning("training data: skipped %s: %s", path.name, why)
+            skipped.append((path, why))
+            continue
+        poses = extra["poses"]
+        if poses is not None:
+            if poses.ndim != 3 or poses.shape[0] < latent_frames:
+                raise DatasetError(f"{path}: poses must be [T, 3, 4] with one pose per latent frame "
+                                   f"(at least {latent_frames}), got {tuple(poses.shape)}")
+            try:
+                poses = validate_poses(poses[:latent_frames].float(), f"poses of {path.name}")
+            except TrajectoryError as e:
+                raise DatasetError(f"{path}: {e}") from None
+        items.append((ClipEntry(path, extra["meta"].get("caption", ""), poses), latent, poses))
+    if skipped:
+        log.warning("training data %s: %d of %d latent file(s) skipped", folder, len(skipped),
+                    len(skipped) + len(items))
+    return items, skipped
+
+
+def write_latent_clip(path: str | Path, latent: torch.Tensor, poses: torch.Tensor | None = None,
+                      caption: str = "") -> Path:
+    """Store a pre-encoded clip the way ``read_latent_folder`` reads it (atomically: temp file, then rename)."""
+    path = Path(path)
+    tensors = {"latent": latent.detach().float().cpu().contiguous()}
+    if poses is not None:
+        tensors["poses"] = poses.detach().float().cpu().contiguous()
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    save_file(tensors, str(tmp), metadata={"caption": caption})
+    os.replace(tmp, path)
+    return path

@@ -63,6 +63,11 @@ def require_data(items: list) -> None:
         raise ValueError("no training data: every video was skipped (see the warnings above) or the folder is empty")
 
 
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Learning-rate factor of optimizer step ``step`` (0-based): ``(step + 1) / warmup_steps`` up to 1."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
 def data_order(n: int, generator: torch.Generator) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
@@ -114,6 +119,10 @@ def train(cfg: TrainConfig, recipe: Recipe, items: list, device: str | torch.dev
                     loss = module(item, noise_gen) / cfg.batch_size
                 loss.backward()
             total += float(loss.detach())
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+        for group in optimizer.param_groups:  # linear warmup, a function of the step alone (exact on resume)
+            group["lr"] = cfg.lr * warmup_factor(step, cfg.warmup_steps)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

@@ -1,0 +1,296 @@
+"""A toy world with exact ground truth, for measuring whether memory remembers: a panorama in Wan2.1's latent space.
+
+The world is a cylinder of radius ``radius`` whose inside wall is a panorama ``[16, rows, columns]`` of smooth random
+latents (unit variance per channel, in the model's normalized latent space, where the sampler denoises). Column
+``c`` sits at world angle ``360 * c / columns`` degrees, measured from +z towards +x (the trajectory module's yaw).
+Every place has its own content, so a place seen once can only be predicted later by remembering it.
+
+A camera (one camera-to-world ``[R|t]`` per latent frame, OpenCV axes) sees an ``h x w`` latent frame: the ray
+through the view's centre hits the wall at angle ``theta`` and distance ``lam``; the frame shows the panorama's
+columns ``u = theta_col + (j - w/2) * s`` and rows ``v = (rows-1)/2 + (i - (h-1)/2) * s``, with ``s = lam / radius``
+(walking towards the wall zooms in), bilinearly sampled. Yaw-only cameras (every trajectory preset) are exact; pitch
+and roll are ignored.
+
+Two switchable hard cases of rule-based retrieval:
+- ``Occluder``: a wall that, during some frames, hides a band of world angles behind a flat colour: field-of-view
+  overlap says those frames saw the band, but they saw the wall;
+- ``MovingObject``: a block of flat colour that moves along the panorama at a steady speed: on a revisit it is
+  elsewhere.
+
+``render`` gives each frame's latent and, per latent pixel, where on the panorama it looked and whether the world
+was visible there; ``seen_before`` labels which pixels of later frames show places visible in earlier ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .trajectory import pose_from_position
+
+CHANNELS = 16
+COVERAGE_SUBDIV = 4  # sub-cells per panorama cell when recording which places a frame saw
+
+
+@dataclass(frozen=True)
+class Occluder:
+    """A wall in front of world columns ``[start, start + width)`` (panorama units, wrapping) during frames
+    ``[first_frame, last_frame]``; it shows one flat colour ``[16]``."""
+
+    start: float
+    width: float
+    first_frame: int
+    last_frame: int
+    colour: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MovingObject:
+    """A ``height x width`` block (panorama units) of one flat colour ``[16]``, its centre at column
+    ``start + speed * frame`` (wrapping) and rows ``[row, row + height)``."""
+
+    start: float
+    speed: float
+    row: float
+    width: float
+    height: float
+    colour: torch.Tensor
+
+
+@dataclass
+class World:
+    """A panorama ``[16, rows, columns]`` (model space) on a cylinder of ``radius``, with optional hard cases."""
+
+    panorama: torch.Tensor
+    radius: float = 8.0
+    occluder: Occluder | None = None
+    moving: MovingObject | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.panorama.shape[1]
+
+    @property
+    def columns(self) -> int:
+        return self.panorama.shape[2]
+
+
+@dataclass
+class Rendering:
+    """Frames ``latent [16, T, h, w]`` (model space) of a trajectory; per pixel ``u, v [T, h, w]`` (panorama
+    coordinates it shows), ``scale [T]`` (panorama cells per pixel) and ``visible [T, h, w]`` (False where the
+    wall or the moving object hides the world)."""
+
+    latent: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    scale: torch.Tensor
+    visible: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+
+def smooth_panorama(rows: int, columns: int, generator: torch.Generator, cutoff: float = 0.25) -> torch.Tensor:
+    """``[16, rows, columns]`` low-pass Gaussian noise (frequencies above ``cutoff`` cycles per cell removed,
+    wrapping around in columns), each channel scaled to zero mean and unit variance."""
+    noise = torch.randn(CHANNELS, rows, columns, generator=generator, dtype=torch.float64)
+    fy = torch.fft.fftfreq(rows, dtype=torch.float64)[:, None]
+    fx = torch.fft.rfftfreq(columns, dtype=torch.float64)[None, :]
+    keep = (fy**2 + fx**2) <= cutoff**2
+    smooth = torch.fft.irfft2(torch.fft.rfft2(noise) * keep, s=(rows, columns))
+    smooth = smooth - smooth.mean(dim=(1, 2), keepdim=True)
+    return (smooth / smooth.std(dim=(1, 2), keepdim=True)).float()
+
+
+def flat_colour(generator: torch.Generator) -> torch.Tensor:
+    """A random ``[16]`` colour of unit mean square, the same scale as the world's content."""
+    c = torch.randn(CHANNELS, generator=generator)
+    return c / c.pow(2).mean().sqrt()
+
+
+def make_world(seed: int, rows: int = 8, columns: int = 64, radius: float = 8.0, occluder: bool = False,
+               moving_object: bool = False, occluded_frames: tuple[int, int] = (0, 0),
+               occluded_columns: tuple[float, float] | None = None, object_speed: float | None = None) -> World:
+    """A seeded world. ``occluder``: a wall over ``occluded_columns`` (start, width; default a random quarter of
+    the panorama) during frames ``occluded_frames`` (first, last). ``moving_object``: a 3x4 block moving at
+    ``object_speed`` columns per frame (default random, 1 to 2 either way)."""
+    g = torch.Generator().manual_seed(seed)
+    pano = smooth_panorama(rows, columns, g)
+    wall = obj = None
+    if occluder:
+        start, width = occluded_columns or (float(torch.rand((), generator=g)) * columns, columns / 4)
+        wall = Occluder(start, width, occluded_frames[0], occluded_frames[1], flat_colour(g))
+    if moving_object:
+        speed = object_speed
+        if speed is None:
+            speed = (1 + float(torch.rand((), generator=g))) * (1 if torch.rand((), generator=g) < 0.5 else -1)
+        row = float(torch.randint(0, max(rows - 3, 1), (), generator=g))
+        obj = MovingObject(float(torch.rand((), generator=g)) * columns, speed, row, 4.0, 3.0, flat_colour(g))
+    return World(pano, radius, wall, obj)
+
+
+def view_geometry(world: World, poses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pose ``[T, 3, 4]``: the panorama column at the view's centre ``[T]`` and the zoom ``s = lam / radius``
+    ``[T]`` (``lam`` the distance along the view to the wall). Cameras must be inside the cylinder."""
+    p = poses[:, :, 3].double()
+    d = F.normalize(poses[:, :, 2].double()[:, [0, 2]], dim=-1)  # viewing direction in the xz plane
+    pxz = p[:, [0, 2]]
+    r2 = world.radius**2
+    if (pxz.pow(2).sum(-1) >= r2).any():
+        raise ValueError(f"a camera is outside the world's cylinder (radius {world.radius})")
+    pd = (pxz * d).sum(-1)
+    lam = -pd + torch.sqrt(pd**2 - pxz.pow(2).sum(-1) + r2)
+    hit = pxz + lam[:, None] * d
+    theta = torch.rad2deg(torch.atan2(hit[:, 0], hit[:, 1]))
+    return (theta / 360.0 * world.columns).float(), (lam / world.radius).float()
+
+
+def _wrap_distance(a: torch.Tensor, b: float | torch.Tensor, period: float) -> torch.Tensor:
+    """Signed ``a - b`` wrapped into ``[-period/2, period/2)``."""
+    return torch.remainder(a - b + period / 2, period) - period / 2
+
+
+def render(world: World, poses: torch.Tensor, h: int = 8, w: int = 8) -> Rendering:
+    """The frames a camera sees along ``poses [T, 3, 4]``: ``Rendering.latent [16, T, h, w]`` in model space."""
+    centre, scale = view_geometry(world, poses)
+    t = poses.shape[0]
+    j = torch.arange(w, dtype=torch.float32) - w / 2
+    i = torch.arange(h, dtype=torch.float32) - (h - 1) / 2
+    u = centre[:, None, None] + j[None, None, :] * scale[:, None, None]
+    v = (world.rows - 1) / 2 + i[None, :, None] * scale[:, None, None]
+    u, v = u.expand(t, h, w), v.expand(t, h, w)
+    latent = _bilinear(world.panorama, u, v)
+    visible = torch.ones(t, h, w, dtype=torch.bool)
+    frame = torch.arange(t)[:, None, None]
+    if world.occluder is not None:
+        o = world.occluder
+        inside = torch.remainder(u - o.start, world.columns) < o.width
+        hidden = inside & (frame >= o.first_frame) & (frame <= o.last_frame)
+        latent = torch.where(hidden[None], o.colour[:, None, None, None], latent)
+        visible &= ~hidden
+    if world.moving is not None:
+        m = world.moving
+        centre_now = m.start + m.speed * frame.float()
+        offset = _wrap_distance(u, centre_now, world.columns)  # columns [centre - width/2, centre + width/2)
+        on = (offset >= -m.width / 2) & (offset < m.width / 2) & (v >= m.row - 0.5) & (v < m.row + m.height - 0.5)
+        latent = torch.where(on[None], m.colour[:, None, None, None], latent)
+        visible &= ~on
+    return Rendering(latent, u, v, scale, visible)
+
+
+def _bilinear(pano: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Sample ``pano [C, rows, columns]`` at ``u, v [...]`` (columns wrap, rows clamp) -> ``[C, ...]``."""
+    rows, cols = pano.shape[1:]
+    v = v.clamp(0, rows - 1)
+    u0, v0 = torch.floor(u), torch.floor(v)
+    fu, fv = u - u0, v - v0
+    c0, c1 = torch.remainder(u0, cols).long(), torch.remainder(u0 + 1, cols).long()
+    r0, r1 = v0.long(), (v0 + 1).clamp(max=rows - 1).long()
+
+    def at(r, c):
+        return pano[:, r, c]
+
+    top = at(r0, c0) * (1 - fu) + at(r0, c1) * fu
+    bottom = at(r1, c0) * (1 - fu) + at(r1, c1) * fu
+    return top * (1 - fv) + bottom * fv
+
+
+def _footprint(u: float, v: float, s: float, rows: int, cols: int) -> tuple[range, list[int]]:
+    """Fine coverage cells a pixel at ``(u, v)`` of zoom ``s`` looks at: a row range and wrapped column list."""
+    k = COVERAGE_SUBDIV
+    r_lo = max(0, math.floor((v - s / 2 + 0.5) * k))
+    r_hi = min(rows * k, max(r_lo + 1, math.ceil((v + s / 2 + 0.5) * k)))
+    c_lo = math.floor((u - s / 2 + 0.5) * k)
+    c_hi = max(c_lo + 1, math.ceil((u + s / 2 + 0.5) * k))
+    return range(r_lo, r_hi), [c % (cols * k) for c in range(c_lo, c_hi)]
+
+
+def seen_before(world: World, rendering: Rendering, history: int) -> torch.Tensor:
+    """``[T, h, w]`` bool: for frames at and after ``history``, the pixels whose whole footprint on the panorama
+    was visible (not hidden by the wall or the object) in some frame before ``history``. Frames before it are
+    False. Which places the history showed, whatever the later frames show there now."""
+    rows, cols = world.rows, world.columns
+    covered = torch.zeros(rows * COVERAGE_SUBDIV, cols * COVERAGE_SUBDIV, dtype=torch.bool)
+    u, v, s, vis = rendering.u.tolist(), rendering.v.tolist(), rendering.scale.tolist(), rendering.visible
+    t, h, w = vis.shape
+    for f in range(min(history, t)):
+        for i in range(h):
+            for j in range(w):
+                if vis[f, i, j]:
+                    rr, cc = _footprint(u[f][i][j], v[f][i][j], s[f], rows, cols)
+                    covered[rr.start:rr.stop, cc] = True
+    out = torch.zeros(t, h, w, dtype=torch.bool)
+    for f in range(history, t):
+        for i in range(h):
+            for j in range(w):
+                rr, cc = _footprint(u[f][i][j], v[f][i][j], s[f], rows, cols)
+                out[f, i, j] = bool(covered[rr.start:rr.stop, cc].all())
+    return out
+
+
+def first_sight(world: World, rendering: Rendering) -> torch.Tensor:
+    """``[T, h, w]`` bool: pixels whose place no earlier frame showed at all (seen or hidden): new places."""
+    rows, cols = world.rows, world.columns
+    covered = torch.zeros(rows * COVERAGE_SUBDIV, cols * COVERAGE_SUBDIV, dtype=torch.bool)
+    u, v, s = rendering.u.tolist(), rendering.v.tolist(), rendering.scale.tolist()
+    t, h, w = rendering.visible.shape
+    out = torch.zeros(t, h, w, dtype=torch.bool)
+    for f in range(t):
+        cells = [_footprint(u[f][i][j], v[f][i][j], s[f], rows, cols) for i in range(h) for j in range(w)]
+        for n, (rr, cc) in enumerate(cells):
+            out[f, n // w, n % w] = not bool(covered[rr.start:rr.stop, cc].any())
+        for rr, cc in cells:
+            covered[rr.start:rr.stop, cc] = True
+    return out
+
+
+# --- trajectories for training -------------------------------------------------------------------------------
+
+def random_trajectory(n_frames: int, generator: torch.Generator, radius: float = 8.0) -> torch.Tensor:
+    """``[n, 3, 4]`` yaw-only camera poses that wander and come back: a yaw that sweeps out and returns (a
+    triangle wave of random period, amplitude and start), sometimes with a walk towards the wall and back."""
+    g = generator
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+    start, amplitude = uniform(0, 360), uniform(30, 240) * (1 if torch.rand((), generator=g) < 0.5 else -1)
+    period = int(torch.randint(4, max(5, n_frames + 1), (), generator=g))
+    phase = int(torch.randint(0, period, (), generator=g))
+    walk = uniform(0, 0.5 * radius) if torch.rand((), generator=g) < 0.3 else 0.0
+    poses = []
+    for f in range(n_frames):
+        x = ((f + phase) % period) / period
+        tri = 2 * x if x < 0.5 else 2 - 2 * x  # 0 -> 1 -> 0 over a period
+        yaw = start + amplitude * tri
+        forward = walk * tri
+        y = math.radians(yaw)
+        poses.append(pose_from_position([forward * math.sin(y), 0.0, forward * math.cos(y)], yaw))
+    return torch.stack(poses)
+
+
+def yaw_path(yaws: list[float]) -> torch.Tensor:
+    """``[len(yaws), 3, 4]`` poses of a camera at the origin turned to each yaw (degrees)."""
+    return torch.stack([pose_from_position([0.0, 0.0, 0.0], y) for y in yaws])
+
+
+def occluded_revisit_path(step: float = 22.5, legs_out: int = 4) -> tuple[torch.Tensor, tuple[int, int],
+                                                                          tuple[float, float]]:
+    """The occluder's hard case: pan out 0 -> ``legs_out * step`` degrees (the world clear), back and out again while
+    a wall stands over the middle band, then back once more (clear). Returns the poses ``[4 * legs_out + 1, 3, 4]``,
+    the wall's frames (first, last) and its band (start column, width) for a 64-column panorama. On the last leg
+    the frames with the same pose are the two walled legs: the newest, and the ones view overlap ranks first."""
+    out = [i * step for i in range(legs_out + 1)]
+    yaws = out + out[-2::-1] + out[1:] + out[-2::-1]
+    return yaw_path(yaws), (legs_out + 1, 3 * legs_out), (4.0, 8.0)
+
+
+def latent_to_rgb(latent: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor, upscale: int = 8) -> torch.Tensor:
+    """Model-space latents ``[16, T, h, w]`` -> RGB frames ``[T, h*upscale, w*upscale, 3]`` in ``[0, 1]`` through
+    linear preview factors ``[16, 3]`` and ``bias [3]`` (a host's latent-to-RGB preview), nearest upscaled so one
+    latent pixel is a visible square."""
+    rgb = torch.einsum("cthw,cr->thwr", latent.float(), factors.float()) + bias.float()
+    rgb = ((rgb + 1) / 2).clamp(0, 1)
+    return rgb.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)

@@ -1,0 +1,116 @@
+"""The revisit world (``memlearner_core.revisit_world``): exact ground truth, poses in the pack's convention, the
+occluder and the moving object, and the labels the benchmark's metrics count."""
+
+import pytest
+import torch
+
+from memlearner_core import revisit_world as rw
+from memlearner_core.context_policy import frame_cost, select_context
+from memlearner_core.trajectory import parse_trajectory, preset, trajectory_json, validate_poses
+
+
+@pytest.fixture
+def world():
+    return rw.make_world(3)
+
+
+def test_the_same_seed_makes_the_same_world_and_another_seed_another():
+    a, b, c = rw.make_world(1), rw.make_world(1), rw.make_world(2)
+    assert torch.equal(a.panorama, b.panorama)
+    assert (a.panorama - c.panorama).abs().mean() > 0.5
+
+
+def test_the_panorama_has_unit_variance_per_channel_and_every_column_is_unique(world):
+    pano = world.panorama
+    assert pano.shape == (16, 8, 64)
+    assert torch.allclose(pano.std(dim=(1, 2)), torch.ones(16), atol=0.01)
+    columns = pano.permute(2, 0, 1).flatten(1)  # [64, 16*8]
+    dist = torch.cdist(columns, columns) + torch.eye(64) * 1e9
+    assert dist.min() > 1.0  # no two places look alike
+
+
+def test_a_camera_at_the_origin_sees_the_panorama_window_its_yaw_points_at(world):
+    frames = rw.render(world, rw.yaw_path([0.0, 90.0]), 8, 8).latent
+    assert torch.equal(frames[:, 0], torch.cat([world.panorama[:, :, -4:], world.panorama[:, :, :4]], 2))
+    assert torch.equal(frames[:, 1], world.panorama[:, :, 12:20])  # 90 degrees = column 16 at the centre
+
+
+def test_pan_and_return_revisits_exactly_what_it_saw(world):
+    poses = preset("pan_and_return", 8, degrees=120.0)
+    frames = rw.render(world, poses).latent
+    assert torch.equal(frames[:, 0], frames[:, 7]) and torch.equal(frames[:, 2], frames[:, 5])
+
+
+def test_walking_towards_the_wall_zooms_in_around_the_view_centre(world):
+    poses = preset("walk_and_revisit", 6, distance=4.0)
+    r = rw.render(world, poses)
+    assert r.scale[0] == pytest.approx(1.0) and r.scale[2] == pytest.approx(0.5)
+    spread = r.u[:, 4, 7] - r.u[:, 4, 4]  # panorama columns between the centre and the right edge
+    assert spread[2] == pytest.approx(spread[0] / 2)
+    assert torch.equal(r.latent[:, 0], r.latent[:, 5])
+
+
+def test_the_poses_are_the_packs_trajectories_and_survive_json():
+    g = torch.Generator().manual_seed(0)
+    poses = rw.random_trajectory(12, g)
+    validate_poses(poses)
+    assert torch.allclose(parse_trajectory(trajectory_json(poses)), poses, atol=1e-5)
+
+
+def test_random_trajectories_come_back_to_where_they_were():
+    g = torch.Generator().manual_seed(1)
+    returns = 0
+    for _ in range(20):
+        centre, _ = rw.view_geometry(rw.make_world(0), rw.random_trajectory(16, g))
+        first_half = centre[:8]
+        gap = (centre[8:, None] - first_half[None]).remainder(64)
+        returns += bool((torch.minimum(gap, 64 - gap) < 1).any())
+    assert returns >= 15
+
+
+def test_the_occluder_hides_its_band_only_while_it_stands():
+    w = rw.make_world(0, occluder=True, occluded_frames=(1, 1), occluded_columns=(12.0, 8.0))
+    r = rw.render(w, rw.yaw_path([90.0, 90.0, 90.0]))  # columns 12..20, all inside the band
+    assert r.visible[0].all() and not r.visible[1].any() and r.visible[2].all()
+    assert torch.equal(r.latent[:, 0], r.latent[:, 2])
+    assert torch.allclose(r.latent[:, 1], w.occluder.colour[:, None, None].expand(16, 8, 8))
+
+
+def test_fov_overlap_picks_the_frames_that_saw_the_wall():
+    """The hard case by construction: the newest frames with the revisit's pose are the walled ones."""
+    poses, (first, last), _ = rw.occluded_revisit_path()
+    picks = select_context("fov", 13, 4 * frame_cost(8, 8), (8, 8), poses[:13], poses[13:15])
+    assert all(first <= p.index <= last for p in picks)
+
+
+def test_the_moving_object_is_elsewhere_on_a_revisit(world):
+    block = rw.MovingObject(start=0.0, speed=4.0, row=2.0, width=4.0, height=3.0, colour=torch.ones(16))
+    moving = rw.World(world.panorama, moving=block)
+    r = rw.render(moving, rw.yaw_path([0.0, 0.0, 0.0]))  # a camera that never turns: columns -4..4
+    assert (~r.visible[0]).sum() == 3 * 4  # the whole block, centred in the view
+    assert (~r.visible[1]).sum() == 3 * 2  # half of it, 4 columns on
+    assert r.visible[2].all()  # gone
+    assert torch.equal(r.latent[:, 2], rw.render(world, rw.yaw_path([0.0])).latent[:, 0])
+
+
+def test_seen_before_marks_the_revisited_pixels_and_first_sight_the_new_ones(world):
+    r = rw.render(world, rw.yaw_path([0.0, 45.0, 90.0, 45.0, 0.0]))
+    seen, new = rw.seen_before(world, r, 2), rw.first_sight(world, r)
+    assert not seen[:2].any() and seen[3:].all()  # frames 3, 4 show what frames 0, 1 showed
+    assert not seen[2].any() and new[2].all()  # frame 2 (90 degrees) shows columns 12..20 for the first time
+    assert not new[3:].any()
+
+
+def test_a_place_seen_only_behind_the_wall_does_not_count_as_seen():
+    w = rw.make_world(0, occluder=True, occluded_frames=(0, 0), occluded_columns=(0.0, 4.0))
+    r = rw.render(w, rw.yaw_path([0.0, 0.0]))
+    seen = rw.seen_before(w, r, 1)[1]
+    assert not seen[:, 4:].any() and seen[:, :4].all()  # columns 0..4 were behind the wall
+
+
+def test_latents_render_to_rgb_through_linear_preview_factors():
+    latent = torch.zeros(16, 2, 8, 8)
+    factors, bias = torch.zeros(16, 3), torch.tensor([1.0, -1.0, 0.0])
+    rgb = rw.latent_to_rgb(latent, factors, bias, upscale=4)
+    assert rgb.shape == (2, 32, 32, 3)
+    assert torch.allclose(rgb[0, 0, 0], torch.tensor([1.0, 0.0, 0.5]))
