@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .memory_encoder import KNOWN_LATENT_SHAPES, EncoderConfig, MemoryEncoder
+from .memory_encoder import KNOWN_LATENT_SHAPES, EncoderConfig, MemoryEncoder, cnn_output_shape
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl"}
 ENCODER_PREFIXES = ("pipe.dit_mem.", "dit_mem.")
@@ -30,24 +30,44 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used as it is; the message says why and what to do."""
 
 
+def looks_pickled(path: Path) -> bool:
+    """A pickle's magic at the file's start: a zip archive (``torch.save``) or pickle protocol 2-5."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file; anything else is a ``CheckpointError``."""
+    """Tensors and metadata of a safetensors file; anything else is a ``CheckpointError``. The safetensors parser
+    decides what is a safetensors file; a file it refuses is named a pickle when its suffix or its first bytes
+    say so. Nothing is ever unpickled."""
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path.name}: pickled checkpoints are not loaded (they can run code). {CONVERT_HINT}")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head[:1] == b"\x80" or head == b"PK":  # pickle protocol byte / torch zip archive
-        raise CheckpointError(f"{path.name}: this is a pickled torch checkpoint, not safetensors. {CONVERT_HINT}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
+        if path.suffix.lower() in PICKLE_SUFFIXES or looks_pickled(path):
+            raise CheckpointError(f"{path.name}: this is a pickled torch checkpoint, not safetensors; pickled "
+                                  f"checkpoints are not loaded (they can run code). {CONVERT_HINT}") from None
         raise CheckpointError(f"{path.name}: not a readable safetensors file ({e}); the file may be corrupt or truncated") from e
     return tensors, meta
+
+
+def check_weights(sd: dict[str, torch.Tensor], name: str, integer_ok: tuple[str, ...] = ()) -> None:
+    """Refuse weights that are not floating point (integer or bool tensors are not silently converted) or not
+    finite (NaN or infinity would be reported as a result). Keys ending in ``integer_ok`` may be integers."""
+    for key, t in sd.items():
+        if key.endswith(integer_ok) and not t.is_floating_point() and t.dtype != torch.bool:
+            continue
+        if not t.is_floating_point():
+            raise CheckpointError(f"{name}: tensor {key} is {str(t.dtype).removeprefix('torch.')}, not floating "
+                                  "point; save the weights as float32, float16 or bfloat16")
+        if not torch.isfinite(t.float()).all():
+            raise CheckpointError(f"{name}: tensor {key} has NaN or infinite values; the file is damaged or the "
+                                  "training diverged")
 
 
 def strip_encoder_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -57,25 +77,40 @@ def strip_encoder_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return sd
 
 
-def _meta_value(meta: dict[str, str], name: str, default):
+def _meta_value(meta: dict[str, str], name: str, default, file: str):
     raw = meta.get(f"memlearner.encoder.{name}")
     if raw is None:
         return default
-    value = json.loads(raw)
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{file}: metadata memlearner.encoder.{name} is not valid JSON: {raw[:60]!r}") from None
     return tuple(value) if isinstance(value, list) else value
 
 
-def infer_encoder_config(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> EncoderConfig:
+def _whole(value, file: str, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{file}: metadata memlearner.encoder.{name} must be a whole number >= 1, "
+                              f"got {value!r}")
+    return value
+
+
+def infer_encoder_config(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None,
+                         file: str = "the encoder file") -> EncoderConfig:
     """Read the architecture from the weights (widths, kernel, CNN spatial size) and this pack's metadata."""
     meta = meta or {}
-    needed = ["high_pass_module.conv_block1.conv.weight", "high_pass_module.conv_block2.conv.weight",
-              "high_pass_module.feature_proj.weight"]
+    needed = {"high_pass_module.conv_block1.conv.weight": 5, "high_pass_module.conv_block2.conv.weight": 5,
+              "high_pass_module.feature_proj.weight": 2}
     missing = [k for k in needed if k not in sd]
     if missing:
         raise CheckpointError(
             f"not a DiT-Mem memory encoder: missing {', '.join(missing)} "
             f"(expected keys like 'high_pass_module.conv_block1.conv.weight', optionally prefixed by "
             f"{' or '.join(repr(p) for p in ENCODER_PREFIXES)})")
+    for key, ndim in needed.items():
+        if sd[key].ndim != ndim or 0 in sd[key].shape:
+            raise CheckpointError(f"{file}: {key} has shape {tuple(sd[key].shape)}, expected {ndim} non-empty "
+                                  "dimensions")
     w1 = sd["high_pass_module.conv_block1.conv.weight"]
     w2 = sd["high_pass_module.conv_block2.conv.weight"]
     proj = sd["high_pass_module.feature_proj.weight"]
@@ -83,17 +118,26 @@ def infer_encoder_config(sd: dict[str, torch.Tensor], meta: dict[str, str] | Non
     if proj.shape[1] % c2:
         raise CheckpointError(f"feature_proj input width {proj.shape[1]} is not a multiple of the CNN width {c2}")
     hw = proj.shape[1] // c2
-    latent_shape = _meta_value(meta, "latent_shape", KNOWN_LATENT_SHAPES.get(hw))
+    latent_shape = _meta_value(meta, "latent_shape", KNOWN_LATENT_SHAPES.get(hw), file)
     if latent_shape is None:
         raise CheckpointError(
             f"cannot tell the latent shape this encoder expects (feature_proj implies a CNN output of {hw} "
             f"positions, not a released config); save it with metadata 'memlearner.encoder.latent_shape'")
+    if not isinstance(latent_shape, tuple) or len(latent_shape) != 3:
+        raise CheckpointError(f"{file}: metadata memlearner.encoder.latent_shape must be [T, H, W], "
+                              f"got {latent_shape!r}")
+    latent_shape = tuple(_whole(n, file, "latent_shape") for n in latent_shape)
+    tokens = _whole(_meta_value(meta, "tokens_per_video", 100, file), file, "tokens_per_video")
+    heads = _whole(_meta_value(meta, "heads", 8, file), file, "heads")
     cfg = EncoderConfig(
         in_channels=w1.shape[1], hidden_channels=(c1, c2), first_kernel=w1.shape[2], width=proj.shape[0],
-        tokens_per_video=_meta_value(meta, "tokens_per_video", 100), heads=_meta_value(meta, "heads", 8),
-        latent_shape=tuple(latent_shape))
+        tokens_per_video=tokens, heads=heads, latent_shape=latent_shape)
+    if 0 in cnn_output_shape(cfg):
+        raise CheckpointError(f"{file}: metadata memlearner.encoder.latent_shape {list(latent_shape)} is too small "
+                              f"for the encoder's convolutions (no output left after them)")
     if cfg.width % cfg.heads:
-        raise CheckpointError(f"encoder width {cfg.width} is not divisible by {cfg.heads} heads")
+        raise CheckpointError(f"{file}: encoder width {cfg.width} is not divisible by {cfg.heads} heads "
+                              "(metadata memlearner.encoder.heads)")
     return cfg
 
 
@@ -105,7 +149,7 @@ def load_memory_encoder(path: str | os.PathLike) -> MemoryEncoder:
     """
     sd, meta = read_safetensors(path)
     sd = strip_encoder_prefix(sd)
-    cfg = infer_encoder_config(sd, meta)
+    cfg = infer_encoder_config(sd, meta, Path(path).name)
     with torch.device("meta"):
         enc = MemoryEncoder(cfg)
     params = dict(enc.named_parameters())
@@ -123,6 +167,7 @@ def load_memory_encoder(path: str | os.PathLike) -> MemoryEncoder:
         problems.append(f"wrong shapes: {'; '.join(wrong[:4])}")
     if problems:
         raise CheckpointError(f"{Path(path).name} does not match the DiT-Mem encoder ({cfg}): " + " | ".join(problems))
+    check_weights(sd, Path(path).name, integer_ok=("num_batches_tracked",))
     enc = MemoryEncoder(cfg)
     enc.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
     return enc.eval().requires_grad_(False)
@@ -179,10 +224,15 @@ def load_query_weights(path) -> QueryWeights:
     camera = {k[len("camera."):]: v for k, v in sd.items() if k.startswith("camera.")}
     if set(camera) != {"proj.weight", "proj.bias"}:
         raise CheckpointError(f"{name}: expected camera.proj.weight and camera.proj.bias, found {sorted(sd)}")
+    weight, bias = camera["proj.weight"], camera["proj.bias"]
+    if weight.ndim != 2 or weight.shape[1] != 12 or tuple(bias.shape) != (weight.shape[0],):
+        raise CheckpointError(f"{name}: camera.proj.weight must be [dim, 12] and camera.proj.bias [dim], got "
+                              f"{tuple(weight.shape)} and {tuple(bias.shape)}")
+    check_weights(sd, name)
     numbers = {}
     for key, default in (("query_layers", "5"), ("query_pool", None)):
         raw = meta.get(f"memlearner.{key}", default)
-        if raw is not None and not (raw.isdigit() and int(raw) >= 1):
+        if raw is not None and not (raw.isascii() and raw.isdigit() and int(raw) >= 1):
             raise CheckpointError(f"{name}: metadata memlearner.{key} must be a whole number >= 1, got {raw!r}")
         numbers[key] = None if raw is None else int(raw)
     return QueryWeights(camera, numbers["query_layers"], numbers["query_pool"], camera_on_query=version != "1")

@@ -4,6 +4,9 @@ The bank is a folder of videos with captions: a ``captions.json`` (``{"file name
 ``<video stem>.txt`` next to a video. Ranking is text to text: the cosine similarity of the prompt's embedding and
 each caption's, from whichever text encoder the caller has loaded, top k kept. Encoded latents are cached on
 disk, keyed by the file's identity and the encoding settings, so a bank is encoded once.
+
+A bank folder is always inside one root folder (ComfyUI's input folder): ``confined_folder`` refuses absolute
+paths, ``..`` and links that lead out of it, and the files of a bank that link outside it are skipped.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +23,7 @@ import torch.nn.functional as F
 
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
 CAPTIONS_FILE = "captions.json"
-CACHE_DIR = ".memlearner_cache"
+CACHE_DIR = "bank_latents"  # the latent cache's folder inside the host's own cache folder
 log = logging.getLogger("memlearner")
 
 
@@ -33,28 +37,69 @@ class BankEntry:
     caption: str
 
 
-def read_captioned_folder(folder: str | Path) -> list[BankEntry]:
-    """Videos of ``folder`` that have a caption, sorted by name; videos without one are skipped with a warning."""
+def is_inside(path: str | Path, root: str | Path) -> bool:
+    """Whether ``path``, links resolved, is ``root`` (links resolved) or inside it."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def confined_folder(text: str, root: str | Path, what: str = "folder") -> Path:
+    """``root / text`` when that path, links resolved, stays inside ``root``; anything else (an absolute path,
+    ``..``, a link leading out) is a ``MemoryBankError`` that says nothing about the path outside."""
+    text = text.strip() if isinstance(text, str) else ""
+    refused = MemoryBankError(f"{what} must be a folder inside ComfyUI's input folder, given relative to it (e.g. "
+                              f"memory_bank); absolute paths, '..' and links that lead outside it are refused")
+    if not text or "\0" in text or os.path.isabs(text) or text.startswith("~"):
+        raise refused
+    path = Path(root) / text
+    if not is_inside(path, root):
+        raise refused
+    return path
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MemoryBankError(f"{what} {path.name} is not UTF-8 text ({e.reason} at byte {e.start}); save it "
+                              "as UTF-8") from None
+
+
+def read_captioned_folder(folder: str | Path, root: str | Path | None = None) -> list[BankEntry]:
+    """Videos of ``folder`` that have a caption, sorted by name; videos without one are skipped with a warning.
+    With ``root``, files whose links lead outside ``root`` are skipped (and never read)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MemoryBankError(f"memory bank folder not found: {folder}")
+
+    def readable(path: Path) -> bool:
+        return path.is_file() and (root is None or is_inside(path, root))
+
     captions: dict[str, str] = {}
     index = folder / CAPTIONS_FILE
-    if index.is_file():
+    if readable(index):
         try:
-            captions = json.loads(index.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise MemoryBankError(f"{index} is not valid JSON: {e}") from e
+            captions = json.loads(_read_text(index, "the captions file"))
+        except (ValueError, RecursionError) as e:
+            if isinstance(e, MemoryBankError):
+                raise
+            raise MemoryBankError(f"{index} is not valid JSON: {e}") from None
         if not isinstance(captions, dict) or not all(isinstance(v, str) for v in captions.values()):
             raise MemoryBankError(f'{index} must map video file names to captions: {{"clip.mp4": "a caption"}}')
-    entries, uncaptioned = [], []
+    entries, uncaptioned, outside = [], [], []
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS):
+        if root is not None and not is_inside(path, root):
+            outside.append(path.name)
+            continue
         side = path.with_suffix(".txt")
-        caption = captions.get(path.name) or (side.read_text(encoding="utf-8").strip() if side.is_file() else "")
+        caption = captions.get(path.name) or (_read_text(side, "the caption").strip() if readable(side) else "")
         if caption.strip():
             entries.append(BankEntry(path, caption.strip()))
         else:
             uncaptioned.append(path.name)
+    if outside:
+        log.warning("memory bank %s: %d file(s) linking outside the input folder skipped: %s", folder, len(outside),
+                    ", ".join(outside[:5]))
     if uncaptioned:
         log.warning("memory bank %s: %d video(s) without a caption skipped: %s", folder, len(uncaptioned),
                     ", ".join(uncaptioned[:5]))
@@ -82,13 +127,14 @@ def rank_by_text(prompt: torch.Tensor, captions: torch.Tensor, k: int) -> list[t
     return [(i, float(scores[i])) for i in order[:k]]
 
 
-def latent_cache_path(video: Path, settings: str) -> Path:
-    """Where a video's encoded latent is cached: the bank's cache folder, keyed by the file's resolved path,
-    size and modification time and by ``settings`` (latent shape, VAE), so an edited video is re-encoded."""
+def latent_cache_path(video: Path, settings: str, cache_dir: str | Path = "") -> Path:
+    """Where a video's encoded latent is cached: in ``cache_dir`` (never next to the video), keyed by the file's
+    resolved path, size and modification time and by ``settings`` (latent shape, VAE), so an edited video is
+    re-encoded."""
     stat = video.stat()
     key = f"{video.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{settings}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    return video.parent / CACHE_DIR / f"{video.stem}-{digest}.safetensors"
+    return Path(cache_dir) / f"{video.stem}-{digest}.safetensors"
 
 
 def reference_sets(captions: torch.Tensor, k: int) -> list[list[int]]:

@@ -199,10 +199,15 @@ def parse_trajectory(text: str, n_frames: int | None = None) -> torch.Tensor:
     """
     if n_frames is not None and (isinstance(n_frames, bool) or not isinstance(n_frames, int) or n_frames < 1):
         raise TrajectoryError(f"n_frames must be a positive number of latent frames, got {n_frames!r}")
+    if not isinstance(text, str):
+        raise TrajectoryError(f"the trajectory must be JSON text, got {type(text).__name__}")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise TrajectoryError(f"the trajectory is not valid JSON: {e}") from None
+    except RecursionError:
+        raise TrajectoryError("the trajectory JSON is nested too deeply; a pose is a 3x4 matrix or an object "
+                              "{\"position\": [x, y, z], \"yaw\": deg, \"pitch\": deg}") from None
     if isinstance(data, dict):
         if "preset" not in data:
             raise TrajectoryError("a trajectory object needs a 'preset' key (one of: "

@@ -295,3 +295,25 @@ def wan21_preview_factors() -> tuple[torch.Tensor, torch.Tensor]:
 
     fmt = comfy.latent_formats.Wan21()
     return torch.tensor(fmt.latent_rgb_factors), torch.tensor(fmt.latent_rgb_factors_bias)
+
+
+# --- the pack's own folders ------------------------------------------------------------------------------------
+
+def input_directory() -> str:
+    """ComfyUI's input folder: the only place user-given folders (a memory bank) are read from."""
+    import folder_paths
+
+    return folder_paths.get_input_directory()
+
+
+def cache_directory(name: str) -> str:
+    """A cache folder of this pack inside ComfyUI's user folder: ``user/__memlearner/<name>``, a system-user
+    folder that ComfyUI's HTTP endpoints never serve (``user/memlearner_cache/<name>`` on a ComfyUI without
+    system users)."""
+    import os
+
+    import folder_paths
+
+    if hasattr(folder_paths, "get_system_user_directory"):
+        return os.path.join(folder_paths.get_system_user_directory("memlearner"), name)
+    return os.path.join(folder_paths.get_user_directory(), "memlearner_cache", name)

@@ -3,43 +3,46 @@
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 from pathlib import Path
 
 import comfy.utils
-import folder_paths
 import torch
 from comfy_api.latest import io
-from safetensors.torch import load_file, save_file
 
-from memlearner_core.memory_bank import latent_cache_path, rank_by_text, read_captioned_folder
+from memlearner_core.memory_bank import CACHE_DIR, confined_folder, rank_by_text, read_captioned_folder
+from memlearner_core.training.dataset import LatentCache
 
 from . import comfy_adapter as ca
 from .comfy_types import MEMORY, MEMORY_ENCODER
-from .memory_nodes import encode_frames, memory_options
+from .memory_nodes import check_strength, encode_frames, memory_options
 from .memory_patch import ReferenceMemory
 
 log = logging.getLogger("memlearner")
 
 
 def bank_folder(text: str) -> Path:
-    """An absolute path as given; a relative one inside ComfyUI's input folder."""
-    path = Path(os.path.expanduser(text.strip()))
-    return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
+    """A folder inside ComfyUI's input folder, given relative to it; anything leading outside is refused."""
+    return confined_folder(text, ca.input_directory(), "Reference Memory Bank: folder")
 
 
 def cached_latent(vae, video: Path, shape: tuple[int, int, int]) -> torch.Tensor:
-    """The video's latent ``[16, T, H, W]``, from the bank's cache or encoded now and cached."""
-    cache = latent_cache_path(video, f"{shape}|{ca.vae_fingerprint(vae)}")
-    if cache.is_file():
-        return load_file(str(cache))["latent"]
-    latent = encode_frames(vae, ca.read_video(video), shape)
-    try:
-        cache.parent.mkdir(exist_ok=True)
-        save_file({"latent": latent.contiguous()}, str(cache))
-    except OSError as e:
-        log.warning("memory bank: could not cache %s (%s); it will be encoded again next time", video.name, e)
+    """The video's latent ``[16, T, H, W]``, from the pack's latent cache (in ComfyUI's user folder) or encoded
+    now and cached atomically. An unreadable or wrong cache entry is encoded again, with a warning naming it."""
+    cache, settings = LatentCache(ca.cache_directory(CACHE_DIR)), f"{shape}|{ca.vae_fingerprint(vae)}"
+    latent = cache.get(video, settings)
+    latent = None if latent is None else latent.clone()  # never backed by a cache file someone may rewrite
+    if latent is not None and not (latent.is_floating_point() and tuple(latent.shape) == (16, *shape)
+                                   and torch.isfinite(latent).all()):
+        log.warning("memory bank: cached latent %s has shape %s or non-finite values, not [16, %s]; encoding "
+                    "again", cache.path(video, settings), tuple(latent.shape), ", ".join(map(str, shape)))
+        latent = None
+    if latent is None:
+        latent = encode_frames(vae, ca.read_video(video), shape)
+        try:
+            cache.put(video, settings, latent)
+        except OSError as e:
+            log.warning("memory bank: could not cache %s (%s); it will be encoded again next time", video.name, e)
     return latent
 
 
@@ -56,7 +59,7 @@ class ReferenceMemoryBank(io.ComfyNode):
             description="Picks the reference videos for DiT-Mem the way its memory bank does: the captions of a "
                         "folder of videos are ranked against the prompt (cosine similarity of the text encoder's "
                         "embeddings, the one already loaded for the prompt), the top k are encoded with the Wan "
-                        "VAE (cached on disk next to the videos) into a MEMORY.",
+                        "VAE (cached in ComfyUI's user folder) into a MEMORY.",
             inputs=[
                 MEMORY_ENCODER.Input("memory_encoder"),
                 io.Clip.Input("clip", tooltip="The text encoder that encoded the prompt (umt5 for Wan2.1)."),
@@ -64,7 +67,7 @@ class ReferenceMemoryBank(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The Wan2.1 VAE."),
                 io.String.Input("folder", default="memory_bank",
                                 tooltip="Folder of videos with captions.json ({\"clip.mp4\": \"caption\"}) or a .txt "
-                                        "per video; relative paths are inside ComfyUI's input folder."),
+                                        "per video, inside ComfyUI's input folder (a path relative to it)."),
                 io.Int.Input("top_k", default=5, min=1, max=64, tooltip="How many references (5 in DiT-Mem)."),
                 *memory_options(),
             ],
@@ -75,8 +78,9 @@ class ReferenceMemoryBank(io.ComfyNode):
     @classmethod
     def execute(cls, memory_encoder, clip, positive, vae, folder="memory_bank", top_k=5, strength=1.0,
                 deduplicate=True) -> io.NodeOutput:
+        check_strength(strength)
         ca.check_wan21_vae(vae)
-        entries = read_captioned_folder(bank_folder(folder))
+        entries = read_captioned_folder(bank_folder(folder), ca.input_directory())
         prompt = ca.conditioning_embedding(positive)
         captions = torch.stack([cls.caption_embedding(clip, e.caption) for e in entries])
         if captions.shape[-1] != prompt.shape[-1]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import folder_paths
 import torch
 from comfy_api.latest import io
@@ -40,6 +42,15 @@ def memory_options() -> list:
                          tooltip="Collapse identical memory tokens into one key with a log-count bias: "
                                  "exactly the same result, less attention work."),
     ]
+
+
+def check_strength(strength) -> float:
+    """``strength`` as a float, refused unless it is a finite number >= 0 (NaN passes ComfyUI's range check)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+            or strength < 0:
+        raise ValueError(f"strength must be a finite number >= 0 (0 = memory off, 1 = as published), "
+                         f"got {strength!r}")
+    return float(strength)
 
 
 class LoadMemoryEncoder(io.ComfyNode):
@@ -101,17 +112,22 @@ class EncodeReferenceVideo(io.ComfyNode):
     @classmethod
     def execute(cls, memory_encoder, images=None, vae=None, latent=None, frames_per_video=0, strength=1.0,
                 deduplicate=True) -> io.NodeOutput:
+        check_strength(strength)
         shape = memory_encoder.model.cfg.latent_shape
         videos = []
         if images is not None:
             if vae is None:
                 raise ValueError("Encode Reference Video: connect the Wan2.1 VAE to encode images")
             ca.check_wan21_vae(vae)
+            if not torch.isfinite(images).all():
+                raise ReferenceVideoError("Encode Reference Video: the images have NaN or infinite values")
             videos.extend(encode_frames(vae, frames, shape) for frames in split_videos(images, frames_per_video))
         if latent is not None:
             samples = latent["samples"]
             if samples.ndim != 5 or samples.shape[1] != 16:
                 raise ReferenceVideoError(f"expected Wan2.1 video latents [B, 16, T, H, W], got {tuple(samples.shape)}")
+            if not torch.isfinite(samples).all():
+                raise ReferenceVideoError("Encode Reference Video: the latent has NaN or infinite values")
             videos.extend(resample_latent(v, shape) for v in samples.cpu())
         if not videos:
             raise ReferenceVideoError("Encode Reference Video: connect images (with a VAE) or a latent")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from memlearner_core.camera import CameraEmbedding
@@ -82,8 +83,11 @@ class ApplyQueryMemory(io.ComfyNode):
         query = None
         if context is not None:
             samples = context["samples"]
-            if samples.ndim != 5:
-                raise ValueError(f"context must be a video latent [B, 16, T, H, W], got {tuple(samples.shape)}")
+            if samples.ndim != 5 or samples.shape[0] != 1 or samples.shape[1] != 16 or 0 in samples.shape[3:]:
+                raise ValueError(f"context must be one Wan2.1 video latent [1, 16, T, H, W] (a batch of 1, 16 "
+                                 f"channels), got {tuple(samples.shape)}; use one video's history latents")
+            if not torch.isfinite(samples).all():
+                raise ValueError("context has NaN or infinite values; give the clean latents of the history frames")
             chunk_poses, history_poses = None, None
             camera = load_camera(query_weights, int(query_layers), int(query_pool))
             if camera is not None:

@@ -19,7 +19,13 @@ from .memory_patch import QueryMemory, apply_memory, context_in_model_space, ins
 from .query_memory_node import load_camera, query_pool_input, query_weights_input
 
 NO_CAMERA, CUSTOM = "none", "custom JSON"
+SEED_RANGE = 2**64  # the seeds ComfyUI's noise takes: 0 .. 2^64 - 1
 log = logging.getLogger("memlearner")
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """The seed of chunk ``index``: ``seed + index`` modulo 2^64, always a seed ComfyUI's noise accepts."""
+    return (int(seed) + int(index)) % SEED_RANGE
 
 
 def trajectory_text(camera: str, trajectory: str) -> str | None:
@@ -35,11 +41,15 @@ def trajectory_text(camera: str, trajectory: str) -> str | None:
     if trajectory.strip():
         try:
             params = json.loads(trajectory)
-        except ValueError as e:
-            raise ValueError(f"trajectory: the {camera} preset's parameters are not valid JSON ({e})") from e
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"trajectory: the {camera} preset's parameters are not valid JSON "
+                             f"({e if isinstance(e, ValueError) else 'nested too deeply'})") from None
         if not isinstance(params, dict):
             raise ValueError(f'trajectory: the {camera} preset takes a JSON object of parameters, e.g. {{"degrees": 90}}')
-    return json.dumps({"preset": camera, **params})
+        if params.get("preset", camera) != camera:
+            raise ValueError(f"trajectory names the preset {params['preset']!r} but camera is {camera!r}: choose "
+                             f"that preset as camera (or 'custom JSON'), or remove \"preset\" from the trajectory")
+    return json.dumps({**params, "preset": camera})
 
 
 class MemoryRollout(io.ComfyNode):
@@ -58,8 +68,9 @@ class MemoryRollout(io.ComfyNode):
                 io.Model.Input("model", tooltip="Wan2.1 (plain, or from Apply Reference Memory / Apply Query Memory)."),
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Chunk k samples with seed + k."),
+                io.Int.Input("seed", default=0, min=0, max=SEED_RANGE - 1, control_after_generate=True,
+                             tooltip="Chunk k samples with seed + k, wrapped to 0 past the largest seed "
+                                     "(modulo 2^64), so every seed works for every chunk."),
                 io.Int.Input("steps", default=30, min=1, max=10000),
                 io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="uni_pc"),
@@ -137,10 +148,16 @@ class MemoryRollout(io.ComfyNode):
                     bank, k, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, denoise,
                     (t, h, w), policy, budget, query_layers, int(query_pool), camera_mlp, progress))
         except BaseException as e:
-            if wa.is_interrupt(e) and bank.n_frames > n_first:
-                path = wa.save_latent(bank.frames.unsqueeze(0), "memlearner/rollout_interrupted")
-                log.warning("Memory Rollout interrupted after %d chunk(s); the finished frames are saved as %s "
-                            "(copy it to input/ and continue with Load Latent -> first_chunk)", len(records), path)
+            if bank.n_frames > n_first:  # interrupted or failed: the finished chunks are kept
+                what = "interrupted" if wa.is_interrupt(e) else f"failed ({type(e).__name__}: {e})"
+                try:
+                    path = wa.save_latent(bank.frames.unsqueeze(0), "memlearner/rollout_interrupted")
+                except Exception as save_error:  # the first error is the one to report
+                    log.error("Memory Rollout %s; saving the finished frames failed too (%s)", what, save_error)
+                    raise e from None
+                log.warning("Memory Rollout %s after %d chunk(s); the finished frames are saved as %s "
+                            "(copy it to input/ and continue with Load Latent -> first_chunk)", what, len(records),
+                            path)
             raise
         report = json.dumps([r.as_dict() for r in records], indent=1)
         return io.NodeOutput({"samples": bank.frames.unsqueeze(0)}, report)
@@ -162,8 +179,11 @@ class MemoryRollout(io.ComfyNode):
         wa.reset_peak_memory(model.load_device)
         began = time.perf_counter()
         latent = torch.zeros(1, 16, t, h, w)
-        samples = wa.sample(patched, seed + start // t, steps, cfg, sampler_name, scheduler, positive, negative,
-                            latent, denoise, progress.callback(k * steps))
+        samples = wa.sample(patched, chunk_seed(seed, start // t), steps, cfg, sampler_name, scheduler, positive,
+                            negative, latent, denoise, progress.callback(k * steps))
+        if not torch.isfinite(samples).all():
+            raise ValueError(f"Memory Rollout: chunk {k} came out with NaN or infinite values (check the "
+                             "conditioning, cfg and the model's weights); the finished chunks before it are saved")
         record.seconds = round(time.perf_counter() - began, 3)
         record.memory_kind, mb = wa.peak_memory_mb(model.load_device)
         record.peak_memory_mb = round(mb, 1)

@@ -202,6 +202,23 @@ def training_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def check_files(cfg: TrainConfig, text_fn=None) -> None:
+    """The config's folder and files exist (one line naming the key otherwise), before anything is loaded."""
+    if not cfg.data_dir.is_dir():
+        raise ValueError(f"data_dir {cfg.data_dir}: no such folder; point data_dir at the folder of training "
+                         f"{'latent clips' if cfg.data_format == 'latents' else 'videos'}")
+    files = {"model_file": cfg.model_file}
+    if cfg.data_format == "videos":
+        files["vae_file"] = cfg.vae_file
+    if text_fn is None and cfg.text != "none" and cfg.text_encoder_file is not None:
+        files["text_encoder_file"] = cfg.text_encoder_file
+    if cfg.recipe == "encoder" and cfg.encoder_file is not None:
+        files["encoder_file"] = cfg.encoder_file
+    for key, path in files.items():
+        if not Path(path).is_file():
+            raise ValueError(f"{key} {path}: no such file; fix {key} in the config")
+
+
 def run_training(cfg: TrainConfig, text_fn=None):
     """Load the model, VAE and text encoder with ComfyUI, encode the clips once (cached), train, export.
 
@@ -220,6 +237,12 @@ def run_training(cfg: TrainConfig, text_fn=None):
 
     procs = Processes.from_env()
     device = procs.device() if procs.world > 1 else training_device(cfg.device)
+    check_files(cfg, text_fn)  # everything cheap is checked before a model is loaded
+    if cfg.data_format == "latents":
+        encoded, skipped = read_latent_folder(cfg.data_dir, cfg.latent_frames, cfg.width, cfg.height)
+        require_data(encoded)
+    else:  # reads the captions and every poses file, checked
+        clips = ClipFolder(cfg.data_dir, cfg.clip_frames, cfg.width, cfg.height)
     model = comfy.sd.load_diffusion_model(str(cfg.model_file))
     if text_fn is None and cfg.text == "none":
         def text_fn(caption):
@@ -233,12 +256,9 @@ def run_training(cfg: TrainConfig, text_fn=None):
         def text_fn(caption):
             return clip.encode_from_tokens(clip.tokenize(caption))
 
-    if cfg.data_format == "latents":
-        encoded, skipped = read_latent_folder(cfg.data_dir, cfg.latent_frames, cfg.width, cfg.height)
-    else:
+    if cfg.data_format == "videos":
         vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(cfg.vae_file)))
         wa.check_wan21_vae(vae)
-        clips = ClipFolder(cfg.data_dir, cfg.clip_frames, cfg.width, cfg.height)
         for turn in (True, False):  # the first process fills the latent cache, then the others read it
             if procs.is_main == turn:
                 encoded, skipped = encode_all(clips, wa.read_video, lambda frames: vae.encode(frames).detach().cpu(),

@@ -59,6 +59,20 @@ def server(tmp_path_factory, extra_paths):
         srv.stop()
 
 
+@pytest.fixture
+def comfy_folders(tmp_path, comfy, monkeypatch) -> dict[str, Path]:
+    """ComfyUI's input, user and output folders moved into ``tmp_path`` for one test, and a folder ``outside`` all
+    of them: for tests of what the nodes may read and write."""
+    folders = {name: tmp_path / name for name in ("input", "user", "output", "outside")}
+    for path in folders.values():
+        path.mkdir()
+    fp = comfy.folder_paths
+    monkeypatch.setattr(fp, "get_input_directory", lambda: str(folders["input"]))
+    monkeypatch.setattr(fp, "get_user_directory", lambda: str(folders["user"]))
+    monkeypatch.setattr(fp, "get_output_directory", lambda: str(folders["output"]))
+    return folders
+
+
 @pytest.fixture(scope="session")
 def wan_model(comfy):
     """The tiny Wan2.1 MODEL, loaded by ComfyUI's UNETLoader."""

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +29,10 @@ CAPTIONS = {
 
 
 @pytest.fixture
-def bank(tmp_path):
+def bank(tmp_path, comfy, monkeypatch):
+    """A bank folder inside ComfyUI's input folder (here ``tmp_path``); the latent cache in its user folder."""
+    monkeypatch.setattr(comfy.folder_paths, "get_input_directory", lambda: str(tmp_path))
+    monkeypatch.setattr(comfy.folder_paths, "get_user_directory", lambda: str(tmp_path / "user"))
     folder = tmp_path / "bank"
     folder.mkdir()
     for i, name in enumerate(CAPTIONS):
@@ -83,7 +87,7 @@ def tiny_clip(comfy):
 def rank(comfy, encoder, clip, vae, folder, prompt, top_k=2):
     positive = comfy.run("CLIPTextEncode", clip=clip, text=prompt)[0]
     return comfy.run("MemLearnerReferenceMemoryBank", memory_encoder=encoder, clip=clip, positive=positive, vae=vae,
-                     folder=str(folder), top_k=top_k)
+                     folder=os.path.basename(folder), top_k=top_k)
 
 
 def test_the_video_whose_caption_is_the_prompt_ranks_first(comfy, encoder, tiny_clip, wan_vae, bank):
@@ -103,7 +107,9 @@ def test_bank_latents_equal_encode_reference_video_of_the_same_file(comfy, encod
 
 def test_latents_are_cached_and_refreshed_when_the_video_changes(comfy, encoder, tiny_clip, wan_vae, bank):
     rank(comfy, encoder, tiny_clip, wan_vae, bank, CAPTIONS["car.mp4"], top_k=1)
-    (cached,) = (bank / CACHE_DIR).glob("car-*.safetensors")
+    cache_dir = host.pack("nodes.comfy_adapter").cache_directory(CACHE_DIR)
+    assert cache_dir.startswith(str(bank.parent / "user"))  # in ComfyUI's user folder, never next to the videos
+    (cached,) = Path(cache_dir).glob("car-*.safetensors")
     marker = torch.full_like(load_file(str(cached))["latent"], 0.5)
     save_file({"latent": marker}, str(cached))
     memory, _ = rank(comfy, encoder, tiny_clip, wan_vae, bank, CAPTIONS["car.mp4"], top_k=1)
@@ -115,8 +121,7 @@ def test_latents_are_cached_and_refreshed_when_the_video_changes(comfy, encoder,
     assert not torch.allclose(memory.latents, marked.latents)
 
 
-def test_relative_bank_folder_is_inside_comfyui_input(comfy, encoder, tiny_clip, wan_vae, bank, monkeypatch):
-    monkeypatch.setattr(comfy.folder_paths, "get_input_directory", lambda: str(bank.parent))
+def test_relative_bank_folder_is_inside_comfyui_input(comfy, encoder, tiny_clip, wan_vae, bank):
     _, chosen = rank(comfy, encoder, tiny_clip, wan_vae, "bank", CAPTIONS["fountain.mp4"], top_k=1)
     assert "fountain.mp4" in chosen
 

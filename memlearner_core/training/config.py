@@ -181,6 +181,8 @@ def load_config(path: str | Path) -> TrainConfig:
         return config_from_dict(data, path.resolve().parent)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the config as UTF-8") from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
