@@ -287,6 +287,83 @@ def occluded_revisit_path(step: float = 22.5, legs_out: int = 4) -> tuple[torch.
     return yaw_path(yaws), (legs_out + 1, 3 * legs_out), (4.0, 8.0)
 
 
+# --- evaluation paths and metrics -----------------------------------------------------------------------------
+
+EVALUATION_PATHS = ("pan_and_return", "walk_and_revisit", "occluder", "moving_object")
+PSNR_CAP = 40.0
+
+
+@dataclass
+class RevisitCase:
+    """A path through a world for evaluation: the first ``history`` frames are given (ground truth), the rest is
+    generated. ``truth [16, T, h, w]`` (model space); ``labels``: per generated pixel ``[T - history, h, w]``,
+    ``revisit`` (its whole place was visible in the history), ``new`` (no earlier frame showed its place),
+    ``shown`` (not new), and for the occluder ``band`` (revisited places the wall hid on the later legs)."""
+
+    path: str
+    world: World
+    poses: torch.Tensor
+    history: int
+    truth: torch.Tensor
+    labels: dict
+    rendering: Rendering
+
+    @property
+    def generated_frames(self) -> int:
+        return self.poses.shape[0] - self.history
+
+
+def evaluation_case(path: str, seed: int, h: int = 8, w: int = 8) -> RevisitCase:
+    """One of ``EVALUATION_PATHS`` through the world of ``seed``: ``pan_and_return`` (180 degrees, 16 frames, 4
+    given), ``walk_and_revisit`` (4 units towards the wall and back, 16 frames, 4 given), ``occluder``
+    (``occluded_revisit_path``, the first 13 frames given) and ``moving_object`` (``pan_and_return`` with a block
+    moving 1.5 columns per frame, the outward 8 frames given)."""
+    from .trajectory import preset
+
+    band = None
+    if path == "pan_and_return":
+        world, poses, history = make_world(seed), preset("pan_and_return", 16, degrees=180.0), 4
+    elif path == "walk_and_revisit":
+        world, poses, history = make_world(seed), preset("walk_and_revisit", 16, distance=4.0), 4
+    elif path == "occluder":
+        poses, frames, band = occluded_revisit_path()
+        world, history = make_world(seed, occluder=True, occluded_frames=frames, occluded_columns=band), 13
+    elif path == "moving_object":
+        world = make_world(seed, moving_object=True, object_speed=1.5)
+        poses, history = preset("pan_and_return", 16, degrees=180.0), 8
+    else:
+        raise ValueError(f"unknown evaluation path {path!r}; known: {', '.join(EVALUATION_PATHS)}")
+    r = render(world, poses, h, w)
+    seen = seen_before(world, r, history)[history:]
+    new = first_sight(world, r)[history:]
+    labels = {"revisit": seen, "new": new, "shown": ~new}
+    if band is not None:
+        labels["band"] = seen & (torch.remainder(r.u[history:] - band[0], world.columns) < band[1])
+    return RevisitCase(path, world, poses, history, r.latent, labels, r)
+
+
+def oracle_prediction(case: RevisitCase) -> torch.Tensor:
+    """``[16, T - history, h, w]``: the world itself wherever the history saw the place, the mean (0) elsewhere;
+    what a perfect memory and no imagination would give. A check of the metric: it must score highest on
+    revisits."""
+    r, k = case.rendering, case.history
+    world = _bilinear(case.world.panorama, r.u[k:], r.v[k:])
+    return torch.where(case.labels["revisit"][None], world, torch.zeros_like(world))
+
+
+def squared_error(prediction: torch.Tensor, case: RevisitCase) -> torch.Tensor:
+    """Per generated pixel ``[T - history, h, w]``: squared error averaged over the 16 channels (model space)."""
+    return (prediction.float() - case.truth[:, case.history:]).pow(2).mean(0)
+
+
+def psnr(error_sum: float, count: int, cap: float = PSNR_CAP) -> float | None:
+    """``10 log10(1 / MSE)`` (the world has unit variance: 0 dB is predicting the mean), capped so an exact copy
+    has a number; None when no pixel counted."""
+    if count == 0:
+        return None
+    return round(min(cap, 10 * math.log10(1 / max(error_sum / count, 1e-30))), 2)
+
+
 def latent_to_rgb(latent: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor, upscale: int = 8) -> torch.Tensor:
     """Model-space latents ``[16, T, h, w]`` -> RGB frames ``[T, h*upscale, w*upscale, 3]`` in ``[0, 1]`` through
     linear preview factors ``[16, 3]`` and ``bias [3]`` (a host's latent-to-RGB preview), nearest upscaled so one

@@ -95,7 +95,22 @@ def write_models(models_dir: Path) -> dict[str, Path]:
     save_memory_encoder(tiny_encoder(), paths["encoder"])
     for folder in ("memlearner", "loras"):
         (models_dir / folder).mkdir(exist_ok=True)
+    copy_toy_model(models_dir)
     return paths
+
+
+TOY_MODEL = Path(__file__).resolve().parent / "revisit_model"  # diffusion_models/, memlearner/ of the toy model
+
+
+def copy_toy_model(models_dir: Path) -> None:
+    """Put the toy model trained on the revisit world (shipped with the pack) into a ComfyUI models folder."""
+    import shutil
+
+    for src in TOY_MODEL.glob("*/*.safetensors"):
+        dst = models_dir / src.parent.name / src.name
+        if not dst.is_file() or dst.stat().st_size != src.stat().st_size:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
 
 
 def write_video(path, seed: int, frames: int = 6, size: int = 48) -> None:

@@ -12,10 +12,11 @@ register_model_folders()
 from .memory_bank_node import ReferenceMemoryBank  # noqa: E402
 from .memory_nodes import EncodeReferenceVideo, LoadMemoryEncoder  # noqa: E402
 from .query_memory_node import ApplyQueryMemory, ApplyReferenceMemory  # noqa: E402
+from .revisit_world_node import RevisitScore, RevisitWorld  # noqa: E402
 from .rollout_node import MemoryRollout  # noqa: E402
 
 NODES = [LoadMemoryEncoder, EncodeReferenceVideo, ReferenceMemoryBank, ApplyQueryMemory, ApplyReferenceMemory,
-         MemoryRollout]
+         MemoryRollout, RevisitWorld, RevisitScore]
 
 
 class MemLearnerExtension(ComfyExtension):

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 MEMORY_ENCODER = io.Custom("MEMORY_ENCODER")
 MEMORY = io.Custom("MEMORY")
+REVISIT_WORLD = io.Custom("REVISIT_WORLD")  # a toy-world evaluation path (memlearner_core.revisit_world)
 
 ENCODER_FOLDER = "memory_encoders"
 QUERY_WEIGHTS_FOLDER = "memlearner"

@@ -309,6 +309,7 @@ class OuterSampleWrapper(_Shared):
     def __call__(self, executor, noise, *args, **kwargs):
         if self.query is not None:
             check_context_matches(self.query.context, noise)
+            check_chunk_poses(self.query.chunk_poses, noise)
         if self.memory is not None:
             self.memory.prepare()
         seed = kwargs.get("seed", args[6] if len(args) > 6 else None)
@@ -329,6 +330,15 @@ def check_context_matches(context: ContextSpec, noise: torch.Tensor) -> None:
             f"{noise.shape[-2]}x{noise.shape[-1]}; encode the history at the same width and height as the video")
     if noise.ndim != 5 or noise.shape[1] != 16:
         raise ValueError(f"query memory needs a Wan2.1 video latent [B, 16, T, H, W], got {tuple(noise.shape)}")
+
+
+def check_chunk_poses(poses: torch.Tensor | None, noise: torch.Tensor) -> None:
+    """Camera poses of the frames being generated, when given, must cover every one of them."""
+    frames = noise.shape[2] if noise.ndim == 5 else 0
+    if poses is not None and poses.shape[0] < frames:
+        raise ValueError(f"camera_poses cover the history and {poses.shape[0]} of the {frames} latent frames being "
+                         f"generated; give one pose per history frame and per generated frame "
+                         f"({frames - poses.shape[0]} more)")
 
 
 def patched_forward(model, x, t, context, cond_or_uncond=None, run: RunState | None = None):

@@ -245,6 +245,16 @@ def test_query_weights_trained_with_other_layers_or_pool_are_refused(comfy, wan_
                   query_weights="cam_l2_p2.safetensors", query_pool=1)
 
 
+def test_poses_covering_only_part_of_the_chunk_are_refused_before_sampling(comfy, wan_model, text_cond):
+    write_query_weights(comfy, "cam_v1.safetensors")
+    model = comfy.run("MemLearnerApplyQueryMemory", model=wan_model, context=history(2), query_layers=2,
+                      query_weights="cam_v1.safetensors", camera_poses=poses_json(3))[0]  # 2 history + 1 of 3
+    latent = {"samples": torch.zeros(1, 16, 3, 8, 8)}
+    with pytest.raises(ValueError, match="camera_poses cover the history and 1 of the 3 latent frames"):
+        comfy.run("KSampler", model=model, seed=0, steps=1, cfg=1.0, sampler_name="euler", scheduler="simple",
+                  positive=text_cond[0], negative=text_cond[1], latent_image=latent, denoise=1.0)
+
+
 def test_unknown_weights_version_is_refused(comfy, wan_model):
     write_query_weights(comfy, "cam_v9.safetensors", version="9")
     with pytest.raises(ValueError, match="version '9' is not supported"):

@@ -28,6 +28,10 @@ TINY = {
     "width": 64, "height": 64, "length": 9, "steps": 3, "cfg": 3.0, "query_layers": 2,
     "chunk_frames": 5, "chunks": 3, "context_frames": 3,
 }
+TOY = {  # the toy model trained on the revisit world (benchmarks/revisit_world.py), shipped with the pack
+    "unet": "revisit_query.safetensors", "query_weights": "revisit_query_query.safetensors", "query_layers": 2,
+    "steps": 10, "budget": 4,
+}
 PROMPT = "a slow walk through a sunlit stone courtyard, the camera turns back to the fountain"
 NEGATIVE = "blurry, distorted, low quality"
 FPS = 16.0
@@ -41,6 +45,11 @@ ENCODER_NOTE = """DiT-Mem encoder: the safetensors file of Thrcle/DiT-Mem-1.3B
 (or type Thrcle/DiT-Mem-1.3B into hf_repo to download it once)."""
 QUERY_NOTE = """Query memory needs a Wan2.1 fine-tuned for it (train it with memlearner-train query; see README).
 On the stock model the query layers run untrained."""
+
+TOY_NOTE = """A toy model trained with memlearner-train on the revisit world (CPU, minutes), shipped with the pack:
+- memlearner_host/revisit_model/diffusion_models/revisit_query.safetensors -> models/diffusion_models/
+- memlearner_host/revisit_model/memlearner/revisit_query_query.safetensors -> models/memlearner/
+Revisit Score (all) should show a far higher revisit_psnr than Revisit Score (recent)."""
 
 
 def node(class_type: str, title: str | None = None, **inputs) -> dict:
@@ -145,12 +154,35 @@ def both_memories(tiny: bool = False, seed: int = 42) -> dict:
     return two_chunks(tiny, seed, reference=True)
 
 
+def revisit_world(tiny: bool = False, seed: int = 10_000_000) -> dict:
+    """Memory that remembers, on any machine: the toy model trained on the revisit world rolls out a held-out world
+    from its ground-truth first frames, once reading all history (policy all) and once a sliding window (recent);
+    Revisit Score measures both against the truth and saves ground truth | generated side by side."""
+    f = TOY
+    g = {"unet": node("UNETLoader", unet_name=f["unet"], weight_dtype="default"),
+         "world": node("MemLearnerRevisitWorld", "Revisit World", seed=seed, path="pan_and_return")}
+    for policy, budget in (("all", 0), ("recent", f["budget"])):
+        g[f"rollout_{policy}"] = node(
+            "MemLearnerMemoryRollout", f"Memory Rollout ({policy})", model=["unet", 0], positive=["world", 4],
+            negative=["world", 4], seed=0, steps=f["steps"], cfg=1.0, sampler_name="euler", scheduler="simple",
+            width=64, height=64, chunk_frames=5, chunks=["world", 3], policy=policy, context_frames=budget,
+            query_layers=f["query_layers"], query_weights=f["query_weights"], camera="custom JSON",
+            trajectory=["world", 2], denoise=1.0, first_chunk=["world", 1], query_pool=1)
+        g[f"score_{policy}"] = node("MemLearnerRevisitScore", f"Revisit Score ({policy})", world=["world", 0],
+                                    latent=[f"rollout_{policy}", 0])
+        g[f"video_{policy}"] = node("CreateVideo", images=[f"score_{policy}", 1], fps=4.0)
+        g[f"save_{policy}"] = node("SaveVideo", f"Save {policy}", video=[f"video_{policy}", 0],
+                                   filename_prefix=f"memlearner/revisit_{policy}", format="auto", codec="auto")
+    return g
+
+
 WORKFLOWS = {"dit_mem_reference": dit_mem_reference, "query_memory": query_memory,
-             "memory_rollout": memory_rollout, "both_memories": both_memories}
+             "memory_rollout": memory_rollout, "both_memories": both_memories, "revisit_world": revisit_world}
 NOTES = {"dit_mem_reference": [MODEL_NOTE, ENCODER_NOTE + "\nPut the reference video in input/ (reference.mp4)."],
          "query_memory": [MODEL_NOTE, QUERY_NOTE],
          "memory_rollout": [MODEL_NOTE, QUERY_NOTE + "\nPolicies: all, recent, fov (needs a camera), framepack."],
-         "both_memories": [MODEL_NOTE, ENCODER_NOTE, QUERY_NOTE]}
+         "both_memories": [MODEL_NOTE, ENCODER_NOTE, QUERY_NOTE],
+         "revisit_world": [TOY_NOTE]}
 
 
 def write_all(object_info: dict) -> list[Path]:
