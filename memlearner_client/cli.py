@@ -12,7 +12,9 @@ import argparse
 import asyncio
 import copy
 import json
+import signal
 import sys
+import threading
 import uuid
 from pathlib import Path, PurePosixPath
 
@@ -379,7 +381,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate_like_ctrl_c(signum, frame) -> None:
+    """SIGTERM (``kill``, a job scheduler, a container stop) ends the run as Ctrl-C does: the prompt is dropped from
+    the server's queue, or interrupted if it is running, and the exit code is 130."""
+    signal.raise_signal(signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_like_ctrl_c)
     try:
         args = parser().parse_args(argv)
     except SystemExit as e:  # --help, or argparse's own usage error (exit 2)

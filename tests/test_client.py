@@ -154,3 +154,34 @@ def test_execution_error_exits_1_with_the_node_and_message(server, tmp_path, cap
     err = capsys.readouterr().err
     assert rc == 1 and 'ComfyUI failed in node rollout (MemLearnerMemoryRollout, "Memory Rollout")' in err
     assert "not valid JSON" in err
+
+
+@pytest.mark.server
+def test_sigterm_cancels_the_running_prompt_like_ctrl_c(server, tmp_path):
+    import signal
+    import time
+
+    graph = build.memory_rollout(tiny=True)
+    graph["rollout"]["inputs"].update(chunks=200, steps=20)  # minutes of work: still running when terminated
+    proc = subprocess.Popen([str(CLIENT), *run_client(server, tmp_path, graph)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline, prompt_id = time.time() + 120, None
+    while time.time() < deadline and prompt_id is None:
+        queue = server.get("/queue")
+        running = [item[1] for item in queue["queue_running"]]
+        prompt_id = running[0] if running else None
+        time.sleep(0.2)
+    try:
+        assert prompt_id, "the client's prompt never started running"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "interrupted" in err
+        deadline = time.time() + 60
+        while time.time() < deadline and server.get("/queue")["queue_running"]:
+            time.sleep(0.2)
+        assert not server.get("/queue")["queue_running"], "the prompt kept running on the server"
+    finally:  # never leave the long rollout to the tests after this one
+        proc.kill()
+        server.post("/queue", {"clear": True})
+        server.post("/interrupt", {})
