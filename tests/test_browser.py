@@ -31,7 +31,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Notification.ShowVersionUpdates": False,
             "Comfy.Minimap.Visible": False}
-UI_FILES = sorted((host.ROOT / "workflows" / "ui").glob("*.json"))
+UI_FILES = sorted((host.ROOT / "example_workflows").glob("*.json"))
 DISPLAY_NAMES = ("Load Memory Encoder", "Encode Reference Video", "Reference Memory Bank", "Apply Query Memory",
                  "Apply Reference Memory", "Memory Rollout")
 SCREENSHOT = host.ROOT / "output" / "browser" / "memory_rollout.png"
@@ -204,7 +204,7 @@ def test_pack_node_appears_in_node_search(page, name):
 
 
 def test_memory_rollout_screenshot_is_saved(page, tmp_path_factory):
-    nodes = load(page, host.ROOT / "workflows" / "ui" / "memory_rollout.json")
+    nodes = load(page, host.ROOT / "example_workflows" / "memory_rollout.json")
     page.set_viewport_size(SCREENSHOT_VIEWPORT)
     try:
         page.evaluate("""async () => {

@@ -18,12 +18,19 @@ NAMES = sorted(build.WORKFLOWS)
 
 
 def shipped(folder, name):
-    return json.loads((host.ROOT / "workflows" / folder / f"{name}.json").read_text())
+    return json.loads((build.FOLDERS[folder] / f"{name}.json").read_text())
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_api_file_is_the_built_graph(name):
     assert shipped("api", name) == build.WORKFLOWS[name]()
+
+
+def test_template_browser_lists_every_ui_workflow(server):
+    """ComfyUI's /workflow_templates lists the ``example_workflows/*.json`` of each installed pack."""
+    templates = server.get("/workflow_templates")
+    ours = [names for names in templates.values() if "both_memories" in names]
+    assert ours and sorted(ours[0]) == NAMES
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,5 +1,6 @@
 """Source of the shipped workflows: ``python workflows/build.py`` rewrites ``workflows/api/*.json`` (API format,
-for headless use) and ``workflows/ui/*.json`` (UI format, to drag into ComfyUI), both from the graphs below.
+for headless use) and ``example_workflows/*.json`` (UI format: ComfyUI's template browser lists a pack's
+``example_workflows/``; or drag them into ComfyUI), both from the graphs below.
 
 File names are those of ComfyUI's repackaged Wan2.1 release; ``tiny=True`` swaps in the test fixtures (and
 seeded random text conditioning, since ComfyUI's loader builds the umt5 text encoder at full size). Nodes carry
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+FOLDERS = {"api": HERE / "api", "ui": HERE.parent / "example_workflows"}
 REAL = {
     "unet": "wan2.1_t2v_1.3B_fp16.safetensors",
     "clip": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
@@ -193,7 +195,7 @@ def write_all(object_info: dict) -> list[Path]:
     for name, build in WORKFLOWS.items():
         graph = build()
         for folder, data in (("api", graph), ("ui", to_ui(graph, object_info, NOTES[name]))):
-            path = HERE / folder / f"{name}.json"
+            path = FOLDERS[folder] / f"{name}.json"
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps(data, indent=1) + "\n")
             written.append(path)
