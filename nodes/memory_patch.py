@@ -133,7 +133,7 @@ class QueryMemory:
 
 
 class RunState:
-    """State of one sampling run: query-noise generator seeded by the sampler's seed, context K/V cache.
+    """State of one sampling run: the sampler's seed (for the query tokens' noise), the context K/V cache.
 
     ``gradient_checkpointing`` (training): each block's activations are recomputed in the backward pass instead
     of kept, trading about one extra forward for memory that no longer grows with the number of blocks."""
@@ -141,15 +141,17 @@ class RunState:
     def __init__(self, seed: int | None, gradient_checkpointing: bool = False):
         self.seed = int(seed or 0)
         self.gradient_checkpointing = gradient_checkpointing
-        self.generator = torch.Generator().manual_seed(self.seed & 0xFFFF_FFFF_FFFF)
         self.context_tokens: dict = {}  # (device, dtype) -> history tokens, RoPE tables, t=0 modulation
         self.context_cache: dict = {}  # (layer, device, dtype) -> ContextKV
 
-    def query_noise(self, shape, groups: int, device, dtype) -> torch.Tensor:
-        """Fresh Gaussian noise for Q, the same for each of the ``groups`` batched CFG branches."""
+    def query_noise(self, shape, groups: int, device, dtype, timestep: float) -> torch.Tensor:
+        """Gaussian noise for Q ``[B, C, T, H, W]``, fresh at every denoising step and a function of the run's
+        seed and the step's ``timestep`` alone: every CFG branch reads the same Q, whether ComfyUI batches the
+        ``groups`` branches in one forward or (low VRAM) runs them one forward each."""
         b = shape[0]
         per = b // groups if groups and b % groups == 0 else b
-        n = torch.randn((per, *shape[1:]), generator=self.generator)
+        key = (self.seed * 1_000_003 + round(float(timestep) * 1000)) & 0xFFFF_FFFF_FFFF
+        n = torch.randn((per, *shape[1:]), generator=torch.Generator().manual_seed(key))
         return n.repeat(b // per, 1, 1, 1, 1).to(device=device, dtype=dtype)
 
 
@@ -278,15 +280,16 @@ class DiffusionModelWrapper(_Shared):
         b, _, t, h, w = x.shape
         xp = wa.pad_latent(dm, x)
         groups = len(transformer_options.get("cond_or_uncond", [])) or 1
+        step = float(timestep.flatten()[0])
         freqs_p = wa.rope_for_latent(dm, t, h, w, x.device, x.dtype, transformer_options)
         pool = self.query.query_pool
         if pool == 1:  # one query token per predicted token, at the same positions
-            noise_q, freqs_q = run.query_noise(xp.shape, groups, x.device, x.dtype), freqs_p
+            noise_q, freqs_q = run.query_noise(xp.shape, groups, x.device, x.dtype, step), freqs_p
         else:
             ph, pw = xp.shape[-2] // dm.patch_size[1], xp.shape[-1] // dm.patch_size[2]
             qh, qw = pooled_grid(ph, pw, pool)
             shape = (b, xp.shape[1], t, qh * dm.patch_size[1], qw * dm.patch_size[2])
-            noise_q = run.query_noise(shape, groups, x.device, x.dtype)
+            noise_q = run.query_noise(shape, groups, x.device, x.dtype, step)
             freqs_q = wa.rope_from_ids(dm, pooled_query_positions(t, ph, pw, pool), x.device, x.dtype)
         st.q_tokens = wa.embed_latent(dm, noise_q, x.dtype)
         st.n_query = st.q_tokens.shape[1]

@@ -42,6 +42,13 @@ def test_attention_pattern_equals_dense_mask_on_random_inputs(seeded):
         assert rel_err(out, ref) < 1e-5
 
 
+def history_ids(frames: int, rows: int = 4, cols: int = 4) -> torch.Tensor:
+    """RoPE ids (time, row, column) of ``frames`` history frames of ``rows x cols`` tokens, written out the
+    obvious way: the last history frame sits at time -1, right before the chunk at 0."""
+    return torch.tensor([[f, r, c] for f in range(-frames, 0) for r in range(rows) for c in range(cols)],
+                        dtype=torch.float32)
+
+
 def in_model_space(model, samples):
     """What a sampler does to a LATENT before denoising: the space the history must be read in."""
     return model.model.process_latent_in(samples)
@@ -60,12 +67,10 @@ def test_tiny_wan_equals_dense_mask_reference(comfy, wan_model, context_frames, 
     model = patched(comfy, wan_model, context_frames)
     x, t, txt = inputs(len(cond_or_uncond))
     out = model_forward(model, x, t, txt, cond_or_uncond, run_seed=11)
-    q_noise = mp.RunState(11).query_noise(x.shape, len(cond_or_uncond), x.device, x.dtype)
+    q_noise = mp.RunState(11).query_noise(x.shape, len(cond_or_uncond), x.device, x.dtype, 600.0)
     dm = wan_model.model.diffusion_model
     ctx = in_model_space(wan_model, history(context_frames)["samples"])[0]
-    spec = ContextSpec.from_history(ctx)
-    freqs = dm.rope_embedder(torch.cat([segment_positions(s) for s in spec.segments]).unsqueeze(0)).movedim(1, 2) \
-        if context_frames else None
+    freqs = dm.rope_embedder(history_ids(context_frames).unsqueeze(0)).movedim(1, 2) if context_frames else None
     ref = reference_wan.query_memory_reference(dm, x, t, txt, ctx if context_frames else None, freqs, q_noise, 2)
     assert rel_err(out, ref) < 1e-5
 
@@ -78,7 +83,7 @@ def test_all_layers_as_query_layers_matches_reference(comfy, wan_model):
     dm = wan_model.model.diffusion_model
     ctx = in_model_space(wan_model, history(2)["samples"])[0]
     freqs = dm.rope_embedder(segment_positions(ContextSpec.from_history(ctx).segments[0]).unsqueeze(0)).movedim(1, 2)
-    q_noise = mp.RunState(3).query_noise(x.shape, 1, x.device, x.dtype)
+    q_noise = mp.RunState(3).query_noise(x.shape, 1, x.device, x.dtype, 600.0)
     assert rel_err(out, reference_wan.query_memory_reference(dm, x, t, txt, ctx, freqs, q_noise, 4)) < 1e-5
 
 
@@ -101,6 +106,25 @@ def test_query_noise_is_reproducible_from_the_sampler_seed(comfy, wan_model):
     x, t, txt = inputs(1)
     assert torch.equal(model_forward(model, x, t, txt, run_seed=5), model_forward(model, x, t, txt, run_seed=5))
     assert rel_err(model_forward(model, x, t, txt, run_seed=5), model_forward(model, x, t, txt, run_seed=6)) > 1e-4
+
+
+def test_cfg_branches_read_the_same_queries_batched_or_one_forward_each(comfy, wan_model):
+    """ComfyUI batches cond and uncond, or (low VRAM) runs them apart: the output must not depend on which."""
+    model = patched(comfy, wan_model, 2)
+    x, t, txt = inputs(2)
+    batched = model_forward(model, x, t, txt, [0, 1], run_seed=8)
+    run = host.pack("nodes.memory_patch").RunState(8)  # one run: the forwards follow each other as in a sampler
+    apart = [model_forward(model, x[i:i + 1], t[i:i + 1], txt[i:i + 1], [i], run=run) for i in (0, 1)]
+    assert rel_err(torch.cat(apart), batched) < 1e-5
+
+
+def test_query_noise_is_fresh_at_each_step_and_the_same_for_each_branch():
+    mp = host.pack("nodes.memory_patch")
+    run = mp.RunState(3)
+    a = run.query_noise((2, 16, 2, 4, 4), 2, "cpu", torch.float32, 900.0)
+    assert torch.equal(a[0], a[1])  # the two batched CFG branches
+    assert torch.equal(run.query_noise((1, 16, 2, 4, 4), 1, "cpu", torch.float32, 900.0)[0], a[0])
+    assert not torch.equal(run.query_noise((1, 16, 2, 4, 4), 1, "cpu", torch.float32, 800.0)[0], a[0])
 
 
 def test_query_layers_out_of_range_is_refused(comfy, wan_model):
@@ -226,7 +250,7 @@ def test_camera_goes_on_history_queries_and_video_as_the_weights_version_says(co
     dm = wan_model.model.diffusion_model
     ctx = in_model_space(wan_model, history(2)["samples"])[0]
     freqs = dm.rope_embedder(segment_positions(ContextSpec.from_history(ctx).segments[0]).unsqueeze(0)).movedim(1, 2)
-    q_noise = mp.RunState(3).query_noise(x.shape, 1, x.device, x.dtype)
+    q_noise = mp.RunState(3).query_noise(x.shape, 1, x.device, x.dtype, 600.0)
     ref = reference_wan.query_memory_reference(dm, x, t, txt, ctx, freqs, q_noise, 2, camera=(c_cam, q_cam, p_cam))
     assert rel_err(out, ref) < 1e-5
 
@@ -302,7 +326,7 @@ def test_pooled_queries_equal_the_dense_mask_reference(comfy, wan_model, context
     x, t, txt = inputs(2)
     out = model_forward(model, x, t, txt, [0, 1], run_seed=4)
     # P is 3 frames of 4x4 tokens; pooled 2x2, Q is 3 frames of 2x2 tokens centred on their cells
-    q_noise = mp.RunState(4).query_noise((2, 16, 3, 4, 4), 2, x.device, x.dtype)
+    q_noise = mp.RunState(4).query_noise((2, 16, 3, 4, 4), 2, x.device, x.dtype, 600.0)
     ids = torch.stack(torch.meshgrid(torch.arange(3.0), torch.tensor([0.5, 2.5]), torch.tensor([0.5, 2.5]),
                                      indexing="ij"), -1).reshape(-1, 3)
     dm = wan_model.model.diffusion_model
