@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import json
+import os
+import re
 import signal
 import sys
 import threading
@@ -20,6 +23,9 @@ from pathlib import Path, PurePosixPath
 
 import aiohttp
 from tqdm import tqdm
+
+from .errors import Fail
+from .ui_workflow import is_ui_format, to_api
 
 # alias -> (title of the node, or None for every node; the inputs it sets)
 ALIASES = {
@@ -31,16 +37,9 @@ ALIASES = {
 }
 RAW = {"prompt", "negative", "trajectory"}  # text inputs: VALUE is never parsed as JSON
 UPLOAD = {"reference_video"}  # VALUE is a local file, uploaded to ComfyUI's input folder first
-OUTPUT_KEYS = ("images", "gifs", "videos", "audio")
 PROG = "memlearner-client"
-
-
-class Fail(Exception):
-    """A one-line (or listed) message for the user, and the exit code."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
+TOKEN_ENV = "MEMLEARNER_CLIENT_TOKEN"
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 # --- the graph and its named inputs (pure) -------------------------------------------------------------------
@@ -59,21 +58,64 @@ def describe(graph: dict, node_id: str) -> str:
     return f"{node_id} ({node.get('class_type', '?')}" + (f', "{t}")' if t and t != node_id else ")")
 
 
-def load(path: str) -> dict:
-    """An API-format graph from a file; a clear ``Fail`` (exit 2) for anything else."""
+def read_workflow(path: str):
+    """The parsed JSON of a workflow file; a clear ``Fail`` (exit 2) when it cannot be read or parsed."""
     try:
-        graph = json.loads(Path(path).read_bytes())
+        return json.loads(Path(path).read_bytes())
     except OSError as e:
         raise Fail(f"cannot read workflow {path}: {e.strerror or e}", 2) from None
     except ValueError as e:
         raise Fail(f"workflow {path} is not valid JSON: {e}", 2) from None
-    if isinstance(graph, dict) and "nodes" in graph and "links" in graph:
-        raise Fail(f"{path} is a UI-format workflow: export it from ComfyUI with 'Export (API)' "
-                   "(or use the files in workflows/api/)", 2)
+
+
+def check_api(graph, path: str) -> dict:
     if not (isinstance(graph, dict) and graph and all(
             isinstance(n, dict) and "class_type" in n and isinstance(n.get("inputs"), dict) for n in graph.values())):
-        raise Fail(f"{path} is not an API-format ComfyUI workflow (node_id -> {{class_type, inputs}})", 2)
+        raise Fail(f"{path} is neither an API-format ComfyUI workflow (node_id -> {{class_type, inputs}}) nor a "
+                   "UI-format one (nodes and links)", 2)
     return graph
+
+
+def load(path: str) -> dict:
+    """An API-format graph from a file; a clear ``Fail`` (exit 2) for anything else (UI format: ``load_any``)."""
+    return check_api(read_workflow(path), path)
+
+
+def load_any(path: str, base: str, headers: dict[str, str]) -> dict:
+    """An API-format graph from an API- or UI-format file; UI format is converted with the server's
+    ``/object_info`` (the server is asked only then)."""
+    data = read_workflow(path)
+    if not is_ui_format(data):
+        return check_api(data, path)
+
+    async def object_info() -> dict:
+        with talking_to(base):
+            async with session(headers) as http, http.get(f"{base}/object_info") as r:
+                r.raise_for_status()
+                return await r.json()
+
+    graph = to_api(data, asyncio.run(object_info()), path)
+    print(f"converted UI-format {path} with the node definitions of {base}", file=sys.stderr)
+    return check_api(graph, path)
+
+
+def auth_headers(token: str | None, headers: list[str]) -> dict[str, str]:
+    """``Authorization: Bearer <token>`` and each ``--header "Name: value"``; an explicit Authorization header wins
+    over the token. Messages never repeat a value (it may be a secret)."""
+    result = {"Authorization": f"Bearer {token.strip()}"} if token and token.strip() else {}
+    if token and any(c in token.strip() for c in "\r\n"):
+        raise Fail(f"the token (--token or {TOKEN_ENV}) contains a line break", 2)
+    for i, item in enumerate(headers, 1):
+        name, colon, value = item.partition(":")
+        name, value = name.strip(), value.strip()
+        if not colon or not HEADER_NAME.fullmatch(name):
+            raise Fail(f'--header number {i}: expected "Name: value" with a header name before the colon', 2)
+        if any(c in value for c in "\r\n"):
+            raise Fail(f"--header {name}: the value contains a line break", 2)
+        for old in [k for k in result if k.lower() == name.lower()]:
+            del result[old]
+        result[name] = value
+    return result
 
 
 def alias_targets(graph: dict, alias: str) -> list[tuple[str, str]]:
@@ -209,18 +251,38 @@ def server_url(server: str) -> str:
 
 # --- talking to ComfyUI ---------------------------------------------------------------------------------------
 
+def session(headers: dict[str, str]) -> aiohttp.ClientSession:
+    """An HTTP session sending ``headers`` (auth) on every request, the websocket's included."""
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=30), headers=headers)
+
+
+@contextlib.contextmanager
+def talking_to(base: str):
+    """aiohttp's errors as one-line ``Fail`` (exit 1): unreachable, or an HTTP error (401/403 with a hint)."""
+    try:
+        yield
+    except aiohttp.ClientConnectionError as e:  # refused, DNS, connect timeout, dropped connection
+        raise Fail(f"cannot reach ComfyUI at {base}: {e}") from None
+    except aiohttp.ClientResponseError as e:
+        hint = f" (pass a token with --token or {TOKEN_ENV}, or --header)" if e.status in (401, 403) else ""
+        raise Fail(f"ComfyUI at {base} answered with an error: {e.status}, {e.message}{hint}") from None
+    except aiohttp.ClientError as e:
+        raise Fail(f"ComfyUI at {base} answered with an error: {e}") from None
+
+
 class Client:
     """One prompt on one server: upload, queue, follow the websocket, download. ``prompt_id`` once queued."""
 
-    def __init__(self, base: str, graph: dict, uploads: list[tuple[str, str, Path]], out: Path):
+    def __init__(self, base: str, graph: dict, uploads: list[tuple[str, str, Path]], out: Path,
+                 headers: dict[str, str] | None = None):
         self.base, self.graph, self.uploads, self.out = base, graph, uploads, out
+        self.headers = headers or {}
         self.client_id = uuid.uuid4().hex
         self.prompt_id: str | None = None
 
     async def run(self) -> list[Path]:
-        try:
-            timeout = aiohttp.ClientTimeout(total=None, connect=30)
-            async with aiohttp.ClientSession(timeout=timeout) as http:
+        with talking_to(self.base):
+            async with session(self.headers) as http:
                 ws_url = "ws" + self.base[len("http"):] + f"/ws?clientId={self.client_id}"
                 async with http.ws_connect(ws_url, max_msg_size=0) as ws:  # before posting: no message missed
                     for node_id, inp, path in self.uploads:
@@ -235,10 +297,6 @@ class Client:
                     r.raise_for_status()
                     history = await r.json()
                 return await self.download(http, history.get(self.prompt_id, {}).get("outputs") or {})
-        except aiohttp.ClientConnectionError as e:  # refused, DNS, connect timeout, dropped connection
-            raise Fail(f"cannot reach ComfyUI at {self.base}: {e}") from None
-        except aiohttp.ClientError as e:
-            raise Fail(f"ComfyUI at {self.base} answered with an error: {e}") from None
 
     async def upload(self, http: aiohttp.ClientSession, path: Path) -> str:
         """POST /upload/image (ComfyUI stores videos through it too); the name the graph should use."""
@@ -328,41 +386,48 @@ class Client:
         """Every file in the history's outputs, through /view, into ``out/<subfolder>/<filename>``."""
         saved, seen = [], set()
         for node_out in outputs.values():
-            for key in OUTPUT_KEYS:
-                for f in node_out.get(key) or []:
-                    if not isinstance(f, dict) or not f.get("filename"):
-                        continue
-                    params = {"filename": f["filename"], "subfolder": f.get("subfolder") or "",
-                              "type": f.get("type") or "output"}
-                    rel = PurePosixPath(params["subfolder"].replace("\\", "/")) / params["filename"]
-                    if rel.is_absolute() or ".." in rel.parts or tuple(params.values()) in seen:
-                        continue
-                    seen.add(tuple(params.values()))
-                    dest = self.out.joinpath(*rel.parts)
-                    async with http.get(f"{self.base}/view", params=params) as r:
-                        r.raise_for_status()
-                        try:
-                            dest.parent.mkdir(parents=True, exist_ok=True)
-                            with dest.open("wb") as fh:
-                                async for chunk in r.content.iter_chunked(1 << 20):
-                                    fh.write(chunk)
-                        except aiohttp.ClientError:
-                            raise
-                        except OSError as e:
-                            raise Fail(f"cannot write {dest}: {e.strerror or e}") from None
-                    print(dest, flush=True)
-                    saved.append(dest)
+            for f in output_files(node_out):
+                params = {"filename": f["filename"], "subfolder": f.get("subfolder") or "",
+                          "type": f.get("type") or "output"}
+                rel = PurePosixPath(params["subfolder"].replace("\\", "/")) / params["filename"].replace("\\", "/")
+                if rel.is_absolute() or ".." in rel.parts or tuple(params.values()) in seen:
+                    continue
+                seen.add(tuple(params.values()))
+                dest = self.out.joinpath(*rel.parts)
+                async with http.get(f"{self.base}/view", params=params) as r:
+                    r.raise_for_status()
+                    try:
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        with dest.open("wb") as fh:
+                            async for chunk in r.content.iter_chunked(1 << 20):
+                                fh.write(chunk)
+                    except aiohttp.ClientError:
+                        raise
+                    except OSError as e:
+                        raise Fail(f"cannot write {dest}: {e.strerror or e}") from None
+                print(dest, flush=True)
+                saved.append(dest)
         if not saved:
             print(f"prompt {self.prompt_id} finished but saved no files", file=sys.stderr)
         return saved
+
+
+def output_files(node_out) -> list[dict]:
+    """Every file a node reported, whatever the kind (images, gifs, videos, audio, latents, 3d...): ComfyUI lists
+    each as ``{filename, subfolder, type}`` in a list under the kind's key."""
+    if not isinstance(node_out, dict):
+        return []
+    return [f for files in node_out.values() if isinstance(files, list) for f in files
+            if isinstance(f, dict) and isinstance(f.get("filename"), str) and f["filename"]
+            and isinstance(f.get("subfolder", ""), str) and isinstance(f.get("type", ""), str)]
 
 
 # --- command line ---------------------------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description="Run an API-format ComfyUI workflow (e.g. workflows/api/*.json) on a ComfyUI "
-        "server: set named inputs, queue it, follow its progress, download the files it saves.",
+        prog=PROG, description="Run a ComfyUI workflow (API format, e.g. workflows/api/*.json, or UI format) on a "
+        "ComfyUI server: set named inputs, queue it, follow its progress, download the files it saves.",
         epilog="NAME is Title.input or node_id.input (a node addressed by its _meta.title or its id), or an alias: "
         "prompt (Prompt.text), negative (Negative prompt.text), seed (every seed/noise_seed input), trajectory "
         "(every trajectory input, kept as text), reference_video (a LOCAL file, uploaded to the server's input "
@@ -370,7 +435,9 @@ def parser() -> argparse.ArgumentParser:
         "objects), else taken as a string; inputs whose current value is text stay text. A --timeout or Ctrl-C "
         "cancels the prompt on the server. Exit codes: 0 done, 1 server or workflow error, 2 bad arguments, "
         "130 interrupted.")
-    p.add_argument("workflow", metavar="WORKFLOW.json", help="API-format graph (ComfyUI's 'Export (API)')")
+    p.add_argument("workflow", metavar="WORKFLOW.json",
+                   help="API-format graph (ComfyUI's 'Save (API)'), or a UI-format workflow (converted with the "
+                   "server's node definitions)")
     p.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI address (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="set an input (repeatable)")
     p.add_argument("--out", default="./memlearner_outputs", metavar="DIR",
@@ -378,6 +445,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="give up (and cancel the prompt) after this long (default: %(default)g)")
     p.add_argument("--list-inputs", action="store_true", help="print the settable names and exit")
+    p.add_argument("--token", metavar="TOKEN", help=f"send 'Authorization: Bearer TOKEN' with every request, the "
+                   f"websocket's included (default: the {TOKEN_ENV} environment variable; never printed)")
+    p.add_argument("--header", action="append", default=[], metavar='"NAME: VALUE"',
+                   help="send this header with every request (repeatable; for other auth schemes; an Authorization "
+                   "header given here replaces the token's)")
     return p
 
 
@@ -395,14 +467,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, or argparse's own usage error (exit 2)
         return e.code if isinstance(e.code, int) else 2
     try:
-        graph = load(args.workflow)
+        headers = auth_headers(args.token if args.token is not None else os.environ.get(TOKEN_ENV), args.header)
+        base = server_url(args.server)
+        graph = load_any(args.workflow, base, headers)
         if args.list_inputs:
             print(listing(graph))
             return 0
         if not args.timeout > 0:
             raise Fail(f"--timeout must be positive, not {args.timeout:g}", 2)
         graph, uploads = apply_sets(graph, args.set)
-        client = Client(server_url(args.server), graph, uploads, Path(args.out))
+        client = Client(base, graph, uploads, Path(args.out), headers)
         try:
             asyncio.run(asyncio.wait_for(client.run(), args.timeout))
         except asyncio.TimeoutError:

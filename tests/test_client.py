@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from aiohttp import web
 
-from memlearner_client.cli import apply_sets, main
+from memlearner_client.cli import apply_sets, main, output_files
+from memlearner_client.ui_workflow import to_api
 
 import host
 import tiny_models
 
 sys.path.insert(0, str(host.ROOT / "workflows"))
+import ui_format  # noqa: E402
+
 import build  # noqa: E402
 
 CLIENT = Path(sys.executable).parent / "memlearner-client"
@@ -185,3 +191,229 @@ def test_sigterm_cancels_the_running_prompt_like_ctrl_c(server, tmp_path):
         proc.kill()
         server.post("/queue", {"clear": True})
         server.post("/interrupt", {})
+
+
+# --- every output kind ------------------------------------------------------------------------------------------
+
+def latent_graph(seed: int = 1) -> dict:
+    """The tiny Wan2.1 sampling an empty video latent, saved with SaveLatent (a ``latents`` output, no video)."""
+    g = build.base(build.TINY, tiny=True)
+    build.sampler(g, build.TINY, "sample", "unet", seed, title="Sampler")
+    g["save"] = build.node("SaveLatent", "Save latent", samples=["sample", 0], filename_prefix="client_latents/tiny")
+    return g
+
+
+def test_output_files_are_every_list_of_filename_dicts_whatever_the_key():
+    f = {"filename": "a.bin", "subfolder": "s", "type": "output"}
+    node_out = {"images": [f], "latents": [dict(f, filename="b.latent")], "3d": [dict(f, filename="c.glb")],
+                "text": ["not a file"], "animated": [True], "video_info": {"filename": "x"}, "bad": [{"filename": 3}]}
+    assert [x["filename"] for x in output_files(node_out)] == ["a.bin", "b.latent", "c.glb"]
+
+
+@pytest.mark.server
+def test_save_latent_outputs_are_downloaded(server, tmp_path, capsys):
+    rc = main(run_client(server, tmp_path, latent_graph()))
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    saved = [Path(line) for line in out.splitlines()]
+    assert len(saved) == 1 and saved[0].suffix == ".latent" and saved[0].parent == tmp_path / "out" / "client_latents"
+    assert saved[0].read_bytes() == next((server.output_dir / "client_latents").glob(saved[0].name)).read_bytes()
+    assert "saved no files" not in err
+
+
+# --- UI-format workflows ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+def same_graph(api: dict, converted: dict, object_info: dict) -> None:
+    """``converted`` (node ids 1..N, as build's to_ui numbers them in the API graph's order) is ``api``; an input the
+    API graph leaves out may be there with the node's default (to_ui writes a widget value for every input)."""
+    ids = {str(i + 1): nid for i, nid in enumerate(api)}
+    assert set(converted) == set(ids)
+    for cid, n in converted.items():
+        inputs = {k: [ids[v[0]], v[1]] if isinstance(v, list) else v for k, v in n["inputs"].items()}
+        want = api[ids[cid]]
+        defaults = {name: ui_format.default_value(kind, opts) for name, kind, opts
+                    in ui_format.input_specs(object_info[n["class_type"]]) if kind in ui_format.WIDGET_TYPES}
+        for k in [k for k in inputs if k not in want["inputs"] and k in defaults]:
+            assert inputs.pop(k) == defaults[k], (cid, k)
+        assert (n["class_type"], inputs, n.get("_meta")) == (want["class_type"], want["inputs"], want.get("_meta")), cid
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("name", sorted(p.stem for p in (host.ROOT / "example_workflows").glob("*.json")))
+def test_shipped_ui_workflow_converts_to_the_shipped_api_one(object_info, name):
+    ui = json.loads((host.ROOT / "example_workflows" / f"{name}.json").read_text())
+    api = json.loads((host.ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    same_graph(api, to_api(ui, object_info), object_info)
+
+
+@pytest.mark.server
+def test_ui_conversion_drops_notes_and_muted_nodes_and_resolves_reroutes_bypasses_and_primitives(object_info):
+    api = latent_graph()
+    ui = ui_format.to_ui(api, object_info, ["a note"])
+    nodes = {n["type"]: n for n in ui["nodes"]}
+    links = {link[0]: link for link in ui["links"]}
+    sampler, save = nodes["KSampler"], nodes["SaveLatent"]
+    # the model through a Reroute; the sampler's seed from a PrimitiveNode; its latent through a bypassed node
+    model_link = next(s["link"] for s in sampler["inputs"] if s["name"] == "model")
+    reroute = {"id": 90, "type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": 91}],
+               "outputs": [{"name": "", "type": "MODEL", "links": [model_link]}]}
+    links[91] = [91, links[model_link][1], 0, 90, 0, "MODEL"]
+    links[model_link] = [model_link, 90, 0, sampler["id"], 0, "MODEL"]
+    prim = {"id": 92, "type": "PrimitiveNode", "mode": 0, "inputs": [], "outputs": [{"name": "INT", "type": "INT"}],
+            "widgets_values": [777, "fixed"]}
+    links[93] = [93, 92, 0, sampler["id"], 9, "INT"]
+    sampler["inputs"].append({"name": "seed", "type": "INT", "link": 93, "widget": {"name": "seed"}})
+    latent_link = next(s["link"] for s in sampler["inputs"] if s["name"] == "latent_image")
+    empty_id = links[latent_link][1]
+    bypassed = {"id": 94, "type": "LatentUpscaleBy", "mode": 4, "widgets_values": ["nearest-exact", 2.0],
+                "inputs": [{"name": "samples", "type": "LATENT", "link": 95}],
+                "outputs": [{"name": "LATENT", "type": "LATENT", "links": [latent_link]}]}
+    links[95] = [95, empty_id, 0, 94, 0, "LATENT"]
+    links[latent_link] = [latent_link, 94, 0, sampler["id"], 3, "LATENT"]
+    muted = dict(save, id=96, mode=2, title="Muted save")
+    ui["nodes"] += [reroute, prim, bypassed, muted]
+    ui["links"] = list(links.values())
+    graph = to_api(ui, object_info)
+    assert sorted(n["class_type"] for n in graph.values()) == sorted(n["class_type"] for n in api.values())
+    s = graph[str(sampler["id"])]["inputs"]
+    assert s["model"] == [str(nodes["UNETLoader"]["id"]), 0] and s["latent_image"] == [str(empty_id), 0]
+    assert s["seed"] == 777 and s["steps"] == api["sample"]["inputs"]["steps"]
+
+
+def test_ui_workflow_with_subgraphs_is_refused_in_one_line_with_the_fix(tmp_path, capsys):
+    ui = {"nodes": [{"id": 1, "type": "0c1f-sub", "mode": 0}], "links": [],
+          "definitions": {"subgraphs": [{"id": "0c1f-sub"}]}}
+    server, requests = fake_server({"object_info": {}})
+    with server:
+        rc = main([write(tmp_path, ui), "--server", server.url])
+    err = capsys.readouterr().err
+    assert rc == 2 and "uses subgraphs" in err and "Save (API)" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.server
+def test_ui_format_workflow_runs_on_the_server(server, object_info, tmp_path, capsys):
+    ui = ui_format.to_ui(latent_graph(seed=3), object_info, ["a note"])
+    rc = main(run_client(server, tmp_path, ui, "--set", "seed=8"))
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "converted UI-format" in err and [Path(p).suffix for p in out.splitlines()] == [".latent"]
+    graph = posted(server, err)
+    assert [n["inputs"]["seed"] for n in graph.values() if n["class_type"] == "KSampler"] == [8]
+
+
+# --- auth headers -----------------------------------------------------------------------------------------------
+
+class FakeServer:
+    """A ComfyUI stand-in on a thread: records each request's path and headers; runs any prompt at once."""
+
+    def __init__(self, app: web.Application):
+        self.app, self.loop = app, asyncio.new_event_loop()
+        self.port = host.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        self.runner = web.AppRunner(self.app)
+        asyncio.run_coroutine_threadsafe(self.runner.setup(), self.loop).result(10)
+        site = web.TCPSite(self.runner, "127.0.0.1", self.port)
+        asyncio.run_coroutine_threadsafe(site.start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc):
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def fake_server(answers: dict, status: int = 200) -> tuple[FakeServer, list]:
+    """``answers``: ``object_info`` (its /object_info); every request is recorded as (path, headers)."""
+    requests, queued = [], {}
+    done = asyncio.Event()
+
+    @web.middleware
+    async def record(request, handler):
+        requests.append((request.path, dict(request.headers)))
+        if status != 200:
+            raise web.HTTPUnauthorized() if status == 401 else web.HTTPException()
+        return await handler(request)
+
+    async def ws(request):
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        await done.wait()
+        await sock.send_json({"type": "executing", "data": {"node": None, "prompt_id": "p1"}})
+        await sock.close()
+        return sock
+
+    async def prompt(request):
+        queued["prompt"] = (await request.json())["prompt"]
+        done.set()
+        return web.json_response({"prompt_id": "p1", "number": 0, "node_errors": {}})
+
+    async def history(request):
+        files = [{"filename": "a.latent", "subfolder": "latents", "type": "output"}]
+        return web.json_response({"p1": {"prompt": [0, "p1", queued.get("prompt")], "outputs": {"9": {"latents": files}}}})
+
+    async def view(request):
+        return web.Response(body=b"latent bytes")
+
+    async def object_info(request):
+        return web.json_response(answers["object_info"])
+
+    app = web.Application(middlewares=[record])
+    app.router.add_get("/ws", ws)
+    app.router.add_post("/prompt", prompt)
+    app.router.add_get("/history/{pid}", history)
+    app.router.add_get("/view", view)
+    app.router.add_get("/object_info", object_info)
+    server = FakeServer(app)
+    server.queued = queued
+    return server, requests
+
+
+FAKE_INFO = {"SaveLatent": {"input": {"required": {"samples": ["LATENT"], "filename_prefix": ["STRING", {}]}},
+                            "input_order": {"required": ["samples", "filename_prefix"]}}}
+FAKE_UI = {"nodes": [{"id": 9, "type": "SaveLatent", "mode": 0, "inputs": [{"name": "samples", "type": "LATENT",
+                                                                            "link": None}],
+                      "widgets_values": ["client/x"]}], "links": []}
+
+
+def test_token_and_headers_go_with_every_request_the_websocket_included(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEMLEARNER_CLIENT_TOKEN", "env-secret")
+    server, requests = fake_server({"object_info": FAKE_INFO})
+    with server:
+        rc = main([write(tmp_path, FAKE_UI), "--server", server.url, "--out", str(tmp_path / "out"),
+                   "--token", "flag-secret", "--header", "X-Api-Key: key-secret", "--header", "X-Team:blue"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert (tmp_path / "out" / "latents" / "a.latent").read_bytes() == b"latent bytes"
+    assert server.queued["prompt"] == {"9": {"class_type": "SaveLatent", "inputs": {"filename_prefix": "client/x"}}}
+    paths = [p for p, _ in requests]
+    assert {"/object_info", "/ws", "/prompt", "/history/p1", "/view"} <= set(paths)
+    for path, headers in requests:
+        assert headers.get("Authorization") == "Bearer flag-secret", path  # the flag wins over the environment
+        assert headers.get("X-Api-Key") == "key-secret" and headers.get("X-Team") == "blue", path
+    assert "secret" not in out + err
+
+
+def test_token_from_the_environment_and_a_refusal_exits_1_without_printing_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEMLEARNER_CLIENT_TOKEN", "env-secret")
+    server, requests = fake_server({"object_info": FAKE_INFO}, status=401)
+    with server:
+        rc = main([write(tmp_path, build.query_memory(tiny=True)), "--server", server.url, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "401" in err and "--token" in err and len(err.strip().splitlines()) == 1
+    assert requests and all(h.get("Authorization") == "Bearer env-secret" for _, h in requests)
+    assert "secret" not in err
+
+
+def test_malformed_header_exits_2_without_echoing_its_value(tmp_path, capsys):
+    rc = main([write(tmp_path, build.query_memory(tiny=True)), "--header", "secret-without-colon"])
+    err = capsys.readouterr().err
+    assert rc == 2 and '"Name: value"' in err and "secret" not in err
