@@ -165,25 +165,34 @@ def test_execution_error_exits_1_with_the_node_and_message(server, tmp_path, cap
 @pytest.mark.server
 def test_sigterm_cancels_the_running_prompt_like_ctrl_c(server, tmp_path):
     import signal
+    import threading
     import time
 
     graph = build.memory_rollout(tiny=True)
     graph["rollout"]["inputs"].update(chunks=200, steps=20)  # minutes of work: still running when terminated
-    proc = subprocess.Popen([str(CLIENT), *run_client(server, tmp_path, graph)], stdout=subprocess.PIPE,
+    deadline = time.time() + 120
+    while time.time() < deadline and (server.get("/queue")["queue_running"] or server.get("/queue")["queue_pending"]):
+        time.sleep(0.2)  # the running prompt seen below must be this client's
+    proc = subprocess.Popen([str(CLIENT), *run_client(server, tmp_path, graph)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
     deadline, prompt_id = time.time() + 120, None
-    while time.time() < deadline and prompt_id is None:
-        queue = server.get("/queue")
-        running = [item[1] for item in queue["queue_running"]]
-        prompt_id = running[0] if running else None
+    while time.time() < deadline and prompt_id is None:  # the client knows its prompt id, the server runs it
+        queued = re.search(r"queued prompt (\S+)", "".join(lines))
+        running = [item[1] for item in server.get("/queue")["queue_running"]]
+        prompt_id = queued.group(1) if queued and queued.group(1) in running else None
         time.sleep(0.2)
     try:
         assert prompt_id, "the client's prompt never started running"
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+        err = "".join(lines)
         assert proc.returncode == 130, err
         assert "interrupted" in err
-        deadline = time.time() + 60
+        deadline = time.time() + 120
         while time.time() < deadline and server.get("/queue")["queue_running"]:
             time.sleep(0.2)
         assert not server.get("/queue")["queue_running"], "the prompt kept running on the server"
