@@ -168,11 +168,14 @@ def default_dtype(choice: str) -> torch.dtype:
     return comfy.model_management.unet_dtype()
 
 
-def resize_frames(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """IMAGE ``[F, H, W, 3]`` scaled and center-cropped to ``width x height``."""
+def resize_frames(frames: torch.Tensor, width: int, height: int, crop: str = "center") -> torch.Tensor:
+    """IMAGE ``[F, H, W, 3]`` scaled (bilinear) to ``width x height``: ``crop`` "center" crops the frames to that
+    aspect first, "disabled" stretches them whole (ComfyUI's ``common_upscale`` crop values)."""
     import comfy.utils
 
-    return comfy.utils.common_upscale(frames.movedim(-1, 1), width, height, "bilinear", "center").movedim(1, -1)
+    if crop not in ("center", "disabled"):
+        raise ValueError(f"resize_frames: crop must be 'center' or 'disabled', got {crop!r}")
+    return comfy.utils.common_upscale(frames.movedim(-1, 1), width, height, "bilinear", crop).movedim(1, -1)
 
 
 def read_video(path) -> torch.Tensor:

@@ -15,7 +15,7 @@ from memlearner_core.training.dataset import LatentCache
 
 from . import comfy_adapter as ca
 from .comfy_types import MEMORY, MEMORY_ENCODER
-from .memory_nodes import check_strength, encode_frames, memory_options
+from .memory_nodes import STRETCH, check_strength, encode_frames, memory_options
 from .memory_patch import ReferenceMemory
 
 log = logging.getLogger("memlearner")
@@ -26,10 +26,13 @@ def bank_folder(text: str) -> Path:
     return confined_folder(text, ca.input_directory(), "Reference Memory Bank: folder")
 
 
-def cached_latent(vae, video: Path, shape: tuple[int, int, int]) -> torch.Tensor:
-    """The video's latent ``[16, T, H, W]``, from the pack's latent cache (in ComfyUI's user folder) or encoded
-    now and cached atomically. An unreadable or wrong cache entry is encoded again, with a warning naming it."""
-    cache, settings = LatentCache(ca.cache_directory(CACHE_DIR)), f"{shape}|{ca.vae_fingerprint(vae)}"
+def cached_latent(vae, video: Path, shape: tuple[int, int, int], resize: str = STRETCH) -> torch.Tensor:
+    """The video's latent ``[16, T, H, W]``, prepared as Encode Reference Video prepares images (DiT-Mem's frame
+    picking, ``resize``), from the pack's latent cache (in ComfyUI's user folder) or encoded now and cached
+    atomically. An unreadable or wrong cache entry is encoded again, with a warning naming it."""
+    # "official frames" in the key: latents cached before frames were picked as DiT-Mem picks them are not reused
+    settings = f"{shape}|official frames|{resize}|{ca.vae_fingerprint(vae)}"
+    cache = LatentCache(ca.cache_directory(CACHE_DIR))
     latent = cache.get(video, settings)
     latent = None if latent is None else latent.clone()  # never backed by a cache file someone may rewrite
     if latent is not None and not (latent.is_floating_point() and tuple(latent.shape) == (16, *shape)
@@ -38,7 +41,7 @@ def cached_latent(vae, video: Path, shape: tuple[int, int, int]) -> torch.Tensor
                     "again", cache.path(video, settings), tuple(latent.shape), ", ".join(map(str, shape)))
         latent = None
     if latent is None:
-        latent = encode_frames(vae, ca.read_video(video), shape)
+        latent = encode_frames(vae, ca.read_video(video), shape, resize)
         try:
             cache.put(video, settings, latent)
         except OSError as e:

@@ -23,13 +23,21 @@ from .comfy_types import ENCODER_FOLDER, MEMORY, MEMORY_ENCODER
 from .memory_patch import ReferenceMemory
 
 FROM_HUB = "(from hf_repo)"
+# How reference frames reach the encoder's size: DiT-Mem's own preprocessing stretches them whole (cv2.resize to
+# 832x480); "crop" keeps the aspect, center-cropping after scaling. Values: ComfyUI's common_upscale crop.
+RESIZE_MODES = {"stretch (official)": "disabled", "crop": "center"}
+STRETCH = "stretch (official)"
 
 
-def encode_frames(vae, frames: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """One video ``[F, H, W, C]`` -> its Wan2.1 latent ``[16, T, H', W']`` in the encoder's ``shape``: frames
-    sampled evenly to the count the VAE maps to ``T``, scaled and center-cropped to ``8H' x 8W'``."""
-    frames = frames[sample_indices(frames.shape[0], frames_for_latent(shape[0]))]
-    frames = ca.resize_frames(frames, shape[2] * 8, shape[1] * 8)
+def encode_frames(vae, frames: torch.Tensor, shape: tuple[int, int, int], resize: str = STRETCH) -> torch.Tensor:
+    """One video ``[F, H, W, C]`` -> its Wan2.1 latent ``[16, T, H', W']`` in the encoder's ``shape``, prepared
+    as DiT-Mem's preprocessing does: the frame count the VAE maps to ``T`` picked with
+    ``np.linspace(..., dtype=int)`` (a shorter video's last frame repeated), frames stretched to ``8H' x 8W'``
+    (``resize`` "crop": scaled and center-cropped instead)."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(map(repr, RESIZE_MODES))}, got {resize!r}")
+    frames = frames[sample_indices(frames.shape[0], frames_for_latent(shape[0]), official=True)]
+    frames = ca.resize_frames(frames, shape[2] * 8, shape[1] * 8, crop=RESIZE_MODES[resize])
     return vae.encode(frames[..., :3])[0].cpu()
 
 
@@ -104,6 +112,11 @@ class EncodeReferenceVideo(io.ComfyNode):
                                 tooltip="Already-encoded Wan2.1 video latents; each batch item is one video."),
                 io.Int.Input("frames_per_video", default=0, min=0, max=100000,
                              tooltip="Split the image batch into videos of this many frames; 0 = one video."),
+                io.Combo.Input("resize", options=list(RESIZE_MODES), default=STRETCH, optional=True,
+                               tooltip="How images reach the encoder's size (832x480 for the released encoder): "
+                                       "stretched whole, as DiT-Mem's own preprocessing does, or scaled and "
+                                       "center-cropped to keep their aspect. Frames are picked as DiT-Mem picks "
+                                       "them either way."),
                 *memory_options(),
             ],
             outputs=[MEMORY.Output(display_name="memory")],
@@ -111,7 +124,7 @@ class EncodeReferenceVideo(io.ComfyNode):
 
     @classmethod
     def execute(cls, memory_encoder, images=None, vae=None, latent=None, frames_per_video=0, strength=1.0,
-                deduplicate=True) -> io.NodeOutput:
+                deduplicate=True, resize=STRETCH) -> io.NodeOutput:
         check_strength(strength)
         shape = memory_encoder.model.cfg.latent_shape
         videos = []
@@ -121,7 +134,8 @@ class EncodeReferenceVideo(io.ComfyNode):
             ca.check_wan21_vae(vae)
             if not torch.isfinite(images).all():
                 raise ReferenceVideoError("Encode Reference Video: the images have NaN or infinite values")
-            videos.extend(encode_frames(vae, frames, shape) for frames in split_videos(images, frames_per_video))
+            videos.extend(encode_frames(vae, frames, shape, resize)
+                          for frames in split_videos(images, frames_per_video))
         if latent is not None:
             samples = latent["samples"]
             if samples.ndim != 5 or samples.shape[1] != 16:
