@@ -334,9 +334,7 @@ def _video(out: Path, examples: dict, wa) -> None:
 
     factors, bias = wa.wan21_preview_factors()
     panels = ["ground_truth", "no_memory", "recent", "all"]
-    rgb = [rw.latent_to_rgb(examples[p], factors, bias) for p in panels]  # [T, 64, 64, 3] each
-    gap = torch.ones(rgb[0].shape[0], rgb[0].shape[1], 4, 3)
-    frames = torch.cat([x for p in rgb for x in (p, gap)][:-1], 2)  # [T, 64, W, 3]
+    frames = rw.side_by_side([examples[p] for p in panels], factors, bias)  # [T, 64, W, 3]
     images = [Image.fromarray((f.numpy() * 255).round().astype("uint8")) for f in frames]
     images[0].save(out / "revisit_side_by_side.gif", save_all=True, append_images=images[1:], duration=400, loop=0)
     sheet = torch.cat([torch.cat([f, torch.ones(2, f.shape[1], 3)], 0) for f in frames], 0)

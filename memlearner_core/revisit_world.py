@@ -24,7 +24,7 @@ was visible there; ``seen_before`` labels which pixels of later frames show plac
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,6 @@ class Rendering:
     v: torch.Tensor
     scale: torch.Tensor
     visible: torch.Tensor
-    extra: dict = field(default_factory=dict)
 
 
 def smooth_panorama(rows: int, columns: int, generator: torch.Generator, cutoff: float = 0.25) -> torch.Tensor:
@@ -207,41 +206,41 @@ def _footprint(u: float, v: float, s: float, rows: int, cols: int) -> tuple[rang
     return range(r_lo, r_hi), [c % (cols * k) for c in range(c_lo, c_hi)]
 
 
+def _footprints(world: World, rendering: Rendering) -> list[list[tuple[range, list[int]]]]:
+    """Per frame, per pixel (row-major): the fine coverage cells it looks at (``_footprint``)."""
+    u, v, s = rendering.u.tolist(), rendering.v.tolist(), rendering.scale.tolist()
+    t, h, w = rendering.visible.shape
+    return [[_footprint(u[f][i][j], v[f][i][j], s[f], world.rows, world.columns) for i in range(h) for j in range(w)]
+            for f in range(t)]
+
+
+def _coverage_grid(world: World) -> torch.Tensor:
+    return torch.zeros(world.rows * COVERAGE_SUBDIV, world.columns * COVERAGE_SUBDIV, dtype=torch.bool)
+
+
 def seen_before(world: World, rendering: Rendering, history: int) -> torch.Tensor:
     """``[T, h, w]`` bool: for frames at and after ``history``, the pixels whose whole footprint on the panorama
     was visible (not hidden by the wall or the object) in some frame before ``history``. Frames before it are
     False. Which places the history showed, whatever the later frames show there now."""
-    rows, cols = world.rows, world.columns
-    covered = torch.zeros(rows * COVERAGE_SUBDIV, cols * COVERAGE_SUBDIV, dtype=torch.bool)
-    u, v, s, vis = rendering.u.tolist(), rendering.v.tolist(), rendering.scale.tolist(), rendering.visible
-    t, h, w = vis.shape
-    for f in range(min(history, t)):
-        for i in range(h):
-            for j in range(w):
-                if vis[f, i, j]:
-                    rr, cc = _footprint(u[f][i][j], v[f][i][j], s[f], rows, cols)
-                    covered[rr.start:rr.stop, cc] = True
-    out = torch.zeros(t, h, w, dtype=torch.bool)
-    for f in range(history, t):
-        for i in range(h):
-            for j in range(w):
-                rr, cc = _footprint(u[f][i][j], v[f][i][j], s[f], rows, cols)
-                out[f, i, j] = bool(covered[rr.start:rr.stop, cc].all())
+    cells, visible = _footprints(world, rendering), rendering.visible.flatten(1).tolist()
+    covered = _coverage_grid(world)
+    for f in range(min(history, len(cells))):
+        for (rr, cc), vis in zip(cells[f], visible[f], strict=True):
+            if vis:
+                covered[rr.start:rr.stop, cc] = True
+    out = torch.zeros(rendering.visible.shape, dtype=torch.bool)
+    for f in range(history, len(cells)):
+        out[f] = torch.tensor([bool(covered[rr.start:rr.stop, cc].all()) for rr, cc in cells[f]]).view(out.shape[1:])
     return out
 
 
 def first_sight(world: World, rendering: Rendering) -> torch.Tensor:
     """``[T, h, w]`` bool: pixels whose place no earlier frame showed at all (seen or hidden): new places."""
-    rows, cols = world.rows, world.columns
-    covered = torch.zeros(rows * COVERAGE_SUBDIV, cols * COVERAGE_SUBDIV, dtype=torch.bool)
-    u, v, s = rendering.u.tolist(), rendering.v.tolist(), rendering.scale.tolist()
-    t, h, w = rendering.visible.shape
-    out = torch.zeros(t, h, w, dtype=torch.bool)
-    for f in range(t):
-        cells = [_footprint(u[f][i][j], v[f][i][j], s[f], rows, cols) for i in range(h) for j in range(w)]
-        for n, (rr, cc) in enumerate(cells):
-            out[f, n // w, n % w] = not bool(covered[rr.start:rr.stop, cc].any())
-        for rr, cc in cells:
+    covered = _coverage_grid(world)
+    out = torch.zeros(rendering.visible.shape, dtype=torch.bool)
+    for f, frame in enumerate(_footprints(world, rendering)):
+        out[f] = torch.tensor([not bool(covered[rr.start:rr.stop, cc].any()) for rr, cc in frame]).view(out.shape[1:])
+        for rr, cc in frame:
             covered[rr.start:rr.stop, cc] = True
     return out
 
@@ -362,6 +361,14 @@ def psnr(error_sum: float, count: int, cap: float = PSNR_CAP) -> float | None:
     if count == 0:
         return None
     return round(min(cap, 10 * math.log10(1 / max(error_sum / count, 1e-30))), 2)
+
+
+def side_by_side(latents: list[torch.Tensor], factors: torch.Tensor, bias: torch.Tensor, gap: int = 4) -> torch.Tensor:
+    """Model-space latents ``[16, T, h, w]`` each -> RGB frames ``[T, 8h, n*8w + (n-1)*gap, 3]``: the videos next
+    to each other (``latent_to_rgb``), white ``gap`` columns between them."""
+    rgb = [latent_to_rgb(x, factors, bias) for x in latents]
+    white = torch.ones(*rgb[0].shape[:2], gap, 3)
+    return torch.cat([part for x in rgb for part in (x, white)][:-1], 2)
 
 
 def latent_to_rgb(latent: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor, upscale: int = 8) -> torch.Tensor:

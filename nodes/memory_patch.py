@@ -337,7 +337,7 @@ def check_context_matches(context: ContextSpec, noise: torch.Tensor) -> None:
 
 def check_chunk_poses(poses: torch.Tensor | None, noise: torch.Tensor) -> None:
     """Camera poses of the frames being generated, when given, must cover every one of them."""
-    frames = noise.shape[2] if noise.ndim == 5 else 0
+    frames = noise.shape[2]  # a [B, 16, T, H, W] latent: check_context_matches ran first
     if poses is not None and poses.shape[0] < frames:
         raise ValueError(f"camera_poses cover the history and {poses.shape[0]} of the {frames} latent frames being "
                          f"generated; give one pose per history frame and per generated frame "

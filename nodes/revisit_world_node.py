@@ -13,6 +13,7 @@ import torch
 from comfy_api.latest import io
 
 from memlearner_core import revisit_world as rw
+from memlearner_core.rollout import latent_frames
 from memlearner_core.trajectory import trajectory_json
 
 from . import comfy_adapter as wa
@@ -58,7 +59,7 @@ class RevisitWorld(io.ComfyNode):
         history = wa.wan21_latent_out(case.truth[:, :case.history]).unsqueeze(0)
         text = [[torch.zeros(1, 1, 4096), {}]]
         return io.NodeOutput(case, {"samples": history}, trajectory_json(case.poses),
-                             case.generated_frames // 2, text)
+                             case.generated_frames // latent_frames(CHUNK_FRAMES), text)
 
 
 class RevisitScore(io.ComfyNode):
@@ -101,8 +102,5 @@ class RevisitScore(io.ComfyNode):
             report[f"{name}_psnr"] = rw.psnr(float(err[mask].sum()), int(mask.sum()))
             report[f"{name}_pixels"] = int(mask.sum())
         factors, bias = wa.wan21_preview_factors()
-        truth = rw.latent_to_rgb(world.truth, factors, bias)
-        made = rw.latent_to_rgb(generated, factors, bias)
-        gap = torch.ones(truth.shape[0], truth.shape[1], 4, 3)
         text = json.dumps(report)
-        return io.NodeOutput(text, torch.cat([truth, gap, made], 2), ui={"text": [text]})
+        return io.NodeOutput(text, rw.side_by_side([world.truth, generated], factors, bias), ui={"text": [text]})

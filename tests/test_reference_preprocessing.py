@@ -2,6 +2,7 @@
 in the official code): frames picked with ``np.linspace(0, n - 1, k, dtype=int)``, a clip shorter than ``k`` frames
 kept whole with its last frame repeated, frames stretched (``cv2.resize``) to the encoder's size without a crop."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,7 +45,6 @@ def test_official_indices_follow_numpys_float_rounding():
     assert sample_indices(113, 81, official=True).tolist() == numpy_floor_linspace(113, 81)
     # 62 -> 8: 7 * (61 / 7) is 60.99999999999999; numpy sets the last one to the last frame exactly
     assert sample_indices(62, 8, official=True).tolist() == [0, 8, 17, 26, 34, 43, 52, 61]
-    np = pytest.importorskip("numpy")
     for n, k in [(n, 81) for n in (82, 97, 113, 150, 165, 329, 1000)] + [(62, 8), (116, 8)]:
         assert sample_indices(n, k, official=True).tolist() == np.linspace(0, n - 1, k, dtype=int).tolist()
 

@@ -157,11 +157,16 @@ class LatentCache:
         """Store ``latent`` atomically (temp file, then rename): a crash never leaves a half-written entry."""
         path = self.path(video, settings)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        save_file({"latent": latent.detach().cpu().contiguous()}, str(tmp),
-                  metadata={"settings": settings, **(meta or {})})
-        os.replace(tmp, path)
-        return path
+        return save_atomically(path, {"latent": latent.detach().cpu().contiguous()},
+                               {"settings": settings, **(meta or {})})
+
+
+def save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """``save_file`` to a temporary name beside ``path``, then rename: a crash never leaves a half-written file."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
 
 
 def _decode(clips: ClipFolder, decode_fn, path: Path) -> tuple[torch.Tensor | None, str]:
@@ -284,7 +289,4 @@ def write_latent_clip(path: str | Path, latent: torch.Tensor, poses: torch.Tenso
     tensors = {"latent": latent.detach().float().cpu().contiguous()}
     if poses is not None:
         tensors["poses"] = poses.detach().float().cpu().contiguous()
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    save_file(tensors, str(tmp), metadata={"caption": caption})
-    os.replace(tmp, path)
-    return path
+    return save_atomically(path, tensors, {"caption": caption})
