@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .camera import CameraEmbedding
 from .memory_encoder import KNOWN_LATENT_SHAPES, EncoderConfig, MemoryEncoder, cnn_output_shape
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl"}
@@ -202,6 +203,12 @@ class QueryWeights:
     query_layers: int
     query_pool: int | None  # None: not recorded (version 1)
     camera_on_query: bool
+
+    def camera_embedding(self) -> CameraEmbedding:
+        """The camera MLP these weights hold (on the CPU)."""
+        camera = CameraEmbedding(self.camera["proj.weight"].shape[0], on_query=self.camera_on_query)
+        camera.load_state_dict(self.camera)
+        return camera
 
 
 def save_query_weights(path, camera_state: dict[str, torch.Tensor], query_layers: int, query_pool: int = 1) -> None:

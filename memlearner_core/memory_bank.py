@@ -137,6 +137,15 @@ def latent_cache_path(video: Path, settings: str, cache_dir: str | Path = "") ->
     return Path(cache_dir) / f"{video.stem}-{digest}.safetensors"
 
 
+def caption_groups(captions: list[str]) -> torch.Tensor:
+    """``[N, G]`` one-hot rows, one column per distinct caption: ranked with ``reference_sets``, the clips that share
+    a caption (a scene or family tag) are each other's references when no text encoder is loaded."""
+    columns = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    out = torch.zeros(len(captions), len(columns))
+    out[torch.arange(len(captions)), torch.tensor([columns[c] for c in captions])] = 1.0
+    return out
+
+
 def reference_sets(captions: torch.Tensor, k: int) -> list[list[int]]:
     """For each of ``captions [N, D]``, the ``k`` other captions closest to it (cosine, best first): the
     reference videos a training clip gets from its memory bank, never itself."""

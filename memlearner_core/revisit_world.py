@@ -19,6 +19,11 @@ Two switchable hard cases of rule-based retrieval:
 
 ``render`` gives each frame's latent and, per latent pixel, where on the panorama it looked and whether the world
 was visible there; ``seen_before`` labels which pixels of later frames show places visible in earlier ones.
+
+Worlds can come in families (``Family``): each family has its own palette (a mean colour and a mixing of the
+channels, so its own channel correlations) and texture scale, and every world of a family is a fresh panorama with
+those statistics. A place never seen cannot be remembered, but the family's look can be learnt from other videos of
+the same family: what DiT-Mem's reference videos are for.
 """
 
 from __future__ import annotations
@@ -58,6 +63,30 @@ class MovingObject:
     width: float
     height: float
     colour: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family's statistics: its worlds' panoramas are ``mean [16] + mixing [16, 16] @ smooth(cutoff)``, with
+    ``smooth`` unit-variance low-pass noise (``smooth_panorama``)."""
+
+    mean: torch.Tensor
+    mixing: torch.Tensor
+    cutoff: float
+
+
+def make_family(seed: int, mean_std: float = 1.0, within_std: float = 0.7,
+                cutoffs: tuple[float, float] = (0.12, 0.35)) -> Family:
+    """A seeded family: its mean colour ``N(0, mean_std^2)`` per channel, a random channel mixing scaled so every
+    channel varies by ``within_std`` inside a world, and a texture cutoff uniform in ``cutoffs`` (cycles per
+    cell). With the defaults, two families' means differ by about 1.4 per channel while a world varies by 0.7
+    about its family's mean: a family is told apart at a glance, its worlds only by remembering them."""
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(CHANNELS, generator=g) * mean_std
+    mixing = torch.randn(CHANNELS, CHANNELS, generator=g)
+    mixing = mixing / mixing.pow(2).sum(1, keepdim=True).sqrt() * within_std  # row norm: each channel's std
+    cutoff = cutoffs[0] + (cutoffs[1] - cutoffs[0]) * float(torch.rand((), generator=g))
+    return Family(mean, mixing, cutoff)
 
 
 @dataclass
@@ -111,12 +140,18 @@ def flat_colour(generator: torch.Generator) -> torch.Tensor:
 
 def make_world(seed: int, rows: int = 8, columns: int = 64, radius: float = 8.0, occluder: bool = False,
                moving_object: bool = False, occluded_frames: tuple[int, int] = (0, 0),
-               occluded_columns: tuple[float, float] | None = None, object_speed: float | None = None) -> World:
+               occluded_columns: tuple[float, float] | None = None, object_speed: float | None = None,
+               family: Family | None = None) -> World:
     """A seeded world. ``occluder``: a wall over ``occluded_columns`` (start, width; default a random quarter of
     the panorama) during frames ``occluded_frames`` (first, last). ``moving_object``: a 3x4 block moving at
-    ``object_speed`` columns per frame (default random, 1 to 2 either way)."""
+    ``object_speed`` columns per frame (default random, 1 to 2 either way). ``family``: the panorama has that
+    family's statistics (default: zero mean, unit variance, independent channels, cutoff 0.25)."""
     g = torch.Generator().manual_seed(seed)
-    pano = smooth_panorama(rows, columns, g)
+    if family is None:
+        pano = smooth_panorama(rows, columns, g)
+    else:
+        smooth = smooth_panorama(rows, columns, g, cutoff=family.cutoff)
+        pano = family.mean[:, None, None] + torch.einsum("oc,crw->orw", family.mixing, smooth)
     wall = obj = None
     if occluder:
         start, width = occluded_columns or (float(torch.rand((), generator=g)) * columns, columns / 4)
@@ -312,23 +347,24 @@ class RevisitCase:
         return self.poses.shape[0] - self.history
 
 
-def evaluation_case(path: str, seed: int, h: int = 8, w: int = 8) -> RevisitCase:
+def evaluation_case(path: str, seed: int, h: int = 8, w: int = 8, family: Family | None = None) -> RevisitCase:
     """One of ``EVALUATION_PATHS`` through the world of ``seed``: ``pan_and_return`` (180 degrees, 16 frames, 4
     given), ``walk_and_revisit`` (4 units towards the wall and back, 16 frames, 4 given), ``occluder``
     (``occluded_revisit_path``, the first 13 frames given) and ``moving_object`` (``pan_and_return`` with a block
-    moving 1.5 columns per frame, the outward 8 frames given)."""
+    moving 1.5 columns per frame, the outward 8 frames given). ``family``: the world is one of that family's."""
     from .trajectory import preset
 
     band = None
     if path == "pan_and_return":
-        world, poses, history = make_world(seed), preset("pan_and_return", 16, degrees=180.0), 4
+        world, poses, history = make_world(seed, family=family), preset("pan_and_return", 16, degrees=180.0), 4
     elif path == "walk_and_revisit":
-        world, poses, history = make_world(seed), preset("walk_and_revisit", 16, distance=4.0), 4
+        world, poses, history = make_world(seed, family=family), preset("walk_and_revisit", 16, distance=4.0), 4
     elif path == "occluder":
         poses, frames, band = occluded_revisit_path()
-        world, history = make_world(seed, occluder=True, occluded_frames=frames, occluded_columns=band), 13
+        world, history = make_world(seed, occluder=True, occluded_frames=frames, occluded_columns=band,
+                                    family=family), 13
     elif path == "moving_object":
-        world = make_world(seed, moving_object=True, object_speed=1.5)
+        world = make_world(seed, moving_object=True, object_speed=1.5, family=family)
         poses, history = preset("pan_and_return", 16, degrees=180.0), 8
     else:
         raise ValueError(f"unknown evaluation path {path!r}; known: {', '.join(EVALUATION_PATHS)}")
@@ -348,6 +384,13 @@ def oracle_prediction(case: RevisitCase) -> torch.Tensor:
     r, k = case.rendering, case.history
     world = _bilinear(case.world.panorama, r.u[k:], r.v[k:])
     return torch.where(case.labels["revisit"][None], world, torch.zeros_like(world))
+
+
+def family_mean_prediction(case: RevisitCase, family: Family) -> torch.Tensor:
+    """``[16, T - history, h, w]``: the family's mean colour everywhere; the best guess under squared error that
+    knows the family and nothing of this world (a ceiling for a prior alone on new places)."""
+    shape = case.truth[:, case.history:].shape
+    return family.mean[:, None, None, None].expand(shape).clone()
 
 
 def squared_error(prediction: torch.Tensor, case: RevisitCase) -> torch.Tensor:

@@ -29,9 +29,7 @@ def load_camera(query_weights: str | None, query_layers: int, query_pool: int) -
     if weights.query_pool is not None and weights.query_pool != query_pool:
         raise ValueError(f"query_weights {query_weights} was fine-tuned with query_pool = {weights.query_pool}, "
                          f"but the node says {query_pool}: set query_pool to {weights.query_pool}")
-    camera = CameraEmbedding(weights.camera["proj.weight"].shape[0], on_query=weights.camera_on_query)
-    camera.load_state_dict(weights.camera)
-    return camera.requires_grad_(False)
+    return weights.camera_embedding().requires_grad_(False)
 
 
 def query_weights_input(**kw):

@@ -14,7 +14,13 @@ import torch
 from safetensors.torch import save_file
 
 from memlearner_core.camera import CameraEmbedding
-from memlearner_core.checkpoint_io import load_memory_encoder, save_memory_encoder, save_query_weights
+from memlearner_core.checkpoint_io import (
+    QueryWeights,
+    load_memory_encoder,
+    load_query_weights,
+    save_memory_encoder,
+    save_query_weights,
+)
 from memlearner_core.memory_encoder import EncoderConfig, MemoryEncoder, cnn_output_shape
 from memlearner_core.reference_video import resample_latent
 from memlearner_core.training.config import TrainConfig
@@ -64,6 +70,17 @@ class WanRecipe(torch.nn.Module):
         return flow_loss(pred, velocity_target(x0, noise))
 
 
+def query_weights_for(cfg: TrainConfig) -> QueryWeights:
+    """``cfg.query_file``, refused in one line when it was fine-tuned with other query settings than ``cfg``'s."""
+    weights = load_query_weights(cfg.query_file)
+    for key in ("query_layers", "query_pool"):
+        recorded = getattr(weights, key)
+        if recorded is not None and recorded != getattr(cfg, key):
+            raise ValueError(f"query_file {cfg.query_file.name} was fine-tuned with {key} = {recorded}, but the "
+                             f"config says {getattr(cfg, key)}: set {key} = {recorded}")
+    return weights
+
+
 class QueryRecipe(WanRecipe):
     """MemLearner: the DiT (all of it, or LoRA adapters when ``lora_rank`` > 0) and a camera MLP fine-tuned end to
     end with query layers. With ``query_layers = 0`` the same clips train a plain Wan2.1 (no memory: a baseline).
@@ -73,7 +90,7 @@ class QueryRecipe(WanRecipe):
     of ``context_policies`` (as Memory Rollout picks it) within a budget uniform in ``0 .. max_context_multiple x
     P`` frames; the loss is the flow-matching loss on P only, Q is fresh noise. The camera MLP starts at zero
     ("no camera": a pretrained Wan's behaviour) or, from scratch, ``normal`` (zeros leave Q without a cue to
-    learn from)."""
+    learn from), or continues from ``query_file``."""
 
     def __init__(self, model_patcher, cfg: TrainConfig, device: str | torch.device = "cpu"):
         super().__init__(model_patcher, cfg, device)
@@ -83,7 +100,9 @@ class QueryRecipe(WanRecipe):
         else:
             self.dm.requires_grad_(True)
         self.camera = None
-        if cfg.query_layers:
+        if cfg.query_layers and cfg.query_file is not None:
+            self.camera = query_weights_for(cfg).camera_embedding().to(self.device).requires_grad_(True)
+        elif cfg.query_layers:
             self.camera = CameraEmbedding(self.dm.dim).to(self.device)
             if cfg.camera_init == "zeros":
                 torch.nn.init.zeros_(self.camera.proj.weight)
@@ -128,9 +147,13 @@ class EncoderRecipe(WanRecipe):
     """DiT-Mem: a memory encoder trained against the frozen DiT, whose every self-attention layer reads its tokens.
 
     An item is ``(latent [16, T, H, W], references [[16, T, H, W], ...], text [1, L, 4096])``, LATENT samples;
-    the loss is the flow-matching loss on the whole clip. References are brought to the encoder's shape the way
-    Encode Reference Video brings them. ``encoder`` starts from ``cfg.encoder_file`` when set,
-    else from a fresh encoder for ``latent_shape`` (T, H, W) in the DiT's width."""
+    the loss is the flow-matching loss on the whole clip (or a random window of ``encoder_window`` latent frames,
+    to match a model that generates short chunks). References are brought to the encoder's shape the way Encode
+    Reference Video brings them; with ``reference_pool`` the item holds the n best and each step draws
+    ``top_k_references`` of them. ``encoder`` starts from ``cfg.encoder_file`` when set, else from a fresh encoder
+    for ``latent_shape`` (T, H, W) in the DiT's width. With ``query_file`` the frozen model runs with its query
+    memory, the context drawn as the query recipe draws it, so the encoder learns to help the model as it will run
+    with both memories."""
 
     def __init__(self, model_patcher, cfg: TrainConfig, latent_shape: tuple[int, int, int],
                  device: str | torch.device = "cpu"):
@@ -144,22 +167,43 @@ class EncoderRecipe(WanRecipe):
         if min(cnn_output_shape(encoder.cfg)) < 1:
             raise ValueError(f"the encoder's reference shape {encoder.cfg.latent_shape} (latent T, H, W) is too small "
                              "for its two strided convolutions and poolings (each side needs at least 13 latent "
-                             "frames / pixels: clip_frames >= 49, width and height >= 104)")
+                             "frames / pixels: clip_frames >= 49, width and height >= 104; or set reference_clip_frames, "
+                             "reference_width and reference_height)")
         if encoder.cfg.width != self.dm.dim:
             raise ValueError(f"encoder_file makes {encoder.cfg.width}-wide tokens but the model is {self.dm.dim} "
                              f"wide; use an encoder for this model, or leave encoder_file out to start a new one")
         self.encoder = encoder.float().to(self.device).train().requires_grad_(True)
+        self.camera = None
+        if cfg.query_file is not None:
+            self.camera = query_weights_for(cfg).camera_embedding().to(self.device).requires_grad_(False)
 
     def checkpointed(self) -> dict[str, torch.Tensor]:
         return {f"encoder.{k}": v for k, v in self.encoder.state_dict(keep_vars=True).items()}
 
     def forward(self, item, generator: torch.Generator) -> torch.Tensor:
-        latent, references, text = item
-        x0 = wa.wan21_latent_in(latent.float()).unsqueeze(0).to(self.device)
+        latent, references, text = item[:3]
+        poses = item[3] if len(item) > 3 else None
+        k = self.cfg.top_k_references
+        if self.cfg.reference_pool and len(references) > k:
+            references = [references[i] for i in torch.randperm(len(references), generator=generator)[:k].tolist()]
         shape = self.encoder.cfg.latent_shape
         refs = torch.stack([resample_latent(r, shape) for r in references]).float()
-        refs = wa.wan21_latent_in(refs).unsqueeze(0).to(self.device)
-        return self.denoise_loss(x0, text, generator, memory=TrainableMemory(refs, self.encoder))
+        memory = TrainableMemory(wa.wan21_latent_in(refs).unsqueeze(0).to(self.device), self.encoder)
+        latent = wa.wan21_latent_in(latent.float()).to(self.device)
+        text = text.to(self.device)
+        if self.camera is not None:
+            p = self.cfg.predict_latent_frames
+            context, target, _, _ = sample_context(latent, poses, p, self.cfg.max_context_multiple,
+                                                   self.cfg.context_policies, generator)
+            query = QueryMemory(self.cfg.query_layers, context, self.camera,
+                                None if poses is None else poses[-p:].to(self.device), cache_context=False,
+                                query_pool=self.cfg.query_pool)
+            return self.denoise_loss(target.unsqueeze(0), text, generator, memory=memory, query=query)
+        window = self.cfg.encoder_window
+        if window and window < latent.shape[1]:
+            start = int(torch.randint(0, latent.shape[1] - window + 1, (1,), generator=generator))
+            latent = latent[:, start:start + window]
+        return self.denoise_loss(latent.unsqueeze(0), text, generator, memory=memory)
 
     def export(self, folder: Path) -> list[Path]:
         """The encoder, for Load Memory Encoder (``models/memory_encoders/``)."""
@@ -214,6 +258,8 @@ def check_files(cfg: TrainConfig, text_fn=None) -> None:
         files["text_encoder_file"] = cfg.text_encoder_file
     if cfg.recipe == "encoder" and cfg.encoder_file is not None:
         files["encoder_file"] = cfg.encoder_file
+    if cfg.query_file is not None and (cfg.recipe == "encoder" or cfg.query_layers):
+        files["query_file"] = cfg.query_file
     for key, path in files.items():
         if not Path(path).is_file():
             raise ValueError(f"{key} {path}: no such file; fix {key} in the config")
@@ -230,7 +276,7 @@ def run_training(cfg: TrainConfig, text_fn=None):
     import comfy.utils
     from tqdm import tqdm
 
-    from memlearner_core.memory_bank import pool_text_embedding, reference_sets
+    from memlearner_core.memory_bank import caption_groups, pool_text_embedding, reference_sets
     from memlearner_core.training.dataset import ClipFolder, LatentCache, encode_all, read_latent_folder
     from memlearner_core.training.distributed import Processes
     from memlearner_core.training.trainer import require_data, train
@@ -272,11 +318,14 @@ def run_training(cfg: TrainConfig, text_fn=None):
         items = [(latent, poses, texts[entry.caption]) for entry, latent, poses in encoded]
         recipe = QueryRecipe(model, cfg, device)
     else:
-        captions = torch.stack([pool_text_embedding(texts[e.caption]) for e, _, _ in encoded])
+        if cfg.text == "none":  # no text encoder: clips with the same caption are each other's references
+            captions = caption_groups([e.caption for e, _, _ in encoded])
+        else:
+            captions = torch.stack([pool_text_embedding(texts[e.caption]) for e, _, _ in encoded])
         latents = [latent for _, latent, _ in encoded]
-        items = [(latents[i], [latents[j] for j in refs], texts[encoded[i][0].caption])
-                 for i, refs in enumerate(reference_sets(captions, cfg.top_k_references))]
-        recipe = EncoderRecipe(model, cfg, tuple(latents[0].shape[1:]), device)
+        items = [(latents[i], [latents[j] for j in refs], texts[encoded[i][0].caption], encoded[i][2])
+                 for i, refs in enumerate(reference_sets(captions, cfg.reference_pool or cfg.top_k_references))]
+        recipe = EncoderRecipe(model, cfg, cfg.reference_latent_shape or tuple(latents[0].shape[1:]), device)
     with tqdm(total=cfg.steps, desc=f"memlearner-train {cfg.recipe}", file=sys.stderr,
               disable=not procs.is_main) as bar:
         def on_step(step, loss):

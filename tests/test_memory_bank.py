@@ -155,3 +155,10 @@ def test_an_unreachable_repo_says_where_to_put_the_file(tmp_path, offline):
         fetch_safetensors("Thrcle/DiT-Mem-1.3B", tmp_path)
     with pytest.raises(HubError, match="not a Hugging Face repo id"):
         fetch_safetensors("not a repo", tmp_path)
+
+
+def test_without_text_clips_sharing_a_caption_are_each_others_references():
+    from memlearner_core.memory_bank import caption_groups, reference_sets
+
+    groups = caption_groups(["forest", "desert", "forest", "forest", "desert"])
+    assert reference_sets(groups, 2) == [[2, 3], [4, 0], [0, 3], [0, 2], [1, 0]]

@@ -114,3 +114,23 @@ def test_latents_render_to_rgb_through_linear_preview_factors():
     rgb = rw.latent_to_rgb(latent, factors, bias, upscale=4)
     assert rgb.shape == (2, 32, 32, 3)
     assert torch.allclose(rgb[0, 0, 0], torch.tensor([1.0, 0.0, 0.5]))
+
+
+def test_worlds_of_a_family_share_its_look_and_differ_in_content():
+    fam = rw.make_family(3)
+    a, b = (rw.make_world(s, family=fam).panorama for s in (1, 2))
+    other = rw.make_world(1, family=rw.make_family(4)).panorama
+    for pano in (a, b):
+        assert torch.allclose(pano.mean((1, 2)), fam.mean, atol=1e-4)  # the smooth noise is exactly zero-mean
+        assert torch.allclose(pano.std((1, 2)), torch.full((16,), 0.7), rtol=0.35)
+    assert (a - b).pow(2).mean() > 0.5  # new places in every world
+    assert (a - other).pow(2).mean() > (a - b).pow(2).mean()  # another family looks different
+
+
+def test_the_family_mean_scores_the_family_prior_on_new_places():
+    fam = rw.make_family(0)
+    case = rw.evaluation_case("pan_and_return", 5, family=fam)
+    new = case.labels["new"]
+    err_family = rw.squared_error(rw.family_mean_prediction(case, fam), case)[new].mean()
+    err_zero = rw.squared_error(torch.zeros_like(case.truth[:, case.history:]), case)[new].mean()
+    assert err_family < 0.6 < 1.0 < err_zero

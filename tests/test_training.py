@@ -208,3 +208,67 @@ def test_encoder_training_resumes_exactly(comfy, models_dir, tmp_path):
     resumed = run(tmp_path / "b", 4)  # dropout, shuffling and BatchNorm statistics all carry over
     for name, value in straight.items():
         assert torch.equal(resumed[name], value), name
+
+
+def recording_denoise_loss(monkeypatch, th):
+    """Each call of the recipe's denoise_loss, as (x0 shape, reference count, query memory or None)."""
+    calls = []
+    original = th.WanRecipe.denoise_loss
+
+    def record(self, x0, text, generator, memory=None, query=None):
+        calls.append((tuple(x0.shape), None if memory is None else memory.latents.shape[1], query))
+        return original(self, x0, text, generator, memory=memory, query=query)
+
+    monkeypatch.setattr(th.WanRecipe, "denoise_loss", record)
+    return calls
+
+
+def test_encoder_recipe_draws_top_k_references_from_the_pool_each_step(comfy, models_dir, tmp_path, monkeypatch):
+    th = host.pack("nodes.training_host")
+    calls = recording_denoise_loss(monkeypatch, th)
+    drawn = []
+    monkeypatch.setattr(th, "resample_latent", lambda r, shape: drawn.append(r) or r)
+    cfg = encoder_config(tmp_path, models_dir, steps=4, top_k_references=2, reference_pool=4)
+    recipe = th.EncoderRecipe(fresh_wan(comfy), cfg, (13, 16, 16))
+    pool = encoder_items(n=5, k=4)
+    train(cfg, recipe, pool)
+    assert [refs for _, refs, _ in calls] == [2] * 4
+    sets = [frozenset(id(r) for r in drawn[i:i + 2]) for i in range(0, len(drawn), 2)]
+    assert len(set(sets)) > 1  # not always the same two
+
+
+def test_encoder_window_denoises_a_window_of_the_clip(comfy, models_dir, tmp_path, monkeypatch):
+    th = host.pack("nodes.training_host")
+    calls = recording_denoise_loss(monkeypatch, th)
+    cfg = encoder_config(tmp_path, models_dir, steps=2, encoder_window=2)
+    train(cfg, th.EncoderRecipe(fresh_wan(comfy), cfg, (13, 16, 16)), encoder_items())
+    assert [shape for shape, _, _ in calls] == [(1, 16, 2, 16, 16)] * 2
+
+
+def test_query_recipe_continues_from_a_query_file(comfy, tmp_path):
+    th = host.pack("nodes.training_host")
+    cfg = query_config(tmp_path / "first", steps=2)
+    _, query_file = train(cfg, th.QueryRecipe(fresh_wan(comfy), cfg), clip_items()).exported
+    again = th.QueryRecipe(fresh_wan(comfy), query_config(tmp_path, query_file=str(query_file)))
+    saved = th.load_query_weights(query_file).camera
+    assert torch.equal(again.camera.proj.weight.detach(), saved["proj.weight"])
+    assert again.camera.proj.weight.requires_grad
+    with pytest.raises(ValueError, match="query_layers = 2, but the config says 3: set query_layers = 2"):
+        th.QueryRecipe(fresh_wan(comfy), query_config(tmp_path, query_file=str(query_file), query_layers=3))
+
+
+def test_encoder_trains_with_the_frozen_models_query_memory(comfy, models_dir, tmp_path, monkeypatch):
+    th = host.pack("nodes.training_host")
+    qcfg = query_config(tmp_path / "first", steps=2)
+    _, query_file = train(qcfg, th.QueryRecipe(fresh_wan(comfy), qcfg), clip_items()).exported
+    calls = recording_denoise_loss(monkeypatch, th)
+    cfg = encoder_config(tmp_path, models_dir, steps=3, query_file=str(query_file), max_context_multiple=2)
+    recipe = th.EncoderRecipe(fresh_wan(comfy), cfg, (13, 16, 16))
+    camera_before = recipe.camera.proj.weight.clone()
+    assert all(n.startswith("encoder.") for n in recipe.trainable())
+    before = recipe.encoder.high_pass_module.feature_proj.weight.clone()
+    train(cfg, recipe, encoder_items())
+    assert all(q is not None and q.query_layers == 2 for _, _, q in calls)
+    assert [shape[2] for shape, _, _ in calls] == [2] * 3  # P, the last predict_latent_frames
+    assert torch.equal(recipe.camera.proj.weight, camera_before)
+    assert not torch.equal(recipe.encoder.high_pass_module.feature_proj.weight, before)

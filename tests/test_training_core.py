@@ -93,7 +93,10 @@ def test_config_defaults_and_absolute_paths(tmp_path):
     ({"context_policies": []}, ["'context_policies'", "non-empty list"]),
     ({"device": "gpu"}, ["'device'", '"cuda:N"']),
     ({"camera_init": "ones"}, ["'camera_init'", "'normal'"]),
-    ({"recipe": "encoder", "text": "none"}, ["encoder recipe", 'text = "captions"']),
+    ({"recipe": "encoder", "reference_pool": 3}, ["'reference_pool'", "top_k_references (5)"]),
+    ({"recipe": "encoder", "encoder_window": 22}, ["'encoder_window'", "21 latent frames"]),
+    ({"reference_width": 100}, ["'reference_width'", "multiple of 8"]),
+    ({"reference_clip_frames": 40}, ["'reference_clip_frames'", "4k+1"]),
 ])
 def test_config_errors_name_the_key(tmp_path, extra, words):
     with pytest.raises(ConfigError) as e:

@@ -29,7 +29,8 @@ REQUIRED = ("recipe", "data_dir", "output_dir", "model_file")
 MINIMUM = {"steps": 1, "batch_size": 1, "weight_decay": 0.0, "checkpoint_every": 1, "keep_checkpoints": 1,
            "seed": 0, "query_layers": 0, "query_pool": 1, "predict_latent_frames": 1, "max_context_multiple": 0,
            "clip_frames": 5, "width": 16, "height": 16, "lora_rank": 0, "top_k_references": 1,
-           "warmup_steps": 0, "grad_clip": 0.0, "camera_init_std": 0.0}
+           "warmup_steps": 0, "grad_clip": 0.0, "camera_init_std": 0.0, "reference_pool": 0,
+           "reference_clip_frames": 0, "reference_width": 0, "reference_height": 0, "encoder_window": 0}
 CHOICES = {"recipe": RECIPES, "mixed_precision": PRECISIONS, "data_format": DATA_FORMATS, "text": TEXT_SOURCES,
            "camera_init": CAMERA_INITS, "context_policies": CONTEXT_POLICIES}
 
@@ -75,7 +76,18 @@ class TrainConfig:
     data_format: str = "videos"  # "latents": data_dir holds <clip>.safetensors with `latent` (and `poses`)
     text: str = "captions"  # "none": no text, every clip conditioned on an empty (zero) text embedding
     top_k_references: int = 5  # encoder recipe
+    # encoder recipe: 0 = each clip's top_k_references fixed (DiT-Mem); n: each step draws top_k of the n best
+    reference_pool: int = 0
+    # encoder recipe: the reference videos' size the encoder takes (0: the clips' own clip_frames/width/height)
+    reference_clip_frames: int = 0
+    reference_width: int = 0
+    reference_height: int = 0
+    encoder_window: int = 0  # encoder recipe: latent frames denoised per step, a random window (0: the whole clip)
     encoder_file: Path | None = None  # encoder recipe: initial weights, None = random init
+    # query recipe: the camera MLP starts from this query-weights file (fine-tuning further); encoder recipe: the
+    # frozen model's query weights, so the encoder trains with query memory on, context drawn as the query recipe
+    # draws it (for a model run with both memories)
+    query_file: Path | None = None
     text_encoder_file: Path | None = None  # umt5 for the captions (ComfyUI's text_encoders file)
     cache_dir: Path | None = None  # None: <output_dir>/latent_cache
 
@@ -89,6 +101,14 @@ class TrainConfig:
     def latent_frames(self) -> int:
         """Latent frames of one clip: Wan2.1's VAE maps ``4k+1`` frames to ``k+1``."""
         return (self.clip_frames - 1) // 4 + 1
+
+    @property
+    def reference_latent_shape(self) -> tuple[int, int, int] | None:
+        """(T, H, W) of the latents the memory encoder takes, when set apart from the clips'."""
+        if not (self.reference_clip_frames or self.reference_width or self.reference_height):
+            return None
+        return ((self.reference_clip_frames or self.clip_frames) - 1) // 4 + 1, \
+            (self.reference_height or self.height) // 8, (self.reference_width or self.width) // 8
 
 
 KINDS = {f.name: f.type for f in fields(TrainConfig)}
@@ -156,15 +176,24 @@ def config_from_dict(data: dict, base: str | Path = ".") -> TrainConfig:
     for key in ("width", "height"):
         if getattr(cfg, key) % 16:
             raise ConfigError(f"'{key}' must be a multiple of 16 (8x VAE, 2x patch), got {getattr(cfg, key)}")
+    for key in ("reference_width", "reference_height"):
+        if getattr(cfg, key) % 8:
+            raise ConfigError(f"'{key}' must be a multiple of 8 (8x VAE), got {getattr(cfg, key)}")
+    if cfg.reference_clip_frames and cfg.reference_clip_frames % 4 != 1:
+        raise ConfigError(f"'reference_clip_frames' must be 4k+1, got {cfg.reference_clip_frames}")
+    if cfg.reference_pool and cfg.reference_pool < cfg.top_k_references:
+        raise ConfigError(f"'reference_pool' ({cfg.reference_pool}) must be 0 (fixed references) or at least "
+                          f"top_k_references ({cfg.top_k_references}): each step draws top_k_references from it")
+    if cfg.encoder_window > cfg.latent_frames:
+        raise ConfigError(f"'encoder_window' ({cfg.encoder_window}) must be at most the clip's {cfg.latent_frames} "
+                          f"latent frames ('clip_frames' {cfg.clip_frames}); 0 denoises the whole clip")
     if cfg.recipe == "encoder" and cfg.lora_rank:
         raise ConfigError("'lora_rank' applies to the query recipe; the encoder recipe trains the whole encoder "
                           "against a frozen Wan2.1 (set lora_rank = 0)")
     if cfg.data_format == "videos" and cfg.vae_file is None:
         raise ConfigError("missing required key(s): vae_file (the Wan2.1 VAE encodes the videos; with pre-encoded "
                           "latents set data_format = \"latents\")")
-    if cfg.recipe == "encoder" and cfg.text == "none":
-        raise ConfigError("the encoder recipe ranks references by caption: it needs text = \"captions\"")
-    if cfg.recipe == "query" and cfg.predict_latent_frames >= cfg.latent_frames:
+    if (cfg.recipe == "query" or cfg.query_file is not None) and cfg.predict_latent_frames >= cfg.latent_frames:
         raise ConfigError(f"'predict_latent_frames' ({cfg.predict_latent_frames}) must be below the clip's "
                           f"{cfg.latent_frames} latent frames ('clip_frames' {cfg.clip_frames}), leaving "
                           "room for context")
@@ -235,5 +264,13 @@ camera_init = "zeros"          # "normal" when training a model from scratch
 camera_init_std = 0.5
 
 # encoder recipe (DiT-Mem)
-top_k_references = 5           # reference videos per clip, by caption similarity
+top_k_references = 5           # reference videos per clip, by caption similarity (text = "none": same caption)
+reference_pool = 0             # 0: fixed references; n: each step draws top_k_references of the n best
+reference_clip_frames = 0      # the references' size for the encoder (0: as the clips)
+reference_width = 0
+reference_height = 0
+encoder_window = 0             # latent frames denoised per step, a random window (0: the whole clip)
+# query_file = "models/memlearner/my_query.safetensors"
+#   query recipe: the camera MLP continues from these query weights;
+#   encoder recipe: the frozen model's query weights: the encoder trains with query memory on
 """
