@@ -1,7 +1,9 @@
 """The shipped workflows: API and UI format from one source, each runs headless on the tiny fixtures."""
 
+import io
 import json
 import sys
+import urllib.request
 
 import pytest
 
@@ -9,6 +11,7 @@ import host
 import tiny_models
 
 sys.path.insert(0, str(host.ROOT / "workflows"))
+import thumbnails  # noqa: E402
 import ui_format  # noqa: E402
 
 import build  # noqa: E402
@@ -31,6 +34,33 @@ def test_template_browser_lists_every_ui_workflow(server):
     templates = server.get("/workflow_templates")
     ours = [names for names in templates.values() if "both_memories" in names]
     assert ours and sorted(ours[0]) == NAMES
+
+
+def test_every_template_has_a_current_thumbnail():
+    """``example_workflows/<name>.jpg`` beside each workflow, none left over, each what thumbnails.py draws now."""
+    from PIL import Image, ImageChops
+
+    assert sorted(p.stem for p in thumbnails.FOLDER.glob("*.jpg")) == NAMES == sorted(thumbnails.thumbnails())
+    for name, drawn in thumbnails.thumbnails().items():
+        shipped_image = Image.open(thumbnails.FOLDER / f"{name}.jpg")
+        assert shipped_image.format == "JPEG" and shipped_image.size == thumbnails.SIZE
+        drawn = Image.open(io.BytesIO(thumbnails.jpeg(drawn)))  # as written: another Pillow may encode a little apart
+        diff = ImageChops.difference(shipped_image.convert("L"), drawn.convert("L"))
+        changed = sum(diff.point(lambda v: 255 if v > 40 else 0).histogram()[255:])
+        assert changed <= 20, f"{name}.jpg is stale ({changed} pixels differ): run python workflows/thumbnails.py"
+
+
+def test_template_browser_serves_the_thumbnails(server):
+    """The frontend asks for ``/api/workflow_templates/<pack>/<name>.jpg`` (its media type for pack templates)."""
+    from PIL import Image
+
+    pack = next(k for k, names in server.get("/workflow_templates").items() if "both_memories" in names)
+    for name in NAMES:
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{pack}/{name}.jpg", timeout=30) as r:
+            body = r.read()
+            assert r.headers["Content-Type"] == "image/jpeg"
+        assert body == (thumbnails.FOLDER / f"{name}.jpg").read_bytes()
+        assert Image.open(io.BytesIO(body)).size == thumbnails.SIZE
 
 
 @pytest.mark.parametrize("name", NAMES)

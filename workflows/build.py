@@ -217,7 +217,9 @@ def main() -> None:
             info = server.get("/object_info")
         finally:
             server.stop()
-    for path in write_all(info):
+    import thumbnails
+
+    for path in write_all(info) + thumbnails.write_all():
         print(f"wrote {path.relative_to(HERE.parent)}")
 
 
