@@ -124,11 +124,13 @@ def make_data(work: Path, clips: int, n_frames: int) -> None:
     print(f"[revisit] {clips} training clips in {data} ({time.time() - began:.0f}s)", flush=True)
 
 
-def train_config(work: Path, name: str, steps: int | None) -> Path:
-    """The committed config with the work folder's paths (and ``steps``, for a smoke run)."""
-    text = (CONFIGS / f"{name}.toml").read_text()
-    subs = {"data_dir": work / "data", "output_dir": work / "runs" / name,
-            "model_file": work / "models" / "diffusion_models" / "revisit_init.safetensors"}
+def train_config(work: Path, name: str, steps: int | None, configs: Path = CONFIGS,
+                 paths: dict | None = None) -> Path:
+    """The committed config ``configs/<name>.toml`` with the work folder's ``paths`` (default: this benchmark's data,
+    run folder and initial model) and ``steps``, for a smoke run."""
+    text = (configs / f"{name}.toml").read_text()
+    subs = paths or {"data_dir": work / "data", "output_dir": work / "runs" / name,
+                     "model_file": work / "models" / "diffusion_models" / "revisit_init.safetensors"}
     lines = []
     for line in text.splitlines():
         key = line.split("=")[0].strip()
@@ -145,16 +147,19 @@ def train_config(work: Path, name: str, steps: int | None) -> Path:
     return path
 
 
-def train_all(work: Path, steps: int | None, parallel: int, models=MODELS) -> dict:
+def train_all(work: Path, steps: int | None, parallel: int, models=MODELS, configs: Path = CONFIGS,
+              paths=None, prefix: str = "revisit") -> dict:
     """``memlearner-train`` on each config, ``parallel`` at a time, one thread each; exports go to the models
-    folder. Returns per model: seconds, steps, the last loss."""
+    folder as ``<prefix>_<name>``. ``paths(name)``: the config's paths (``train_config``). Returns per model:
+    seconds, steps, the last loss."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     pending, running, done = list(models), {}, {}
     while pending or running:
         while pending and len(running) < parallel:
             name = pending.pop(0)
             log = open(work / f"train_{name}.log", "w")
-            cmd = [sys.executable, "-m", "memlearner_train", str(train_config(work, name, steps))]
+            config = train_config(work, name, steps, configs, None if paths is None else paths(name))
+            cmd = [sys.executable, "-m", "memlearner_train", str(config)]
             running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=PACK, env=env), log,
                              time.time())
             print(f"[revisit] training {name}: {' '.join(cmd)}", flush=True)
@@ -172,11 +177,12 @@ def train_all(work: Path, steps: int | None, parallel: int, models=MODELS) -> di
             print(f"[revisit] trained {name} in {done[name]['seconds']:.0f}s", flush=True)
     for name in models:
         export = work / "runs" / name / "export"
-        shutil.copy(export / "memlearner_wan21.safetensors", work / "models" / "diffusion_models" / f"revisit_{name}.safetensors")
-        query = export / "memlearner_query.safetensors"
-        if query.exists():
-            (work / "models" / "memlearner").mkdir(parents=True, exist_ok=True)
-            shutil.copy(query, work / "models" / "memlearner" / f"revisit_{name}_query.safetensors")
+        for file, folder, suffix in (("memlearner_wan21", "diffusion_models", ""), ("memlearner_query", "memlearner",
+                                     "_query"), ("memlearner_encoder", "memory_encoders", "")):
+            if (export / f"{file}.safetensors").exists():
+                (work / "models" / folder).mkdir(parents=True, exist_ok=True)
+                shutil.copy(export / f"{file}.safetensors",
+                            work / "models" / folder / f"{prefix}_{name}{suffix}.safetensors")
     record = work / "training.json"
     done = (json.loads(record.read_text()) if record.exists() else {}) | done
     record.write_text(json.dumps(done, indent=1))
@@ -204,7 +210,6 @@ def evaluate(work: Path, worlds: int, steps: int = STEPS) -> tuple[dict, dict, o
              if (work / "models" / "diffusion_models" / f"revisit_{n}.safetensors").is_file()]
     models = {name: server.run_node(loader, unet_name=f"revisit_{name}.safetensors", weight_dtype="default")[0]
               for name in names}
-    text = [[torch.zeros(1, 1, 4096), {}]]
     sums: dict = {}
     seconds: dict = {}
     examples = {}
@@ -217,15 +222,10 @@ def evaluate(work: Path, worlds: int, steps: int = STEPS) -> tuple[dict, dict, o
             for cname, (mname, policy, budget, pool) in CONFIGURATIONS.items():
                 if mname not in models:
                     continue
-                latent, report = server.run_node(
-                    rollout, model=models[mname], positive=text, negative=text, seed=wi, steps=steps, cfg=1.0,
-                    sampler_name="euler", scheduler="simple", width=LATENT * 8, height=LATENT * 8,
-                    chunk_frames=4 * CHUNK - 3, chunks=case.generated_frames // CHUNK, policy=policy,
-                    context_frames=budget, query_layers=0 if mname == "no_memory" else QUERY_LAYERS,
-                    query_weights="none" if mname == "no_memory" else f"revisit_{mname}_query.safetensors",
-                    camera="custom JSON", trajectory=trajectory_json(case.poses), denoise=1.0,
-                    first_chunk={"samples": wa.wan21_latent_out(case.truth[:, :case.history]).unsqueeze(0)},
-                    query_pool=pool)
+                latent, report = rollout_case(server, rollout, models[mname], case, wi, steps, policy, budget,
+                                              0 if mname == "no_memory" else QUERY_LAYERS,
+                                              "none" if mname == "no_memory" else f"revisit_{mname}_query.safetensors",
+                                              pool, wa)
                 if path == "pan_and_return":
                     seconds.setdefault(cname, []).extend(r["seconds"] / steps for r in json.loads(report))
                 preds[cname] = wa.wan21_latent_in(latent["samples"][0].float())[:, case.history:]
@@ -252,6 +252,21 @@ def evaluate(work: Path, worlds: int, steps: int = STEPS) -> tuple[dict, dict, o
         row["pixels"] = {m: c for m, (_, c) in metrics.items() if "@" not in m}
         results[cname] = row
     return results, examples, wa
+
+
+def rollout_case(server, rollout, model, case: rw.RevisitCase, seed: int, steps: int, policy: str, budget: int,
+                 query_layers: int, query_weights: str, pool: int, wa):
+    """Memory Rollout over ``case``: its history given as the first chunk, the rest generated in chunks of
+    ``CHUNK`` latent frames along its poses. Returns the node's (LATENT, report)."""
+    text = [[torch.zeros(1, 1, 4096), {}]]
+    return server.run_node(
+        rollout, model=model, positive=text, negative=text, seed=seed, steps=steps, cfg=1.0,
+        sampler_name="euler", scheduler="simple", width=LATENT * 8, height=LATENT * 8,
+        chunk_frames=4 * CHUNK - 3, chunks=case.generated_frames // CHUNK, policy=policy,
+        context_frames=budget, query_layers=query_layers, query_weights=query_weights,
+        camera="custom JSON", trajectory=trajectory_json(case.poses), denoise=1.0,
+        first_chunk={"samples": wa.wan21_latent_out(case.truth[:, :case.history]).unsqueeze(0)},
+        query_pool=pool)
 
 
 def _metric_masks(case: rw.RevisitCase) -> dict:
