@@ -7,6 +7,8 @@ so ComfyUI's ``comfy.ops`` casting and low-VRAM weight streaming keep working.
 
 from __future__ import annotations
 
+import logging
+
 import comfy.ldm.common_dit
 import comfy.ldm.wan.model as wan
 import comfy.model_management
@@ -56,9 +58,64 @@ def _modulated_norm1(block, x: torch.Tensor, e) -> torch.Tensor:
     return torch.addcmul(wan.repeat_e(e[0], x), block.norm1(x), 1 + wan.repeat_e(e[1], x))
 
 
+def rope_with_grad(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """``apply_rope1`` in plain torch, with gradients: ``x [B, L, H, D]``, ``freqs [1 or B, L, 1, D/2, 2, 2]``.
+
+    The same operations as ComfyUI's own ``apply_rope1`` before 0.8.0 and comfy-kitchen's eager backend, so the
+    value is bit-identical to the host's on CPU. Needed because from 0.8.0 on the host's ``apply_rope1`` is
+    comfy-kitchen's custom op, which has no autograd formula."""
+    x_ = x.to(dtype=freqs.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+    out = torch.addcmul(freqs[..., 0] * x_[..., 0], freqs[..., 1], x_[..., 1])
+    return out.reshape(*x.shape).type_as(x)
+
+
 def _rope(x: torch.Tensor, freqs: torch.Tensor, heads: int) -> torch.Tensor:
+    """RoPE on ``[B, L, H*D]``: the host's kernel for inference, ``rope_with_grad`` when autograd records it."""
     b, s = x.shape[:2]
-    return apply_rope1(x.view(b, s, heads, -1), freqs).view(b, s, -1)
+    xh = x.view(b, s, heads, -1)
+    if torch.is_grad_enabled() and (x.requires_grad or freqs.requires_grad):
+        return rope_with_grad(xh, freqs).view(b, s, -1)
+    return apply_rope1(xh, freqs).view(b, s, -1)
+
+
+def _host_rope_backward_missing() -> bool:
+    """Whether the host's ``apply_rope1`` is a kernel that autograd cannot go through (comfy-kitchen's custom op
+    on 0.8.0+), probed on a tiny CPU tensor."""
+    x = torch.zeros(1, 1, 1, 2, requires_grad=True)
+    freqs = torch.eye(2).expand(1, 1, 1, 1, 2, 2)
+    try:
+        with torch.enable_grad():
+            apply_rope1(x, freqs).sum().backward()
+    except RuntimeError as e:
+        return "autograd" in str(e)
+    return False
+
+
+def _give_host_rope_a_backward() -> bool:
+    """The stock Wan blocks the patch runs apply RoPE with the host's ``apply_rope1``; from 0.8.0 on that is
+    comfy-kitchen's op ``comfy_kitchen::apply_rope1``, which has no backward, so nothing trains through them.
+    Register one for it: RoPE rotates each pair of ``x``, so ``x``'s gradient is the output gradient rotated back
+    (``rope_with_grad`` with the transposed tables); the tables get none (they never require grad). The forward
+    stays the host's kernel. Returns whether it registered."""
+    if getattr(apply_rope1, "__module__", "") != "comfy_kitchen" or not _host_rope_backward_missing():
+        return False
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    def backward(ctx, grad):
+        (freqs,) = ctx.saved_tensors
+        return rope_with_grad(grad, freqs.transpose(-1, -2)), None
+
+    try:
+        torch.library.register_autograd("comfy_kitchen::apply_rope1", backward, setup_context=setup_context)
+    except Exception as e:  # a kitchen whose op is defined otherwise: inference is unaffected, training fails
+        logging.getLogger("memlearner").warning("could not give comfy-kitchen's apply_rope1 a backward: %s", e)
+        return False
+    return True
+
+
+HOST_ROPE_BACKWARD_ADDED = _give_host_rope_a_backward()
 
 
 def key_value(block, h: torch.Tensor, freqs: torch.Tensor | None):

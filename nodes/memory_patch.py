@@ -33,6 +33,7 @@ from memlearner_core.memory_tokens import MemoryTokens
 from memlearner_core.query_layers import ContextKV, query_memory_attention
 
 from . import comfy_adapter as wa
+from . import memory_estimate
 
 KEY = "memlearner"
 RUN_KEY = "memlearner_run"
@@ -407,6 +408,7 @@ def apply_memory(model, memory: ReferenceMemory | TrainableMemory | None = None,
         m.set_model_patch_replace(BlockPatch(i), "dit", "double_block", i)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, DiffusionModelWrapper(memory, query))
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, OuterSampleWrapper(memory, query))
+    memory_estimate.install(m, KEY, dm, memory, query)  # the memories' cost in ComfyUI's memory estimate
     if memory is not None and memory.managed_models():
         m.set_additional_models(KEY, memory.managed_models())
     return m
