@@ -1,0 +1,314 @@
+"""Two hosts, one set of weights: diffusers' WanTransformer3DModel and ComfyUI's WanModel agree, plain and with
+both memories.
+
+A tiny Wan2.1 is built with diffusers' own class from a config (no download), its weights converted to ComfyUI's
+single-file layout and loaded by ComfyUI's own loader. The ComfyUI side of every memory comparison is the pack's
+ComfyUI adapter (``nodes/memory_patch.apply_memory``), the diffusers side ``memlearner_diffusers``.
+
+The one difference the hosts themselves have: the sinusoidal timestep embedding. ComfyUI computes
+``cos/sin(t * 10000^(-i/128))`` with ``torch.pow``, diffusers ``cos/sin(t * exp(-ln(10000) i/128))``; in
+float32 the arguments differ by a few ulps of ``t * freq``, which at t = 600..1000 is ~6e-5 in the embedding and
+~5e-6 (relative) at the output. At t = 0 (and with ComfyUI's embedding put into diffusers) the hosts agree to
+~3e-7. The RoPE layouts differ (ComfyUI: 2x2 rotation matrices per pair; diffusers: interleaved cos/sin
+tables) but rotate the same adjacent pairs by the same angles.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from memlearner_core.camera import CameraEmbedding
+from memlearner_core.checkpoint_io import load_memory_encoder, save_query_weights
+from memlearner_core.context_tokens import ContextSegment, ContextSpec
+from memlearner_diffusers import (
+    QueryMemory,
+    ReferenceMemory,
+    apply_memory,
+    comfy_to_diffusers,
+    diffusers_config,
+    diffusers_to_comfy,
+    load_camera,
+    remove_memory,
+    transformer_from_comfy,
+)
+
+import host
+import tiny_models
+from forward import model_forward, rel_err
+
+TINY_DIFFUSERS = dict(num_attention_heads=2, attention_head_dim=128, ffn_dim=512, num_layers=4, text_dim=4096,
+                      freq_dim=256)  # the tiny ComfyUI fixture's shape (ComfyUI detects heads as dim // 128)
+HOST_TOL = 1e-5  # fp32 rounding plus the timestep-embedding difference (module docstring)
+
+
+def tiny_transformer(seed: int = 3) -> WanTransformer3DModel:
+    model = WanTransformer3DModel(**TINY_DIFFUSERS)
+    tiny_models.randomize(model, seed)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hosts(comfy):
+    """(diffusers transformer, ComfyUI MODEL) holding the same weights."""
+    import comfy.sd
+
+    tr = tiny_transformer()
+    model = comfy.sd.load_diffusion_model_state_dict({k: v.clone() for k, v in diffusers_to_comfy(tr.state_dict()).items()})
+    return tr, model
+
+
+@torch.no_grad()
+def diffusers_forward(tr, x, t, txt):
+    return tr(hidden_states=x, timestep=t, encoder_hidden_states=txt, return_dict=False)[0].float()
+
+
+def inputs(batch=1, seed=0, frames=3, t=600.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 16, frames, 8, 8, generator=g), torch.full((batch,), t),
+            torch.randn(batch, 512, 4096, generator=g))
+
+
+# --- weights --------------------------------------------------------------------------------------------------
+
+def test_keys_convert_both_ways_exactly():
+    tr = tiny_transformer()
+    sd = tr.state_dict()
+    comfy_sd = diffusers_to_comfy(sd)
+    assert "blocks.0.self_attn.q.weight" in comfy_sd and "blocks.3.norm3.bias" in comfy_sd
+    assert "head.modulation" in comfy_sd and len(comfy_sd) == len(sd)
+    back = comfy_to_diffusers({"model.diffusion_model." + k: v for k, v in comfy_sd.items()})
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    cfg = diffusers_config(comfy_sd)  # read from the tensor shapes
+    assert all(tuple(v) == tuple(tr.config[k]) if k == "patch_size" else v == tr.config[k] for k, v in cfg.items())
+
+
+def test_image_to_video_and_fused_keys_convert_too():
+    i2v = WanTransformer3DModel(**{**TINY_DIFFUSERS, "num_layers": 1}, image_dim=32, added_kv_proj_dim=256)
+    sd = i2v.state_dict()
+    comfy_sd = diffusers_to_comfy(sd)
+    assert {"img_emb.proj.1.weight", "blocks.0.cross_attn.k_img.weight", "blocks.0.cross_attn.norm_k_img.weight"} \
+        <= comfy_sd.keys()
+    assert comfy_to_diffusers(comfy_sd).keys() == sd.keys()
+    i2v.fuse_qkv_projections()
+    replaced = (".attn1.to_q.", ".attn1.to_k.", ".attn1.to_v.", ".attn2.to_k.", ".attn2.to_v.", "add_k_proj", "add_v_proj")
+    fused = {k: v for k, v in i2v.state_dict().items() if not any(r in k for r in replaced)}
+    assert any("to_qkv" in k for k in fused)
+    assert all(torch.equal(diffusers_to_comfy(fused)[k], comfy_sd[k]) for k in comfy_sd)
+
+
+def test_unknown_keys_are_refused_by_name():
+    with pytest.raises(ValueError, match="unknown keys blocks.0.mystery.weight"):
+        comfy_to_diffusers({"blocks.0.mystery.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="unknown keys lora_A.weight"):
+        diffusers_to_comfy({"lora_A.weight": torch.zeros(1)})
+
+
+def test_comfy_file_loads_as_diffusers_transformer(tmp_path):
+    from safetensors.torch import save_file
+
+    tr = tiny_transformer()
+    path = tmp_path / "wan.safetensors"
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in diffusers_to_comfy(tr.state_dict()).items()},
+              str(path))
+    loaded = transformer_from_comfy(path)
+    x, t, txt = inputs()
+    assert torch.equal(diffusers_forward(loaded, x, t, txt), diffusers_forward(tr, x, t, txt))
+
+
+# --- plain models -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t", [0.0, 1.0, 600.0, 999.0])
+def test_plain_models_agree_between_hosts(hosts, t):
+    tr, model = hosts
+    x, tt, txt = inputs(2, t=t)
+    out_d, out_c = diffusers_forward(tr, x, tt, txt), model_forward(model, x, tt, txt)
+    assert rel_err(out_d, out_c) < (1e-6 if t <= 1.0 else HOST_TOL)
+
+
+def test_timestep_embedding_is_the_only_host_difference(hosts, monkeypatch):
+    import comfy.ldm.wan.model as wan
+
+    tr, model = hosts
+    x, t, txt = inputs(1, t=999.0)
+    out_c = model_forward(model, x, t, txt)
+    before = rel_err(diffusers_forward(tr, x, t, txt), out_c)
+    monkeypatch.setattr(tr.condition_embedder.timesteps_proj, "forward", lambda s: wan.sinusoidal_embedding_1d(256, s))
+    after = rel_err(diffusers_forward(tr, x, t, txt), out_c)
+    assert after < 1e-6 < before
+
+
+# --- DiT-Mem -----------------------------------------------------------------------------------------------------
+
+def reference_latents(seed, n=2):
+    g = torch.Generator().manual_seed(seed)
+    return {"samples": torch.randn(n, 16, 13, 16, 16, generator=g)}
+
+
+@pytest.fixture(scope="module")
+def diffusers_encoder(models_dir):
+    return load_memory_encoder(tiny_models.model_paths(models_dir)["encoder"])
+
+
+@pytest.mark.parametrize("deduplicate", [True, False])
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_dit_mem_agrees_between_hosts(comfy, hosts, encoder, diffusers_encoder, deduplicate, strength):
+    tr, model = hosts
+    memory_c = comfy.run("MemLearnerEncodeReferenceVideo", memory_encoder=encoder, latent=reference_latents(0),
+                         deduplicate=deduplicate, strength=strength)[0]
+    patched = comfy.run("MemLearnerApplyReferenceMemory", model=model, memory=memory_c)[0]
+    memory_d = ReferenceMemory.from_latents(memory_c.latents[0], diffusers_encoder, strength, deduplicate)
+    x, t, txt = inputs(2)
+    plain = diffusers_forward(tr, x, t, txt)
+    apply_memory(tr, memory=memory_d)
+    try:
+        out_d = diffusers_forward(tr, x, t, txt)
+    finally:
+        remove_memory(tr)
+    assert rel_err(out_d, model_forward(patched, x, t, txt, [0])) < HOST_TOL
+    assert rel_err(out_d, plain) > 1e-3  # the memory does change the output
+    assert torch.equal(diffusers_forward(tr, x, t, txt), plain)  # and is gone after remove_memory
+
+
+def test_strength_zero_is_exactly_the_plain_transformer(hosts, diffusers_encoder):
+    tr, _ = hosts
+    x, t, txt = inputs()
+    plain = diffusers_forward(tr, x, t, txt)
+    memory = ReferenceMemory.from_latents(reference_latents(0)["samples"], diffusers_encoder, strength=0.0)
+    assert apply_memory(tr, memory=memory) is None
+    assert torch.equal(diffusers_forward(tr, x, t, txt), plain)
+
+
+# --- query memory --------------------------------------------------------------------------------------------------
+
+def history_spec(model, frames, poses=None, seed=5):
+    """History frames just before the chunk, in the model's latent space (as the ComfyUI nodes read them)."""
+    samples = torch.randn(1, 16, frames, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return ContextSpec.from_history(model.model.process_latent_in(samples)[0], poses)
+
+
+def gapped_spec(model, poses=None):
+    """Gapped, pooled history as Memory Rollout's framepack policy picks it: frames -7, -6 pooled 4x4 and 2x2,
+    -2 and -1 at full resolution (tokens at the centres of their cells)."""
+    lat = model.model.process_latent_in(torch.randn(1, 16, 4, 8, 8, generator=torch.Generator().manual_seed(9)))[0]
+    pose = (lambda i: None) if poses is None else (lambda i: poses[i])
+    return ContextSpec([ContextSegment(lat[:, :1], torch.tensor([-7]), 4, pose(slice(0, 1))),
+                        ContextSegment(lat[:, 1:2], torch.tensor([-6]), 2, pose(slice(1, 2))),
+                        ContextSegment(lat[:, 2:], torch.tensor([-2, -1]), 1, pose(slice(2, 4)))])
+
+
+def both_query_forwards(hosts, query_c, query_d, batch=1, memory=None, steps=(600.0,), seed=11):
+    """The same query memory through both hosts' adapters: outputs per step (one run each)."""
+    mp = host.pack("nodes.memory_patch")
+    tr, model = hosts
+    patched = mp.apply_memory(model, memory[0] if memory else None, query_c)
+    apply_memory(tr, memory=memory[1] if memory else None, query=query_d)
+    run = mp.RunState(seed)
+    outs = []
+    try:
+        for i, step in enumerate(steps):
+            x, t, txt = inputs(batch, seed=i, t=step)
+            outs.append((diffusers_forward(tr, x, t, txt), model_forward(patched, x, t, txt, [0], run=run)))
+    finally:
+        remove_memory(tr)
+    return outs
+
+
+def queries(spec, layers=2, camera=None, chunk_poses=None, cache=True, pool=1, seed=11):
+    mp = host.pack("nodes.memory_patch")
+    return (mp.QueryMemory(layers, spec, camera, chunk_poses, cache, pool),
+            QueryMemory(layers, spec, camera, chunk_poses, cache, pool, seed))
+
+
+@pytest.mark.parametrize("context_frames", [0, 1, 3])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_query_memory_agrees_between_hosts(hosts, context_frames, batch):
+    spec = history_spec(hosts[1], context_frames)
+    (out_d, out_c), = both_query_forwards(hosts, *queries(spec), batch=batch)
+    assert rel_err(out_d, out_c) < HOST_TOL
+    assert rel_err(out_d, diffusers_forward(hosts[0], *inputs(batch))) > 1e-3
+
+
+@pytest.mark.parametrize("layers", [1, 4])
+def test_query_layer_count_agrees_between_hosts(hosts, layers):
+    (out_d, out_c), = both_query_forwards(hosts, *queries(history_spec(hosts[1], 2), layers=layers))
+    assert rel_err(out_d, out_c) < HOST_TOL
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_cached_history_agrees_across_steps(hosts, cache):
+    outs = both_query_forwards(hosts, *queries(gapped_spec(hosts[1]), cache=cache), steps=(900.0, 500.0, 100.0))
+    for out_d, out_c in outs:
+        assert rel_err(out_d, out_c) < HOST_TOL
+
+
+def test_pooled_queries_agree_between_hosts(hosts):
+    (out_d, out_c), = both_query_forwards(hosts, *queries(gapped_spec(hosts[1]), pool=2))
+    assert rel_err(out_d, out_c) < HOST_TOL
+
+
+def camera_file(tmp_path, version=2):
+    cam = CameraEmbedding(256)
+    tiny_models.randomize(cam, 21)
+    with torch.no_grad():
+        cam.proj.weight.mul_(3.0)  # a camera that visibly moves the output
+    path = tmp_path / "query.safetensors"
+    save_query_weights(path, cam.state_dict(), query_layers=2, query_pool=1)
+    return path
+
+
+def poses(n, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.eye(3).expand(n, 3, 3) + 0.1 * torch.randn(n, 3, 3, generator=g),
+                      torch.randn(n, 3, 1, generator=g)], -1)
+
+
+def test_camera_and_memory_together_agree_between_hosts(comfy, hosts, encoder, diffusers_encoder, tmp_path):
+    camera, layers, pool = load_camera(camera_file(tmp_path))
+    assert (layers, pool) == (2, 1) and camera.on_query
+    history_poses, chunk_poses = poses(4), poses(3, seed=6)
+    memory_c = comfy.run("MemLearnerEncodeReferenceVideo", memory_encoder=encoder, latent=reference_latents(1))[0]
+    memory_d = ReferenceMemory.from_latents(memory_c.latents[0], diffusers_encoder)
+    spec = gapped_spec(hosts[1], history_poses)
+    (out_d, out_c), = both_query_forwards(hosts, *queries(spec, camera=camera, chunk_poses=chunk_poses),
+                                          memory=(memory_c, memory_d))
+    assert rel_err(out_d, out_c) < HOST_TOL
+    (no_cam, _), = both_query_forwards(hosts, *queries(spec), memory=(memory_c, memory_d))
+    assert rel_err(out_d, no_cam) > 1e-3
+
+
+def test_memories_stack_and_come_off(hosts, diffusers_encoder):
+    tr, model = hosts
+    x, t, txt = inputs()
+    plain = diffusers_forward(tr, x, t, txt)
+    memory = ReferenceMemory.from_latents(reference_latents(0)["samples"], diffusers_encoder)
+    apply_memory(tr, memory=memory)
+    dit_mem = diffusers_forward(tr, x, t, txt)
+    adapter = apply_memory(tr, query=QueryMemory(2, history_spec(model, 2)))
+    assert adapter.memory is memory and adapter.query is not None  # DiT-Mem kept under query memory
+    both = diffusers_forward(tr, x, t, txt)
+    assert rel_err(both, dit_mem) > 1e-3
+    remove_memory(tr)
+    assert torch.equal(diffusers_forward(tr, x, t, txt), plain)
+    assert all(type(b.attn1.processor).__name__ == "WanAttnProcessor" for b in tr.blocks)
+
+
+def test_bad_settings_are_refused_before_anything_changes(hosts, diffusers_encoder):
+    tr, model = hosts
+    spec = history_spec(model, 1)
+    with pytest.raises(ValueError, match="query_layers must be between 1 and 4"):
+        apply_memory(tr, query=QueryMemory(5, spec))
+    with pytest.raises(ValueError, match="query_pool must be 1"):
+        apply_memory(tr, query=QueryMemory(2, spec, query_pool=0))
+    with pytest.raises(ValueError, match="nothing to apply"):
+        apply_memory(tr)
+    with pytest.raises(ValueError, match="WanTransformer3DModel"):
+        apply_memory(torch.nn.Linear(2, 2), query=QueryMemory(1, spec))
+    assert not hasattr(tr, "_memlearner_memory")
+    apply_memory(tr, query=QueryMemory(2, spec))
+    try:
+        with pytest.raises(ValueError, match="context is 8x8 latent pixels"):
+            diffusers_forward(tr, torch.randn(1, 16, 3, 4, 4), torch.full((1,), 500.0), torch.randn(1, 8, 4096))
+    finally:
+        remove_memory(tr)
