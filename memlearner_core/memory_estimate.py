@@ -1,0 +1,113 @@
+"""What the two memories add to a Wan2.1 forward's memory, for the host's memory estimate. Plain arithmetic.
+
+ComfyUI plans model offload and the cond/uncond batch from ``memory_required(input_shape)``: activation memory
+linear in the latent's area. The memories add, per forward of ``B`` samples (bytes, ``s`` bytes per element of the
+compute dtype, ``d`` the model width):
+
+- query memory: Q rides in the sequence ``[Q; P]`` of every block (in and out of the query layers alike), so
+  every block's activations grow by ``Nq / Np`` of the stock figure; the history ``C`` (``Nc`` tokens, batch 1)
+  is kept as tokens plus keys and values for each of the ``K`` query layers (``(2K + 1) Nc d s``; without the
+  context cache one layer's keys/values at a time, ``3 Nc d s``), and a query layer joins the history's keys and
+  values to the batch's (``2 B Nc d s``);
+- DiT-Mem: each block projects the ``U`` memory tokens to keys and values for the batch (``2 B U d s``); with
+  per-key weights (de-duplicated tokens or a strength other than 1) the memory logits and their softmax are
+  materialised in float32 for every query row (``2 B heads (Np + Nq) U 4``).
+
+``python -m memlearner_core.memory_estimate`` prints the README's table (the Wan2.1-1.3B shape).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MemoryShape:
+    """What the extra memory depends on, besides the latent being sampled.
+
+    ``query_layers`` 0 means no query memory; ``context_tokens`` is ``Nc`` (after pooling and patching);
+    ``memory_tokens`` is ``U`` (0: no DiT-Mem), ``weighted_memory`` whether its keys carry log-weights."""
+
+    dim: int
+    heads: int
+    query_layers: int = 0
+    query_pool: int = 1
+    context_tokens: int = 0
+    cache_context: bool = True
+    memory_tokens: int = 0
+    weighted_memory: bool = False
+    patch: tuple[int, int, int] = (1, 2, 2)
+
+
+def token_counts(input_shape, shape: MemoryShape) -> tuple[int, int, int]:
+    """``(B, Np, Nq)`` for a latent ``input_shape [B, C, T, H, W]``: samples, P's tokens, Q's tokens (0 without
+    query memory; one per ``pool x pool`` cell of P's token grid)."""
+    b, t, h, w = input_shape[0], input_shape[2], input_shape[3], input_shape[4]
+    ph, pw = -(-h // shape.patch[1]), -(-w // shape.patch[2])
+    n_p = (t // shape.patch[0]) * ph * pw
+    if not shape.query_layers:
+        return b, n_p, 0
+    qh, qw = -(-ph // shape.query_pool), -(-pw // shape.query_pool)
+    return b, n_p, (t // shape.patch[0]) * qh * qw
+
+
+def extra_bytes(stock: float, input_shape, shape: MemoryShape, dtype_bytes: int) -> dict[str, float]:
+    """The extra memory, by part, of one forward over ``input_shape [B, C, T, H, W]`` whose stock estimate is
+    ``stock`` bytes; ``total`` is their sum. See the module docstring for each part."""
+    b, n_p, n_q = token_counts(input_shape, shape)
+    d, s, nc = shape.dim, dtype_bytes, shape.context_tokens
+    parts = {"query_sequence": stock * n_q / n_p if n_p else 0.0, "context": 0.0, "memory": 0.0}
+    if shape.query_layers and nc:
+        kept = (2 * shape.query_layers + 1) if shape.cache_context else 3
+        parts["context"] = float(kept * nc * d * s + 2 * b * nc * d * s)
+    if shape.memory_tokens:
+        u = shape.memory_tokens
+        parts["memory"] = float(2 * b * u * d * s)
+        if shape.weighted_memory:
+            parts["memory"] += float(2 * b * shape.heads * (n_p + n_q) * u * 4)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def comfy_stock_estimate(input_shape, dim: int, dtype_bytes: int) -> float:
+    """ComfyUI's own ``memory_required`` for Wan2.1 (0.3.75 and 0.12.1 alike) with xformers or PyTorch flash
+    attention: ``area * dtype_bytes * 0.01 * memory_usage_factor`` MiB, ``area = B*T*H*W`` of the latent and
+    ``memory_usage_factor = dim / 2222`` (``supported_models.WAN21_T2V``). For the README's table only: the hook
+    always asks the host."""
+    area = input_shape[0] * math.prod(input_shape[2:])
+    return area * dtype_bytes * 0.01 * (dim / 2222) * 2**20
+
+
+def readme_table() -> str:
+    """Extra memory per option at the Wan2.1-1.3B shape (dim 1536, 12 heads, 30 blocks), one 81-frame 480x832
+    chunk (21 x 60 x 104 latent), cond + uncond batched (B = 2), bf16, computed by ``extra_bytes``."""
+    latent = (2, 16, 21, 60, 104)
+    stock = comfy_stock_estimate(latent, 1536, 2)
+    chunk = token_counts(latent, MemoryShape(1536, 12))[1]  # one chunk of history: 32,760 tokens
+    rows = [
+        ("query memory, 5 query layers, no history", MemoryShape(1536, 12, 5)),
+        ("query memory, 5 query layers, 1 chunk of history, context cache",
+         MemoryShape(1536, 12, 5, context_tokens=chunk)),
+        ("query memory, 5 query layers, 1 chunk of history, no cache",
+         MemoryShape(1536, 12, 5, context_tokens=chunk, cache_context=False)),
+        ("query memory, 5 query layers, 3 chunks of history, context cache",
+         MemoryShape(1536, 12, 5, context_tokens=3 * chunk)),
+        ("query memory, query_pool 2, 1 chunk of history, context cache",
+         MemoryShape(1536, 12, 5, query_pool=2, context_tokens=chunk)),
+        ("DiT-Mem, 5 references, official tokens (1000)", MemoryShape(1536, 12, memory_tokens=1000)),
+        ("DiT-Mem, 5 references, de-duplicated (10 weighted)",
+         MemoryShape(1536, 12, memory_tokens=10, weighted_memory=True)),
+    ]
+    mib = 2**20
+    out = [f"| option (stock estimate {stock / mib:,.0f} MiB) | extra | of which Q in the sequence | history | "
+           f"DiT-Mem keys |", "|---|---|---|---|---|"]
+    for name, shape in rows:
+        p = extra_bytes(stock, latent, shape, 2)
+        out.append(f"| {name} | {p['total'] / mib:,.0f} MiB | {p['query_sequence'] / mib:,.0f} MiB | "
+                   f"{p['context'] / mib:,.0f} MiB | {p['memory'] / mib:,.1f} MiB |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(readme_table())
