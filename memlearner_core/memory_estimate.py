@@ -8,10 +8,10 @@ compute dtype, ``d`` the model width):
   every block's activations grow by ``Nq / Np`` of the stock figure; the history ``C`` (``Nc`` tokens, batch 1)
   is kept as tokens plus keys and values for each of the ``K`` query layers (``(2K + 1) Nc d s``; without the
   context cache one layer's keys/values at a time, ``3 Nc d s``), and a query layer joins the history's keys and
-  values to the batch's (``2 B Nc d s``);
-- DiT-Mem: each block projects the ``U`` memory tokens to keys and values for the batch (``2 B U d s``); with
-  per-key weights (de-duplicated tokens or a strength other than 1) the memory logits and their softmax are
-  materialised in float32 for every query row (``2 B heads (Np + Nq) U 4``).
+  values to P's for the batch, a copy (``2 B (Nc + Np) d s``);
+- DiT-Mem: each block projects the ``U`` memory tokens to keys and values for the batch (``2 B U d s``) and joins
+  them to the sequence's ``N = Np + Nq`` keys and values, a copy (``2 B (N + U) d s``); with per-key weights
+  (de-duplicated tokens or a strength other than 1) a per-key logit bias goes with them (``B (N + U) s``).
 
 ``python -m memlearner_core.memory_estimate`` prints the README's table (the Wan2.1-1.3B shape).
 """
@@ -60,12 +60,12 @@ def extra_bytes(stock: float, input_shape, shape: MemoryShape, dtype_bytes: int)
     parts = {"query_sequence": stock * n_q / n_p if n_p else 0.0, "context": 0.0, "memory": 0.0}
     if shape.query_layers and nc:
         kept = (2 * shape.query_layers + 1) if shape.cache_context else 3
-        parts["context"] = float(kept * nc * d * s + 2 * b * nc * d * s)
+        parts["context"] = float(kept * nc * d * s + 2 * b * (nc + n_p) * d * s)
     if shape.memory_tokens:
-        u = shape.memory_tokens
-        parts["memory"] = float(2 * b * u * d * s)
+        u, n = shape.memory_tokens, n_p + n_q
+        parts["memory"] = float(2 * b * u * d * s + 2 * b * (n + u) * d * s)
         if shape.weighted_memory:
-            parts["memory"] += float(2 * b * shape.heads * (n_p + n_q) * u * 4)
+            parts["memory"] += float(b * (n + u) * s)
     parts["total"] = sum(parts.values())
     return parts
 
