@@ -188,6 +188,8 @@ class MemoryAdapter:
             noise = query_noise(q.seed, (b, x.shape[1], t, qh * patch[1], qw * patch[2]), x.device, x.dtype, step)
             rope_q = wh.rope_from_ids(tr, pooled_query_positions(t, ph, pw, q.query_pool), x.device)
         st.rope = wh.cat_rope(rope_q, rope_p)
+        if q.context.segments:  # made here, outside any checkpointed block, so a recomputation finds them made
+            self.history_tokens(x, q.cache_context and not torch.is_grad_enabled())
         st.q_tokens = wh.embed_latent(tr, noise, x.dtype)
         st.n_query = st.q_tokens.shape[1]
         if q.camera is not None:
@@ -233,13 +235,15 @@ class MemoryAdapter:
         if use_cache and key in self.context_cache:
             return self.context_cache[key]
         tokens, rope, temb_clean = self.history_tokens(x, use_cache)
-        kv = wh.context_kv(block, tokens, temb_clean, rope)
+        kv = wh.context_kv(block, tokens.to(x.dtype), temb_clean, rope)
         if use_cache:
             self.context_cache[key] = kv
         return kv
 
     def history_tokens(self, x: torch.Tensor, use_cache: bool):
-        where = (str(x.device), x.dtype)
+        """History tokens, RoPE tables and t=0 modulation: kept per device and dtype while cached, else made once
+        per forward (per device: under autocast the blocks may see another dtype than the input latent)."""
+        where = (str(x.device), x.dtype) if use_cache else str(x.device)
         cache = self.history_cache if use_cache else self.forward.history
         if where not in cache:
             cache[where] = history_tokens(self.transformer, self.query, x.device, x.dtype)

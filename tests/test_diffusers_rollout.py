@@ -1,0 +1,165 @@
+"""The diffusers API on a tiny WanPipeline (no download, no text encoder or VAE: prompt embeddings given, latents
+out): chunk-by-chunk rollout with each context policy, the memory kept and restored around it, the context
+cache, and gradients (training) through the patched transformer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+from memlearner_core.camera import CameraEmbedding
+from memlearner_core.checkpoint_io import load_memory_encoder
+from memlearner_core.context_tokens import ContextSpec
+from memlearner_diffusers import (
+    QueryMemory,
+    ReferenceMemory,
+    apply_memory,
+    installed,
+    query_noise,
+    remove_memory,
+)
+from memlearner_diffusers.rollout import normalize_latents, rollout, to_vae_latents
+
+import host
+import tiny_models
+
+TINY = dict(num_attention_heads=2, attention_head_dim=128, ffn_dim=512, num_layers=4, text_dim=4096)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    tr = WanTransformer3DModel(**TINY)
+    tiny_models.randomize(tr, 3)
+    p = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tr.eval(),
+                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def text():
+    g = torch.Generator().manual_seed(0)
+    return dict(prompt_embeds=torch.randn(1, 8, 4096, generator=g),
+                negative_prompt_embeds=torch.randn(1, 8, 4096, generator=g), num_inference_steps=2, guidance_scale=2.0)
+
+
+def run(pipe, text, **kw):
+    args = dict(chunks=3, chunk_frames=5, height=64, width=64, policy="recent", context_frames=2, query_layers=2)
+    return rollout(pipe, **{**args, **kw}, **text)
+
+
+def test_rollout_picks_context_by_policy_and_reports_it(pipe, text):
+    res = run(pipe, text)
+    assert res.latents.shape == (1, 16, 6, 8, 8) and torch.isfinite(res.latents).all()
+    assert [r.context for r in res.records] == [[], [[0, 1], [1, 1]], [[2, 1], [3, 1]]]
+    assert [r.first_frame for r in res.records] == [0, 2, 4] and res.records[1].context_tokens == 32
+    packed = run(pipe, text, policy="framepack", context_frames=3)
+    assert [r.context for r in packed.records][2] == [[0, 2], [1, 2], [2, 2], [3, 1]]
+    assert installed(pipe.transformer) is None  # the transformer leaves as it came
+
+
+def test_each_chunk_is_the_pipeline_with_query_memory_over_the_picked_history(pipe, text):
+    """Chunk 1 by hand: its history (the two frames of chunk 0) as query memory, seed + 1 for noise and queries."""
+    res = run(pipe, text, seed=7)
+    history = res.latents[0, :, :2]
+    apply_memory(pipe.transformer, query=QueryMemory(2, ContextSpec.from_history(history), seed=8))
+    try:
+        chunk1 = pipe(num_frames=5, height=64, width=64, output_type="latent", return_dict=False,
+                      generator=torch.Generator().manual_seed(8), **text)[0]
+    finally:
+        remove_memory(pipe.transformer)
+    assert torch.equal(chunk1[0], res.latents[0, :, 2:4])
+    assert torch.equal(run(pipe, text, seed=7).latents, res.latents)  # reproducible from the seed
+    without = run(pipe, text, seed=7, query_layers=0)
+    assert (without.latents[0, :, 2:4] - res.latents[0, :, 2:4]).abs().max() > 1e-3  # the history is read
+
+
+def test_fov_rollout_with_camera_and_kept_reference_memory(pipe, text, models_dir):
+    from memlearner_core.trajectory import parse_trajectory
+
+    poses = parse_trajectory('{"preset": "pan_and_return", "degrees": 120}', 8)
+    camera = CameraEmbedding(256)
+    tiny_models.randomize(camera, 4)
+    encoder = load_memory_encoder(tiny_models.model_paths(models_dir)["encoder"])
+    refs = torch.randn(1, 16, 13, 16, 16, generator=torch.Generator().manual_seed(2))
+    memory = ReferenceMemory.from_latents(refs, encoder)
+    apply_memory(pipe.transformer, memory=memory)
+    try:
+        first = torch.randn(16, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+        res = run(pipe, text, policy="fov", context_frames=2, camera=camera, poses=poses, first_chunk=first)
+        assert installed(pipe.transformer).memory is memory and installed(pipe.transformer).query is None
+    finally:
+        remove_memory(pipe.transformer)
+    assert res.latents.shape == (1, 16, 8, 8, 8) and torch.equal(res.latents[0, :, :2], first)
+    assert all(len(r.context) == 2 for r in res.records)
+    with pytest.raises(ValueError, match="fov policy picks frames by camera view"):
+        run(pipe, text, policy="fov")
+    with pytest.raises(ValueError, match="needs a budget"):
+        run(pipe, text, policy="recent", context_frames=0)
+
+
+def test_latents_convert_to_and_from_the_vae_space():
+    class Vae:
+        class config:
+            latents_mean = [0.5] * 16
+            latents_std = [2.0] * 16
+
+    z = torch.randn(1, 16, 2, 4, 4)
+    assert torch.allclose(normalize_latents(Vae, z), (z - 0.5) / 2)
+    assert torch.allclose(to_vae_latents(Vae, normalize_latents(Vae, z)), z)
+
+
+def test_query_noise_is_the_comfyui_adapters_noise(comfy):
+    mp = host.pack("nodes.memory_patch")
+    shape = (1, 16, 2, 8, 8)
+    for t in (999.0, 412.5):
+        assert torch.equal(query_noise(9, shape, "cpu", torch.float32, t),
+                           mp.RunState(9).query_noise(shape, 1, "cpu", torch.float32, t))
+
+
+def test_history_is_cached_once_per_query_layer_and_reused(pipe):
+    tr = pipe.transformer
+    g = torch.Generator().manual_seed(1)
+    history = torch.randn(16, 3, 8, 8, generator=g)
+    x, txt = torch.randn(1, 16, 2, 8, 8, generator=g), torch.randn(1, 8, 4096, generator=g)
+    outs = {}
+    for cache in (True, False):
+        adapter = apply_memory(tr, query=QueryMemory(3, ContextSpec.from_history(history), cache_context=cache))
+        try:
+            with torch.no_grad():
+                outs[cache] = [tr(x, torch.full((1,), s), txt, return_dict=False)[0] for s in (900.0, 300.0)]
+            assert len(adapter.context_cache) == (3 if cache else 0)
+        finally:
+            remove_memory(tr)
+    for a, b in zip(outs[True], outs[False], strict=True):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+
+
+def test_gradients_flow_through_both_memories_with_checkpointing(pipe, models_dir):
+    tr = pipe.transformer
+    g = torch.Generator().manual_seed(5)
+    x, txt = torch.randn(1, 16, 2, 8, 8, generator=g), torch.randn(1, 8, 4096, generator=g)
+    encoder = load_memory_encoder(tiny_models.model_paths(models_dir)["encoder"])
+    memory = ReferenceMemory.from_latents(torch.randn(1, 16, 13, 16, 16, generator=g), encoder)
+    query = QueryMemory(2, ContextSpec.from_history(torch.randn(16, 2, 8, 8, generator=g)))
+    apply_memory(tr, memory=memory, query=query)
+    try:
+        with torch.no_grad():
+            ref = tr(x, torch.full((1,), 500.0), txt, return_dict=False)[0]
+        grads = {}
+        for ckpt in (False, True):
+            tr.train()
+            if ckpt:
+                tr.enable_gradient_checkpointing()
+            tr.zero_grad()
+            out = tr(x, torch.full((1,), 500.0), txt, return_dict=False)[0]
+            out.square().mean().backward()
+            grads[ckpt] = tr.blocks[0].attn1.to_k.weight.grad.clone()
+            assert (out.detach() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    finally:
+        tr.disable_gradient_checkpointing()
+        tr.eval().zero_grad()
+        remove_memory(tr)
+    assert grads[False].abs().max() > 0
+    assert torch.allclose(grads[True], grads[False], rtol=1e-4, atol=1e-7)
