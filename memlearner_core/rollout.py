@@ -1,5 +1,7 @@
 """Rollout scheduling: a long video as chunks, each conditioned on a context chosen from everything before it.
 
+A ``RolloutPlan`` says what to generate (chunk size, how many chunks, the camera) and how each chunk's context is
+picked; it is checked when made, and ``check_settings`` runs the same checks on the settings known before a run.
 The memory bank holds the clean latent frames ``[C, N, H, W]`` of all chunks so far (and their camera poses).
 Before each chunk a policy (``context_policy``) picks frames and their pooling; the bank turns the picks into the
 chunk's ``ContextSpec``, frames at their true offset before the chunk (negative frame indices).
@@ -11,8 +13,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .context_policy import FramePick, frame_cost
+from .context_policy import POLICIES, FramePick, frame_cost
 from .context_tokens import ContextSegment, ContextSpec
+
+MAX_QUERY_LAYERS, MAX_QUERY_POOL = 64, 8
+
+
+class RolloutError(ValueError):
+    """Rollout settings that cannot run; the message says which setting to change."""
 
 
 def latent_frames(pixel_frames: int) -> int:
@@ -20,6 +28,77 @@ def latent_frames(pixel_frames: int) -> int:
     if pixel_frames < 1 or (pixel_frames - 1) % 4:
         raise ValueError(f"chunk length must be 4k+1 video frames (5, 9, ..., 81), got {pixel_frames}")
     return (pixel_frames - 1) // 4 + 1
+
+
+def _whole(value, what: str, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"{low} or more"
+        raise RolloutError(f"{what} must be a whole number {bounds}, got {value!r}")
+
+
+def check_settings(*, chunks: int | None = None, policy: str | None = None, context_frames: int | None = None,
+                   query_layers: int | None = None, query_pool: int | None = None,
+                   has_camera: bool | None = None) -> None:
+    """Raise ``RolloutError`` for settings no rollout can run with. ``None`` is a setting not known yet (an input
+    linked from another node, checked when the run starts) and is skipped, alone and in the checks it takes part in.
+    """
+    for value, what, low, high in ((chunks, "chunks", 1, None), (context_frames, "context_frames", 0, None),
+                                   (query_layers, "query_layers", 0, MAX_QUERY_LAYERS),
+                                   (query_pool, "query_pool", 1, MAX_QUERY_POOL)):
+        if value is not None:
+            _whole(value, what, low, high)
+    if policy is not None and policy not in POLICIES:
+        raise RolloutError(f"unknown policy {policy!r}; the policies are: {', '.join(POLICIES)}")
+    if query_layers == 0 or policy is None:
+        return
+    if policy == "fov" and has_camera is False:
+        raise RolloutError("the fov policy picks frames by camera view: choose a camera trajectory "
+                           "(connect a Camera Path), or another policy")
+    if policy != "all" and context_frames == 0:
+        raise RolloutError(f"the {policy} policy needs a budget: set context_frames above 0 "
+                           "(0 = unlimited is for 'all')")
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """A whole rollout: ``chunks`` chunks of ``chunk_shape`` (latent frames, height, width) after
+    ``first_frames`` given frames, each chunk's context picked by ``policy`` within ``context_frames``
+    full-resolution latent frames of tokens (0 = no cap) and read through ``query_layers`` query layers
+    (0 = chunks do not see each other). ``poses``: one camera pose per latent frame of the whole video, or None.
+    """
+
+    chunk_shape: tuple[int, int, int]
+    chunks: int
+    policy: str = "all"
+    context_frames: int = 0
+    query_layers: int = 5
+    query_pool: int = 1
+    first_frames: int = 0
+    poses: torch.Tensor | None = None
+
+    def __post_init__(self):
+        check_settings(chunks=self.chunks, policy=self.policy, context_frames=self.context_frames,
+                       query_layers=self.query_layers, query_pool=self.query_pool, has_camera=self.poses is not None)
+        _whole(self.first_frames, "first_frames", 0)
+        if self.poses is not None and self.poses.shape[0] < self.total_frames:
+            raise RolloutError(f"the camera path has {self.poses.shape[0]} poses but the video needs "
+                               f"{self.total_frames} latent frames")
+
+    @property
+    def total_frames(self) -> int:
+        """Latent frames of the whole video: the first frames, then every chunk."""
+        return self.first_frames + self.chunks * self.chunk_shape[0]
+
+    @property
+    def budget(self) -> int | None:
+        """The context budget in tokens; None = no cap."""
+        _, h, w = self.chunk_shape
+        return None if self.context_frames == 0 else self.context_frames * frame_cost(h, w)
+
+    def chunk_index(self, first_frame: int) -> int:
+        """The chunk that starts at latent frame ``first_frame``, counted from frame 0 (given frames included), so
+        a rollout continued from its own first chunks numbers (and seeds) its chunks as the longer run did."""
+        return first_frame // self.chunk_shape[0]
 
 
 class MemoryBank:

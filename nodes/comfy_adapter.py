@@ -377,3 +377,49 @@ def cache_directory(name: str) -> str:
     if hasattr(folder_paths, "get_system_user_directory"):
         return os.path.join(folder_paths.get_system_user_directory("memlearner"), name)
     return os.path.join(folder_paths.get_user_directory(), "memlearner_cache", name)
+
+
+# --- sampling from ComfyUI's parts (NOISE, GUIDER, SAMPLER, SIGMAS), as SamplerCustomAdvanced does ----------------
+
+def ksampler_parts(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
+                   denoise: float) -> tuple:
+    """KSampler's settings as (noise, guider, sampler, sigmas): sampling with these parts is what KSampler does
+    (a CFG guider over the model, its sampler by name, its sigmas for ``steps`` and ``denoise``)."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                     scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas
+    return Noise_RandomNoise(seed), guider, comfy.samplers.sampler_object(sampler_name), sigmas.cpu()
+
+
+def guider_on(guider, model):
+    """A copy of ``guider`` (its conditioning, cfg and settings) that samples ``model`` instead of its own."""
+    import copy
+
+    g = copy.copy(guider)
+    g.model_patcher, g.model_options = model, model.model_options
+    return g
+
+
+def reseeded(noise, seed: int):
+    """A copy of a NOISE that draws with ``seed`` (a noise without a seed, such as custom noise, is kept)."""
+    import copy
+
+    if not hasattr(noise, "seed"):
+        return noise
+    n = copy.copy(noise)
+    n.seed = seed
+    return n
+
+
+def sample_with(guider, noise, sampler, sigmas: torch.Tensor, latent: torch.Tensor, callback) -> torch.Tensor:
+    """One sampling run from ComfyUI's parts, as SamplerCustomAdvanced runs it: noise drawn for ``latent``."""
+    import comfy.utils
+
+    samples = guider.sample(noise.generate_noise({"samples": latent}), latent, sampler, sigmas, callback=callback,
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=getattr(noise, "seed", None))
+    return samples.to(comfy.model_management.intermediate_device())

@@ -1,24 +1,35 @@
-"""Memory Rollout: a long video, chunk after chunk, each chunk's context chosen from all before it by a policy."""
+"""Memory Rollout: a long video, chunk after chunk, each chunk's context chosen from all before it by a policy.
+
+Built from ComfyUI's own sampling parts, as SamplerCustomAdvanced is: NOISE, GUIDER, SAMPLER and SIGMAS, so any
+guider, sampler and scheduler plugs in. What to generate and how context is picked is one ``RolloutPlan``.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from dataclasses import dataclass
+from typing import Any
 
-import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from memlearner_core.context_policy import POLICIES, frame_cost, select_context
-from memlearner_core.rollout import ChunkRecord, MemoryBank, context_tokens, latent_frames
-from memlearner_core.trajectory import parse_trajectory, preset_names
+from memlearner_core.context_policy import POLICIES, select_context
+from memlearner_core.rollout import (
+    MAX_QUERY_LAYERS,
+    ChunkRecord,
+    MemoryBank,
+    RolloutPlan,
+    check_settings,
+    context_tokens,
+)
 
 from . import comfy_adapter as wa
+from .camera_path_node import CAMERA_PATH, CameraPathSpec
 from .memory_patch import QueryMemory, apply_memory, context_in_model_space, installed_patch
 from .query_memory_node import load_camera, query_pool_input, query_weights_input
 
-NO_CAMERA, CUSTOM = "none", "custom JSON"
 SEED_RANGE = 2**64  # the seeds ComfyUI's noise takes: 0 .. 2^64 - 1
 log = logging.getLogger("memlearner")
 
@@ -28,80 +39,172 @@ def chunk_seed(seed: int, index: int) -> int:
     return (int(seed) + int(index)) % SEED_RANGE
 
 
-def trajectory_text(camera: str, trajectory: str) -> str | None:
-    """The JSON ``parse_trajectory`` reads: a preset (``trajectory`` may hold its parameters as a JSON object)
-    or the custom JSON itself."""
-    if camera == NO_CAMERA:
+@dataclass
+class Sampling:
+    """ComfyUI's sampling parts for every chunk: chunk k draws its noise with the noise's seed + k."""
+
+    noise: Any
+    guider: Any
+    sampler: Any
+    sigmas: torch.Tensor
+
+    @property
+    def model(self):
+        return self.guider.model_patcher
+
+    @property
+    def steps(self) -> int:
+        return max(int(self.sigmas.shape[-1]) - 1, 0)
+
+
+def chunk_shape(latent: dict) -> tuple[int, int, int]:
+    """(latent frames, height, width) of one chunk, from an empty Wan2.1 video latent ``[1, 16, T, H, W]``."""
+    s = latent["samples"]
+    if s.ndim != 5 or s.shape[0] != 1 or s.shape[1] != 16:
+        raise ValueError(f"chunk_latent must be one Wan2.1 video latent [1, 16, T, H, W] (EmptyHunyuanLatentVideo: "
+                         f"width, height, length = video frames per chunk), got {tuple(s.shape)}")
+    return tuple(s.shape[2:])
+
+
+def first_frames(first_chunk: dict | None, shape: tuple[int, int, int], size: str) -> torch.Tensor | None:
+    """The latent frames to continue from ``[1, 16, T, H, W]``, checked against the chunk size."""
+    if first_chunk is None:
         return None
-    if camera == CUSTOM:
-        if not trajectory.strip():
-            raise ValueError("camera is 'custom JSON' but the trajectory is empty")
-        return trajectory
-    params = {}
-    if trajectory.strip():
-        try:
-            params = json.loads(trajectory)
-        except (ValueError, RecursionError) as e:
-            raise ValueError(f"trajectory: the {camera} preset's parameters are not valid JSON "
-                             f"({e if isinstance(e, ValueError) else 'nested too deeply'})") from None
-        if not isinstance(params, dict):
-            raise ValueError(f'trajectory: the {camera} preset takes a JSON object of parameters, e.g. {{"degrees": 90}}')
-        if params.get("preset", camera) != camera:
-            raise ValueError(f"trajectory names the preset {params['preset']!r} but camera is {camera!r}: choose "
-                             f"that preset as camera (or 'custom JSON'), or remove \"preset\" from the trajectory")
-    return json.dumps({**params, "preset": camera})
+    first, (_, h, w) = first_chunk["samples"], shape
+    if first.ndim != 5 or first.shape[0] != 1 or first.shape[1] != 16 or tuple(first.shape[-2:]) != (h, w):
+        raise ValueError(f"first_chunk must be one Wan2.1 video latent [1, 16, T, {h}, {w}] for {size}, "
+                         f"got {tuple(first.shape)}")
+    return first
+
+
+def check_model(model, plan: RolloutPlan) -> None:
+    wa.wan21_model(model)
+    prev = installed_patch(model)
+    if plan.query_layers == 0 and prev is not None and prev.query is not None:
+        raise ValueError("query_layers is 0 but the model carries query memory from Apply Query Memory; connect "
+                         "the model from before that node, or set query_layers")
+    if plan.query_layers == 0:
+        log.warning("Memory Rollout: query_layers is 0, so chunks are generated without memory of each other")
+
+
+def rollout(plan: RolloutPlan, sampling: Sampling, first: torch.Tensor | None, camera_mlp) -> tuple[dict, str]:
+    """Every chunk of ``plan``; the LATENT of the whole video and the JSON report. After an interrupt or a failure
+    the finished chunks are saved to output/memlearner/ before the error goes on."""
+    check_model(sampling.model, plan)
+    bank = MemoryBank(plan.poses)
+    if first is not None:
+        bank.append(first[0])
+    progress = wa.Progress(sampling.model, plan.chunks * sampling.steps)
+    records = []
+    try:
+        for k in range(plan.chunks):
+            records.append(generate_chunk(plan, sampling, bank, k, camera_mlp, progress))
+    except BaseException as e:
+        if bank.n_frames > plan.first_frames:  # interrupted or failed: the finished chunks are kept
+            save_finished(bank, e, len(records))
+        raise
+    return {"samples": bank.frames.unsqueeze(0)}, json.dumps([r.as_dict() for r in records], indent=1)
+
+
+def save_finished(bank: MemoryBank, error: BaseException, n_chunks: int) -> None:
+    what = "interrupted" if wa.is_interrupt(error) else f"failed ({type(error).__name__}: {error})"
+    try:
+        path = wa.save_latent(bank.frames.unsqueeze(0), "memlearner/rollout_interrupted")
+    except Exception as save_error:  # the first error is the one to report
+        log.error("Memory Rollout %s; saving the finished frames failed too (%s)", what, save_error)
+        raise error from None
+    log.warning("Memory Rollout %s after %d chunk(s); the finished frames are saved as %s "
+                "(copy it to input/ and continue with Load Latent -> first_chunk)", what, n_chunks, path)
+
+
+def generate_chunk(plan: RolloutPlan, sampling: Sampling, bank: MemoryBank, k: int, camera_mlp,
+                   progress) -> ChunkRecord:
+    t, h, w = plan.chunk_shape
+    start = bank.n_frames
+    chunk_poses = bank.poses(start, start + t)
+    picks, guider = [], sampling.guider
+    if plan.query_layers:
+        picks = select_context(plan.policy, start, plan.budget, (h, w), bank.poses(0, start), chunk_poses)
+        query = QueryMemory(query_layers=plan.query_layers, context=context_in_model_space(bank.context(picks, start)),
+                            camera=camera_mlp, chunk_poses=chunk_poses, cache_context=True, query_pool=plan.query_pool)
+        guider = wa.guider_on(guider, apply_memory(sampling.model, query=query))
+    record = ChunkRecord(k, start, [[p.index, p.pool] for p in picks], context_tokens(picks, (h, w)))
+    device = sampling.model.load_device
+    wa.reset_peak_memory(device)
+    began = time.perf_counter()
+    noise = wa.reseeded(sampling.noise, chunk_seed(getattr(sampling.noise, "seed", 0), plan.chunk_index(start)))
+    samples = wa.sample_with(guider, noise, sampling.sampler, sampling.sigmas, torch.zeros(1, 16, t, h, w),
+                             progress.callback(k * sampling.steps))
+    if not torch.isfinite(samples).all():
+        raise ValueError(f"Memory Rollout: chunk {k} came out with NaN or infinite values (check the "
+                         "conditioning, cfg and the model's weights); the finished chunks before it are saved")
+    record.seconds = round(time.perf_counter() - began, 3)
+    record.memory_kind, mb = wa.peak_memory_mb(device)
+    record.peak_memory_mb = round(mb, 1)
+    bank.append(samples[0])
+    log.info("Memory Rollout chunk %d: frames %d-%d, context %d frames (%d tokens), %.2fs, peak %s %.0f MB",
+             k, start, start + t - 1, len(picks), record.context_tokens, record.seconds, record.memory_kind, mb)
+    return record
+
+
+def memory_inputs() -> list:
+    """The inputs that say how each chunk remembers the ones before it (shared with the legacy node)."""
+    return [
+        io.Combo.Input("policy", options=list(POLICIES), default="all",
+                       tooltip="all: all history (newest first) within the budget; recent: a sliding window; "
+                               "fov: the past frames whose view overlaps the next chunk's camera most; "
+                               "framepack: recent frames sharp, older ones pooled coarser."),
+        io.Int.Input("context_frames", default=21, min=0, max=10000,
+                     tooltip="Context budget, in full-resolution latent frames (its token count is the same "
+                             "for every policy). 0 = unlimited, for 'all' only."),
+        io.Int.Input("query_layers", default=5, min=0, max=MAX_QUERY_LAYERS,
+                     tooltip="Query layers (5 of 28 in the paper). 0 = no query memory: chunks do not see "
+                             "each other."),
+    ]
+
+
+def settings_error(chunks=None, policy=None, context_frames=None, query_layers=None, query_weights=None,
+                   query_pool=None, has_camera=None) -> str | None:
+    """What is wrong with the settings known before a run (None for a linked input), or None."""
+    try:
+        check_settings(chunks=chunks, policy=policy, context_frames=context_frames, query_layers=query_layers,
+                       query_pool=query_pool, has_camera=has_camera)
+        if query_layers and query_weights is not None:
+            load_camera(query_weights, query_layers, 1 if query_pool is None else query_pool)
+    except (ValueError, OSError) as e:
+        return str(e)
+    return None
 
 
 class MemoryRollout(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="MemLearnerMemoryRollout",
+            node_id="MemLearnerRollout",
             display_name="Memory Rollout",
             category="memlearner",
-            description="Generates a long video chunk after chunk. Every chunk's latents go into a memory bank; "
-                        "before the next chunk a policy picks its context from the bank (all history, the most "
+            description="Generates a long video chunk after chunk with ComfyUI's own sampling parts (as Sampler "
+                        "Custom Advanced: any guider, sampler and scheduler). Every chunk's latents go into a memory "
+                        "bank; before the next chunk a policy picks its context from the bank (all history, the most "
                         "recent frames, the frames whose view overlaps the next camera poses, or FramePack-style "
-                        "compression), read through query memory. A MEMORY already applied to the model (DiT-Mem) "
-                        "is kept for every chunk. Sampling is ComfyUI's own.",
+                        "compression), read through query memory. A MEMORY already applied to the guider's model "
+                        "(DiT-Mem) is kept for every chunk.",
             inputs=[
-                io.Model.Input("model", tooltip="Wan2.1 (plain, or from Apply Reference Memory / Apply Query Memory)."),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Int.Input("seed", default=0, min=0, max=SEED_RANGE - 1, control_after_generate=True,
-                             tooltip="Chunk k samples with seed + k, wrapped to 0 past the largest seed "
-                                     "(modulo 2^64), so every seed works for every chunk."),
-                io.Int.Input("steps", default=30, min=1, max=10000),
-                io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="uni_pc"),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple"),
-                io.Int.Input("width", default=832, min=16, max=4096, step=16),
-                io.Int.Input("height", default=480, min=16, max=4096, step=16),
-                io.Int.Input("chunk_frames", default=33, min=5, max=1025, step=4,
-                             tooltip="Video frames per chunk (4k+1; 33 frames = 9 latent frames)."),
+                io.Noise.Input("noise", tooltip="Chunk k draws with the noise's seed + k (modulo 2^64)."),
+                io.Guider.Input("guider", tooltip="Its model is Wan2.1 (plain, or from Apply Reference Memory)."),
+                io.Sampler.Input("sampler"),
+                io.Sigmas.Input("sigmas", tooltip="The same steps for every chunk."),
+                io.Latent.Input("chunk_latent", tooltip="An empty latent of ONE chunk (EmptyHunyuanLatentVideo: "
+                                                        "width, height, length = video frames per chunk, 4k+1)."),
                 io.Int.Input("chunks", default=4, min=1, max=1000, tooltip="Chunks to generate."),
-                io.Combo.Input("policy", options=list(POLICIES), default="all",
-                               tooltip="all: all history (newest first) within the budget; recent: a sliding window; "
-                                       "fov: the past frames whose view overlaps the next chunk's camera most; "
-                                       "framepack: recent frames sharp, older ones pooled coarser."),
-                io.Int.Input("context_frames", default=21, min=0, max=10000,
-                             tooltip="Context budget, in full-resolution latent frames (its token count is the same "
-                                     "for every policy). 0 = unlimited, for 'all' only."),
-                io.Int.Input("query_layers", default=5, min=0, max=64,
-                             tooltip="Query layers (5 of 28 in the paper). 0 = no query memory: chunks do not see "
-                                     "each other."),
+                *memory_inputs(),
                 query_weights_input(optional=True),
-                io.Combo.Input("camera", options=[NO_CAMERA, *preset_names(), CUSTOM], default=NO_CAMERA, optional=True,
-                               tooltip="Camera trajectory, one pose per latent frame: a preset or custom JSON."),
-                io.String.Input("trajectory", default="", multiline=True, optional=True,
-                                tooltip="custom JSON: [[3x4 [R|t]], ...] or [{\"position\": [x,y,z], \"yaw\": deg, "
-                                        "\"pitch\": deg}, ...]; for a preset, an optional JSON object of its "
-                                        "parameters (e.g. {\"degrees\": 90})."),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True),
+                query_pool_input(),
+                CAMERA_PATH.Input("camera_path", optional=True, tooltip="From Camera Path: one pose per latent frame "
+                                                                        "(the fov policy needs one)."),
                 io.Latent.Input("first_chunk", optional=True,
                                 tooltip="Latent frames to continue from: they enter the memory bank first and "
                                         "start the output."),
-                query_pool_input(),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="The whole video: first_chunk, then every chunk."),
                      io.String.Output(display_name="report",
@@ -110,84 +213,21 @@ class MemoryRollout(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, width, height,
-                chunk_frames, chunks, policy, context_frames, query_layers, query_weights="none", camera=NO_CAMERA,
-                trajectory="", denoise=1.0, first_chunk=None, query_pool=1) -> io.NodeOutput:
-        wa.wan21_model(model)
-        t, h, w = latent_frames(chunk_frames), height // 8, width // 8
-        first = None
-        if first_chunk is not None:
-            first = first_chunk["samples"]
-            if first.ndim != 5 or first.shape[0] != 1 or first.shape[1] != 16 or tuple(first.shape[-2:]) != (h, w):
-                raise ValueError(f"first_chunk must be one Wan2.1 video latent [1, 16, T, {h}, {w}] for "
-                                 f"{width}x{height}, got {tuple(first.shape)}")
+    def validate_inputs(cls, chunks=None, policy=None, context_frames=None, query_layers=None, query_weights=None,
+                        query_pool=None, input_types=None):
+        has_camera = None if input_types is None else "camera_path" in input_types  # linked inputs' types
+        return settings_error(chunks, policy, context_frames, query_layers, query_weights, query_pool,
+                              has_camera) or True
+
+    @classmethod
+    def execute(cls, noise, guider, sampler, sigmas, chunk_latent, chunks, policy, context_frames, query_layers,
+                query_weights="none", query_pool=1, camera_path: CameraPathSpec | None = None,
+                first_chunk=None) -> io.NodeOutput:
+        shape = chunk_shape(chunk_latent)
+        first = first_frames(first_chunk, shape, "this chunk_latent")
         n_first = 0 if first is None else first.shape[2]
-        text = trajectory_text(camera or NO_CAMERA, trajectory or "")
-        poses = None if text is None else parse_trajectory(text, n_first + chunks * t)
-        budget = None if context_frames == 0 else context_frames * frame_cost(h, w)
-        camera_mlp = load_camera(query_weights, query_layers, int(query_pool)) if query_layers else None
-        prev = installed_patch(model)
-        if query_layers == 0 and prev is not None and prev.query is not None:
-            raise ValueError("query_layers is 0 but the model carries query memory from Apply Query Memory; connect "
-                             "the model from before that node, or set query_layers")
-        if query_layers and policy == "fov" and poses is None:
-            raise ValueError("the fov policy picks frames by camera view: choose a camera trajectory")
-        if query_layers and budget is None and policy != "all":
-            raise ValueError(f"the {policy} policy needs a budget: set context_frames above 0 (0 = unlimited is for 'all')")
-        if query_layers == 0:
-            log.warning("Memory Rollout: query_layers is 0, so chunks are generated without memory of each other")
-
-        bank = MemoryBank(poses)
-        if first is not None:
-            bank.append(first[0])
-        progress = wa.Progress(model, chunks * steps)
-        records = []
-        try:
-            for k in range(chunks):
-                records.append(cls.generate_chunk(
-                    bank, k, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, denoise,
-                    (t, h, w), policy, budget, query_layers, int(query_pool), camera_mlp, progress))
-        except BaseException as e:
-            if bank.n_frames > n_first:  # interrupted or failed: the finished chunks are kept
-                what = "interrupted" if wa.is_interrupt(e) else f"failed ({type(e).__name__}: {e})"
-                try:
-                    path = wa.save_latent(bank.frames.unsqueeze(0), "memlearner/rollout_interrupted")
-                except Exception as save_error:  # the first error is the one to report
-                    log.error("Memory Rollout %s; saving the finished frames failed too (%s)", what, save_error)
-                    raise e from None
-                log.warning("Memory Rollout %s after %d chunk(s); the finished frames are saved as %s "
-                            "(copy it to input/ and continue with Load Latent -> first_chunk)", what, len(records),
-                            path)
-            raise
-        report = json.dumps([r.as_dict() for r in records], indent=1)
-        return io.NodeOutput({"samples": bank.frames.unsqueeze(0)}, report)
-
-    @staticmethod
-    def generate_chunk(bank: MemoryBank, k, model, positive, negative, seed, steps, cfg, sampler_name, scheduler,
-                       denoise, shape, policy, budget, query_layers, query_pool, camera_mlp, progress) -> ChunkRecord:
-        t, h, w = shape
-        start = bank.n_frames
-        chunk_poses = bank.poses(start, start + t)
-        picks = []
-        patched = model
-        if query_layers:
-            picks = select_context(policy, start, budget, (h, w), bank.poses(0, start), chunk_poses)
-            context = context_in_model_space(bank.context(picks, start))
-            query = QueryMemory(query_layers, context, camera_mlp, chunk_poses, True, query_pool)
-            patched = apply_memory(model, query=query)
-        record = ChunkRecord(k, start, [[p.index, p.pool] for p in picks], context_tokens(picks, (h, w)))
-        wa.reset_peak_memory(model.load_device)
-        began = time.perf_counter()
-        latent = torch.zeros(1, 16, t, h, w)
-        samples = wa.sample(patched, chunk_seed(seed, start // t), steps, cfg, sampler_name, scheduler, positive,
-                            negative, latent, denoise, progress.callback(k * steps))
-        if not torch.isfinite(samples).all():
-            raise ValueError(f"Memory Rollout: chunk {k} came out with NaN or infinite values (check the "
-                             "conditioning, cfg and the model's weights); the finished chunks before it are saved")
-        record.seconds = round(time.perf_counter() - began, 3)
-        record.memory_kind, mb = wa.peak_memory_mb(model.load_device)
-        record.peak_memory_mb = round(mb, 1)
-        bank.append(samples[0])
-        log.info("Memory Rollout chunk %d: frames %d-%d, context %d frames (%d tokens), %.2fs, peak %s %.0f MB",
-                 k, start, start + t - 1, len(picks), record.context_tokens, record.seconds, record.memory_kind, mb)
-        return record
+        poses = None if camera_path is None else camera_path.poses(n_first + chunks * shape[0])
+        plan = RolloutPlan(chunk_shape=shape, chunks=chunks, policy=policy, context_frames=context_frames,
+                           query_layers=query_layers, query_pool=int(query_pool), first_frames=n_first, poses=poses)
+        camera_mlp = load_camera(query_weights, query_layers, plan.query_pool) if query_layers else None
+        return io.NodeOutput(*rollout(plan, Sampling(noise, guider, sampler, sigmas), first, camera_mlp))

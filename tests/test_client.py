@@ -60,10 +60,10 @@ def query_run(server, tmp_path_factory):
 # --- named inputs (no server) -----------------------------------------------------------------------------------
 
 def test_set_values_are_json_when_they_parse_and_text_inputs_stay_text():
-    graph, uploads = apply_sets(build.memory_rollout(), ["Memory Rollout.cfg=4.5", "prompt=42", "Memory Rollout.camera=1",
+    graph, uploads = apply_sets(build.memory_rollout(), ["Guider.cfg=4.5", "prompt=42", "Camera path.camera=1",
                                                          'trajectory={"distance": 2.0}'])
-    node = graph["rollout"]["inputs"]
-    assert node["cfg"] == 4.5 and graph["pos"]["inputs"]["text"] == "42" and node["camera"] == "1"
+    node = graph["camera"]["inputs"]
+    assert graph["guider"]["inputs"]["cfg"] == 4.5 and graph["pos"]["inputs"]["text"] == "42" and node["camera"] == "1"
     assert node["trajectory"] == '{"distance": 2.0}' and uploads == []
 
 
@@ -156,10 +156,20 @@ def test_node_validation_error_exits_1_naming_the_node(server, tmp_path, capsys)
 
 @pytest.mark.server
 def test_execution_error_exits_1_with_the_node_and_message(server, tmp_path, capsys):
+    one_pose = "[[1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0]]"  # valid JSON, too short for the video: found when it runs
+    rc = main(run_client(server, tmp_path, build.memory_rollout(tiny=True), "--set", "Camera path.camera=custom JSON",
+                         "--set", f"trajectory={one_pose}"))
+    err = capsys.readouterr().err
+    assert rc == 1 and 'ComfyUI failed in node rollout (MemLearnerRollout, "Memory Rollout")' in err
+    assert "1 poses but the video needs 6" in err
+
+
+@pytest.mark.server
+def test_a_widget_mistake_is_refused_when_queued(server, tmp_path, capsys):
     rc = main(run_client(server, tmp_path, build.memory_rollout(tiny=True), "--set", "trajectory={not json"))
     err = capsys.readouterr().err
-    assert rc == 1 and 'ComfyUI failed in node rollout (MemLearnerMemoryRollout, "Memory Rollout")' in err
-    assert "not valid JSON" in err
+    assert rc == 1 and "ComfyUI refused the workflow" in err
+    assert 'node camera (MemLearnerCameraPath, "Camera path")' in err and "not valid JSON" in err
 
 
 @pytest.mark.server
@@ -169,7 +179,8 @@ def test_sigterm_cancels_the_running_prompt_like_ctrl_c(server, tmp_path):
     import time
 
     graph = build.memory_rollout(tiny=True)
-    graph["rollout"]["inputs"].update(chunks=200, steps=20)  # minutes of work: still running when terminated
+    graph["rollout"]["inputs"]["chunks"] = 200  # minutes of work: still running when terminated
+    graph["sigmas"]["inputs"]["steps"] = 20
     deadline = time.time() + 120
     while time.time() < deadline and (server.get("/queue")["queue_running"] or server.get("/queue")["queue_pending"]):
         time.sleep(0.2)  # the running prompt seen below must be this client's

@@ -254,7 +254,7 @@ def test_a_context_that_is_not_one_finite_wan21_latent_is_refused(comfy, wan_mod
 
 
 def test_a_trajectory_naming_another_preset_than_the_camera_is_refused(comfy):
-    trajectory_text = host.pack("nodes.rollout_node").trajectory_text
+    trajectory_text = host.pack("nodes.camera_path_node").trajectory_text
     with pytest.raises(ValueError, match="names the preset 'pan_and_return' but camera is 'orbit'"):
         trajectory_text("orbit", '{"preset": "pan_and_return"}')
     same = json.loads(trajectory_text("orbit", '{"preset": "orbit", "degrees": 90}'))
@@ -340,7 +340,7 @@ def test_a_non_utf8_caption_file_is_named(tmp_path):
 def test_deeply_nested_trajectory_json_is_a_clear_error(comfy):
     with pytest.raises(TrajectoryError, match="nested too deeply"):
         parse_trajectory("[" * 100000 + "]" * 100000, 3)
-    trajectory_text = host.pack("nodes.rollout_node").trajectory_text
+    trajectory_text = host.pack("nodes.camera_path_node").trajectory_text
     with pytest.raises(ValueError, match="nested too deeply"):
         trajectory_text("orbit", '{"a": ' * 100000)
 

@@ -137,16 +137,41 @@ def query_memory(tiny: bool = False, seed: int = 42) -> dict:
     return two_chunks(tiny, seed, reference=False)
 
 
+def sampling_parts(g: dict, model: str, steps: int, cfg: float | None, sampler_name: str, seed: int,
+                   positive: list | None = None, negative: list | None = None) -> None:
+    """ComfyUI's own sampling parts, as Sampler Custom Advanced takes them: noise, guider (CFG, or basic for
+    ``cfg=None``), sampler and sigmas."""
+    positive = positive or ["pos", 0]
+    g["noise"] = node("RandomNoise", "Noise", noise_seed=seed)
+    if cfg is None:
+        g["guider"] = node("BasicGuider", "Guider", model=[model, 0], conditioning=positive)
+    else:
+        g["guider"] = node("CFGGuider", "Guider", model=[model, 0], positive=positive, negative=negative or ["neg", 0],
+                           cfg=cfg)
+    g["sampler"] = node("KSamplerSelect", "Sampler", sampler_name=sampler_name)
+    g["sigmas"] = node("BasicScheduler", "Scheduler", model=[model, 0], scheduler="simple", steps=steps, denoise=1.0)
+
+
+def rollout_node(title: str, chunks, policy: str, context_frames: int, query_layers: int, query_weights: str,
+                 **optional) -> dict:
+    """Memory Rollout over the shared sampling parts, one chunk the size of ``chunk``."""
+    return node("MemLearnerRollout", title, noise=["noise", 0], guider=["guider", 0], sampler=["sampler", 0],
+                sigmas=["sigmas", 0], chunk_latent=["chunk", 0], chunks=chunks, policy=policy,
+                context_frames=context_frames, query_layers=query_layers, query_weights=query_weights, query_pool=1,
+                **optional)
+
+
 def memory_rollout(tiny: bool = False, seed: int = 42) -> dict:
     """A long video along a walk-and-revisit camera path; each chunk's context picked by camera overlap."""
     f = TINY if tiny else REAL
     g = base(f, tiny)
-    g["rollout"] = node("MemLearnerMemoryRollout", "Memory Rollout", model=["unet", 0], positive=["pos", 0],
-                        negative=["neg", 0], seed=seed, steps=f["steps"], cfg=f["cfg"], sampler_name="uni_pc",
-                        scheduler="simple", width=f["width"], height=f["height"], chunk_frames=f["chunk_frames"],
-                        chunks=f["chunks"], policy="fov", context_frames=f["context_frames"],
-                        query_layers=f["query_layers"], query_weights="none", camera="walk_and_revisit",
-                        trajectory='{"distance": 4.0}', denoise=1.0, query_pool=1)
+    sampling_parts(g, "unet", f["steps"], f["cfg"], "uni_pc", seed)
+    g["chunk"] = node("EmptyHunyuanLatentVideo", "Chunk size", width=f["width"], height=f["height"],
+                      length=f["chunk_frames"], batch_size=1)
+    g["camera"] = node("MemLearnerCameraPath", "Camera path", camera="walk_and_revisit",
+                       trajectory='{"distance": 4.0}')
+    g["rollout"] = rollout_node("Memory Rollout", f["chunks"], "fov", f["context_frames"], f["query_layers"], "none",
+                                camera_path=["camera", 0])
     save_video(g, "rollout", "rollout")
     return g
 
@@ -163,13 +188,13 @@ def revisit_world(tiny: bool = False, seed: int = 10_000_000) -> dict:
     f = TOY
     g = {"unet": node("UNETLoader", unet_name=f["unet"], weight_dtype="default"),
          "world": node("MemLearnerRevisitWorld", "Revisit World", seed=seed, path="pan_and_return")}
+    sampling_parts(g, "unet", f["steps"], None, "euler", 0, positive=["world", 4])
+    g["chunk"] = node("EmptyHunyuanLatentVideo", "Chunk size", width=64, height=64, length=5, batch_size=1)
+    g["camera"] = node("MemLearnerCameraPath", "Camera path", camera="custom JSON", trajectory=["world", 2])
     for policy, budget in (("all", 0), ("recent", f["budget"])):
-        g[f"rollout_{policy}"] = node(
-            "MemLearnerMemoryRollout", f"Memory Rollout ({policy})", model=["unet", 0], positive=["world", 4],
-            negative=["world", 4], seed=0, steps=f["steps"], cfg=1.0, sampler_name="euler", scheduler="simple",
-            width=64, height=64, chunk_frames=5, chunks=["world", 3], policy=policy, context_frames=budget,
-            query_layers=f["query_layers"], query_weights=f["query_weights"], camera="custom JSON",
-            trajectory=["world", 2], denoise=1.0, first_chunk=["world", 1], query_pool=1)
+        g[f"rollout_{policy}"] = rollout_node(f"Memory Rollout ({policy})", ["world", 3], policy, budget,
+                                              f["query_layers"], f["query_weights"], camera_path=["camera", 0],
+                                              first_chunk=["world", 1])
         g[f"score_{policy}"] = node("MemLearnerRevisitScore", f"Revisit Score ({policy})", world=["world", 0],
                                     latent=[f"rollout_{policy}", 0])
         g[f"video_{policy}"] = node("CreateVideo", images=[f"score_{policy}", 1], fps=4.0)

@@ -1,0 +1,98 @@
+"""Camera Path: the camera of a long video, one pose per latent frame, from a preset or custom JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from comfy_api.latest import io
+
+from memlearner_core.trajectory import parse_trajectory, preset_names
+
+CUSTOM = "custom JSON"
+CAMERA_PATH = io.Custom("MEMLEARNER_CAMERA_PATH")
+
+
+def trajectory_text(camera: str, trajectory: str) -> str:
+    """The JSON ``parse_trajectory`` reads: a preset (``trajectory`` may hold its parameters as a JSON object)
+    or the custom JSON itself."""
+    if camera == CUSTOM:
+        if not trajectory.strip():
+            raise ValueError("camera is 'custom JSON' but the trajectory is empty")
+        return trajectory
+    params = {}
+    if trajectory.strip():
+        try:
+            params = json.loads(trajectory)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"trajectory: the {camera} preset's parameters are not valid JSON "
+                             f"({e if isinstance(e, ValueError) else 'nested too deeply'})") from None
+        if not isinstance(params, dict):
+            raise ValueError(f'trajectory: the {camera} preset takes a JSON object of parameters, e.g. {{"degrees": 90}}')
+        if params.get("preset", camera) != camera:
+            raise ValueError(f"trajectory names the preset {params['preset']!r} but camera is {camera!r}: choose "
+                             f"that preset as camera (or 'custom JSON'), or remove \"preset\" from the trajectory")
+    return json.dumps({**params, "preset": camera})
+
+
+@dataclass(frozen=True)
+class CameraPathSpec:
+    """A camera path as the user gave it; a preset only gets its poses once the video's length is known."""
+
+    text: str  # what parse_trajectory reads
+
+    @classmethod
+    def from_inputs(cls, camera: str, trajectory: str) -> CameraPathSpec:
+        if camera not in (*preset_names(), CUSTOM):
+            raise ValueError(f"camera must be one of {', '.join([*preset_names(), CUSTOM])}, got {camera!r}")
+        spec = cls(trajectory_text(camera, trajectory or ""))
+        parse_trajectory(spec.text, None if camera == CUSTOM else 1)  # every mistake but the length shows now
+        return spec
+
+    def poses(self, n_frames: int) -> torch.Tensor:
+        """``[>= n_frames, 3, 4]``: a preset made for ``n_frames`` latent frames, or the custom poses (refused when
+        fewer than ``n_frames``)."""
+        return parse_trajectory(self.text, n_frames)
+
+
+class CameraPath(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MemLearnerCameraPath",
+            display_name="Camera Path",
+            category="memlearner",
+            description="The camera of a long video for Memory Rollout: one camera-to-world pose [R|t] per latent "
+                        "frame, OpenCV axes (x right, y down, z forward). A preset that comes back to where it has "
+                        "been (its length follows the video), or custom JSON.",
+            inputs=[
+                io.Combo.Input("camera", options=[*preset_names(), CUSTOM], default="walk_and_revisit",
+                               tooltip="orbit (radius, center, degrees), pan_and_return (degrees), walk_and_revisit "
+                                       "(distance), or custom JSON poses."),
+                io.String.Input("trajectory", default="", multiline=True,
+                                tooltip="For a preset, an optional JSON object of its parameters (e.g. "
+                                        "{\"degrees\": 90}). For custom JSON: [[3x4 [R|t]], ...], rows of 12 "
+                                        "numbers, or [{\"position\": [x,y,z], \"yaw\": deg, \"pitch\": deg}, ...], "
+                                        "at least one pose per latent frame of the video."),
+            ],
+            outputs=[CAMERA_PATH.Output(display_name="camera_path")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, camera: str | None = None, trajectory: str | None = None):
+        if camera is None:  # linked: checked when the run starts
+            return True
+        try:
+            if trajectory is None:
+                if camera not in (*preset_names(), CUSTOM):
+                    raise ValueError(f"camera must be one of {', '.join([*preset_names(), CUSTOM])}, got {camera!r}")
+            else:
+                CameraPathSpec.from_inputs(camera, trajectory)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, camera: str, trajectory: str = "") -> io.NodeOutput:
+        return io.NodeOutput(CameraPathSpec.from_inputs(camera, trajectory))
