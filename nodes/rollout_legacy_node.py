@@ -13,7 +13,15 @@ from memlearner_core.trajectory import preset_names
 from . import comfy_adapter as wa
 from .camera_path_node import CUSTOM, CameraPathSpec
 from .query_memory_node import load_camera, query_pool_input, query_weights_input
-from .rollout_node import SEED_RANGE, Sampling, first_frames, memory_inputs, rollout
+from .rollout_node import (
+    SEED_RANGE,
+    Sampling,
+    first_chunk_input,
+    first_frames,
+    memory_inputs,
+    rollout,
+    rollout_outputs,
+)
 
 NO_CAMERA = "none"
 
@@ -53,15 +61,10 @@ class MemoryRolloutLegacy(io.ComfyNode):
                                         "\"pitch\": deg}, ...]; for a preset, an optional JSON object of its "
                                         "parameters (e.g. {\"degrees\": 90})."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True),
-                io.Latent.Input("first_chunk", optional=True,
-                                tooltip="Latent frames to continue from: they enter the memory bank first and "
-                                        "start the output."),
+                first_chunk_input(),
                 query_pool_input(),
             ],
-            outputs=[io.Latent.Output(display_name="latent", tooltip="The whole video: first_chunk, then every chunk."),
-                     io.String.Output(display_name="report",
-                                      tooltip="JSON per chunk: context frames [index, pool], context tokens, seconds, "
-                                              "peak memory.")],
+            outputs=rollout_outputs(),
         )
 
     @classmethod

@@ -163,6 +163,17 @@ def memory_inputs() -> list:
     ]
 
 
+def first_chunk_input():
+    return io.Latent.Input("first_chunk", optional=True, tooltip="Latent frames to continue from: they enter the "
+                                                                 "memory bank first and start the output.")
+
+
+def rollout_outputs() -> list:
+    return [io.Latent.Output(display_name="latent", tooltip="The whole video: first_chunk, then every chunk."),
+            io.String.Output(display_name="report", tooltip="JSON per chunk: context frames [index, pool], context "
+                                                            "tokens, seconds, peak memory.")]
+
+
 def settings_error(chunks=None, policy=None, context_frames=None, query_layers=None, query_weights=None,
                    query_pool=None, has_camera=None) -> str | None:
     """What is wrong with the settings known before a run (None for a linked input), or None."""
@@ -202,14 +213,9 @@ class MemoryRollout(io.ComfyNode):
                 query_pool_input(),
                 CAMERA_PATH.Input("camera_path", optional=True, tooltip="From Camera Path: one pose per latent frame "
                                                                         "(the fov policy needs one)."),
-                io.Latent.Input("first_chunk", optional=True,
-                                tooltip="Latent frames to continue from: they enter the memory bank first and "
-                                        "start the output."),
+                first_chunk_input(),
             ],
-            outputs=[io.Latent.Output(display_name="latent", tooltip="The whole video: first_chunk, then every chunk."),
-                     io.String.Output(display_name="report",
-                                      tooltip="JSON per chunk: context frames [index, pool], context tokens, seconds, "
-                                              "peak memory.")],
+            outputs=rollout_outputs(),
         )
 
     @classmethod
