@@ -8,6 +8,7 @@ can be passed in as ``attn``. Patterns are composed from separate calls over con
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -84,8 +85,8 @@ def attention_with_memory(
 
     Unweighted memory joins the call as plain keys (the official DiT-Mem injection). Weighted memory
     (de-duplicated tokens, or a strength other than 1) joins it too, with its log-weights as an additive key
-    bias (``mask``): exact, since a key counted ``n`` times adds ``n exp(s)`` to the softmax sum. An ``attn`` that
-    refuses a mask falls back to ``exact_weighted_attention``.
+    bias (``mask``): exact, since a key counted ``n`` times adds ``n exp(s)`` to the softmax sum. An ``attn``
+    without a ``mask`` parameter, or one that refuses it, falls back to ``exact_weighted_attention``.
     """
     if memory is None:
         return attn(q, k, v, heads=heads)
@@ -94,9 +95,18 @@ def attention_with_memory(
     if memory.log_weight is None:
         return attn(q, k, v, heads=heads)
     bias = key_bias(memory.log_weight.to(q.device), k.shape[1] - memory.k.shape[1], q.dtype)
+    if takes_mask(attn):
+        try:
+            return attn(q, k, v, heads=heads, mask=bias)
+        except (TypeError, NotImplementedError) as e:
+            log.warning("memlearner: the attention function refused a mask (%s); weighted memory computed exactly "
+                        "in float32 math instead", e)
+    return exact_weighted_attention(q, k, v, heads, bias)
+
+
+def takes_mask(attn: AttnFn) -> bool:
+    """Whether ``attn`` names a ``mask`` parameter (one that swallows ``**kwargs`` could silently drop it)."""
     try:
-        return attn(q, k, v, heads=heads, mask=bias)
-    except (TypeError, NotImplementedError) as e:
-        log.warning("memlearner: the attention function refused a mask (%s); weighted memory computed exactly in "
-                    "float32 math instead", e)
-        return exact_weighted_attention(q, k, v, heads, bias)
+        return "mask" in inspect.signature(attn).parameters
+    except (TypeError, ValueError):
+        return False

@@ -18,9 +18,23 @@ from comfy.ldm.flux.math import apply_rope1
 from memlearner_core.attention import MemoryKV
 from memlearner_core.query_layers import ContextKV
 
-# ComfyUI's attention dispatcher (pytorch / sage / flash, with ``optimized_attention_override`` support), as the
-# Wan module itself imported it.
-host_attention = wan.optimized_attention
+
+def _host_source_has(obj, text: str) -> bool:
+    """Whether a host function's source mentions ``text`` (True when the source cannot be read: assume new)."""
+    import inspect
+
+    try:
+        return text in inspect.getsource(obj)
+    except (OSError, TypeError):
+        return True
+
+
+# ComfyUI 0.8+ (0.12.1 checked) sets ``transformer_options["block_index"]`` before each Wan block; 0.3.75 does not,
+# so there the memory patch names the block itself, from a per-forward ``double_block`` patch on a copy of the
+# options (``memory_patch.BlockSlot``).
+HOST_SETS_BLOCK_INDEX = _host_source_has(wan.WanModel.forward_orig, '"block_index"')
+# ComfyUI 0.8+ calls ``attn1_patch`` / ``attn2_patch`` in Wan's self-attention and block; 0.3.75 never does.
+HOST_CALLS_ATTN_PATCHES = _host_source_has(wan.WanSelfAttention.forward, "attn1_patch")
 
 
 class UnsupportedModel(ValueError):
@@ -125,13 +139,6 @@ def key_value(block, h: torch.Tensor, freqs: torch.Tensor | None):
     return (k if freqs is None else _rope(k, freqs, sa.num_heads)), sa.v(h)
 
 
-def qkv(block, h: torch.Tensor, freqs: torch.Tensor | None):
-    """Self-attention projections of modulated hidden states ``[B, L, C]`` -> q, k, v ``[B, L, C]``."""
-    sa = block.self_attn
-    q = sa.norm_q(sa.q(h))
-    return (q if freqs is None else _rope(q, freqs, sa.num_heads)), *key_value(block, h, freqs)
-
-
 def memory_kv(block, tokens: torch.Tensor, e0: torch.Tensor, log_weight: torch.Tensor | None) -> MemoryKV:
     """DiT-Mem keys/values of memory tokens ``[Bm, U, C]`` in this block: norm1 + this step's modulation, the
     block's k/v projections and RMSNorm, no RoPE. ``e0`` is the step's ``[B, 1, 6, C]`` time modulation."""
@@ -151,16 +158,17 @@ def context_kv(block, tokens: torch.Tensor, e0_clean: torch.Tensor, freqs: torch
     return ContextKV(*key_value(block, _modulated_norm1(block, tokens, e), freqs))  # C is never a query: no q
 
 
-def run_block(block, x, e0, freqs, context, transformer_options, self_attention) -> torch.Tensor:
-    """``WanAttentionBlock.forward`` with its self-attention core replaced by ``self_attention(q, k, v, heads)``."""
-    e = block_modulation(block, e0, x)
-    x = x.contiguous()
-    q, k, v = qkv(block, _modulated_norm1(block, x, e), freqs)
-    y = block.self_attn.o(self_attention(q, k, v, block.self_attn.num_heads))
-    x = torch.addcmul(x, y, wan.repeat_e(e[2], x))
-    x = x + block.cross_attn(block.norm3(x), context, context_img_len=None, transformer_options=transformer_options)
-    y = block.ffn(torch.addcmul(wan.repeat_e(e[3], x), block.norm2(x), 1 + wan.repeat_e(e[4], x)))
-    return torch.addcmul(x, y, wan.repeat_e(e[5], x))
+def stock_block(block):
+    """``forward_orig``'s ``original_block`` for one block (t2v: no image context), bound to that block.
+
+    Re-implemented because the host's ``block_wrap`` reads the loop variable ``block`` when called, so a
+    checkpointed block recomputed in the backward pass, after the loop ended, would run the last block instead."""
+
+    def original_block(args):
+        return {"img": block(args["img"], context=args["txt"], e=args["vec"], freqs=args["pe"], context_img_len=None,
+                             transformer_options=args["transformer_options"])}
+
+    return original_block
 
 
 def embed_latent(dm: wan.WanModel, latent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -176,13 +184,31 @@ def time_modulation(dm: wan.WanModel, t: torch.Tensor, dtype: torch.dtype) -> to
     return dm.time_projection(e).unflatten(2, (6, dm.dim))
 
 
-def rope_from_ids(dm: wan.WanModel, ids: torch.Tensor, device, dtype) -> torch.Tensor:
-    """RoPE tables for explicit (t, h, w) positions ``[N, 3]`` -> ``[1, N, 1, D/2, 2, 2]``."""
-    return dm.rope_embedder(ids.to(device=device, dtype=dtype).unsqueeze(0)).movedim(1, 2)
+def rope_from_ids(dm: wan.WanModel, ids: torch.Tensor, device, dtype, transformer_options=None) -> torch.Tensor:
+    """RoPE tables for explicit (t, h, w) positions ``[N, 3]`` -> ``[1, N, 1, D/2, 2, 2]``.
+
+    ``transformer_options["rope_options"]`` (ScaleROPE and the like) map every position as ``rope_encode`` maps
+    the video's grid: ``p * scale + shift`` per axis, so history and pooled query positions move with the video's."""
+    ids = ids.to(device=device, dtype=dtype)
+    ro = (transformer_options or {}).get("rope_options")
+    if ro is not None:
+        scale = torch.tensor([ro.get("scale_t", 1.0), ro.get("scale_y", 1.0), ro.get("scale_x", 1.0)], dtype=dtype)
+        shift = torch.tensor([ro.get("shift_t", 0.0), ro.get("shift_y", 0.0), ro.get("shift_x", 0.0)], dtype=dtype)
+        ids = ids * scale.to(device) + shift.to(device)
+    return dm.rope_embedder(ids.unsqueeze(0)).movedim(1, 2)
 
 
 def rope_for_latent(dm: wan.WanModel, t: int, h: int, w: int, device, dtype, transformer_options) -> torch.Tensor:
     return dm.rope_encode(t, h, w, device=device, dtype=dtype, transformer_options=transformer_options)
+
+
+def forward_with_positions(dm: wan.WanModel, x: torch.Tensor, timestep, context, freqs: torch.Tensor,
+                           transformer_options: dict, clip_fea=None, **kwargs) -> torch.Tensor:
+    """``WanModel._forward`` with the RoPE tables given: stock ``forward_orig`` (embedding, every block, head,
+    unpatchify) on a patch-padded latent ``x [B, 16, T, H, W]``. Re-implemented because the host offers no hook
+    for positions: ``_forward`` always builds a regular grid, and query tokens sit at the video's positions."""
+    return dm.forward_orig(x, timestep, context, clip_fea=clip_fea, freqs=freqs,
+                           transformer_options=transformer_options, **kwargs)
 
 
 def pad_latent(dm: wan.WanModel, x: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,16 @@
 """Patching a ComfyUI Wan2.1 MODEL with memory, always on a clone.
 
-Three ModelPatcher hooks, all keyed ``memlearner`` so they stay on the clone that carries them:
-- OUTER_SAMPLE wrapper: checks shapes before sampling starts and owns the per-run state (the sampler's seed for
-  the query tokens' noise, the context key/value cache), dropped when the run ends or is interrupted;
-- DIFFUSION_MODEL wrapper: per forward, makes the query tokens Q (at P's RoPE positions, or pooled) and their
-  RoPE tables; with DiT-Mem only it just hands the memory to the blocks;
-- a ``double_block`` replace on every block: runs the block with the memory-aware self-attention; block 0 puts Q
-  in front of the sequence and the last block takes it out, so the model's head sees P alone.
+The settings sit in the clone's attachments (``memlearner``, shared by reference by later clones); two wrappers
+keyed ``memlearner`` use them, and ComfyUI's stock Wan blocks run everything else:
+- OUTER_SAMPLE wrapper: checks shapes before sampling starts and puts the per-run state (the sampler's seed for
+  the query tokens' noise, the context key/value cache) on a copy of the sampling options, dropped when the run
+  ends or is interrupted;
+- DIFFUSION_MODEL wrapper: per forward, on a copy of the transformer options, installs an
+  ``optimized_attention_override`` (chained to one a node already set) that turns each block's self-attention
+  call into the memory-aware one; with query memory it also puts the query tokens Q in front of the video as
+  extra latent frames, so every block, the head and ``grid_sizes`` see ``[Q; P]`` and the output is cropped.
+  Per-forward ``double_block`` patches (chained to any already there) are used only to name the block on hosts
+  that do not (0.3.75), to add camera vectors before block 0, and for gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ from . import memory_estimate
 
 KEY = "memlearner"
 RUN_KEY = "memlearner_run"
-FORWARD_KEY = "memlearner_forward"
 log = logging.getLogger("memlearner")
 
 
@@ -133,6 +136,14 @@ class QueryMemory:
     query_pool: int = 1
 
 
+@dataclass(frozen=True)
+class MemorySettings:
+    """What a patched MODEL carries (its ``memlearner`` attachment): the reference memory and/or query memory."""
+
+    memory: ReferenceMemory | TrainableMemory | None
+    query: QueryMemory | None
+
+
 class RunState:
     """State of one sampling run: the sampler's seed (for the query tokens' noise), the context K/V cache.
 
@@ -142,8 +153,8 @@ class RunState:
     def __init__(self, seed: int | None, gradient_checkpointing: bool = False):
         self.seed = int(seed or 0)
         self.gradient_checkpointing = gradient_checkpointing
-        self.context_tokens: dict = {}  # (device, dtype) -> history tokens, RoPE tables, t=0 modulation
-        self.context_cache: dict = {}  # (layer, device, dtype) -> ContextKV
+        self.context_tokens: dict = {}  # (device, dtype, rope options) -> history tokens, RoPE tables, t=0 modulation
+        self.context_cache: dict = {}  # (layer, device, dtype, rope options) -> ContextKV
 
     def query_noise(self, shape, groups: int, device, dtype, timestep: float) -> torch.Tensor:
         """Gaussian noise for Q ``[B, C, T, H, W]``, fresh at every denoising step and a function of the run's
@@ -158,21 +169,55 @@ class RunState:
 
 @dataclass
 class ForwardState:
+    """One forward of the patched model: which memory each block's self-attention reads.
+
+    The sequence is ``[Q; pad; P]``: ``n_query`` query tokens, ``n_pad`` inert tokens that round Q up to whole
+    latent frames (pooled queries only), then the video's tokens."""
+
     dm: object
     memory: MemoryTokens | None
     query: QueryMemory | None
     run: RunState
+    timestep: torch.Tensor
+    dtype: torch.dtype
+    transformer_options: dict
     n_query: int = 0
-    q_tokens: torch.Tensor | None = None  # [B, Nq, dim] query tokens, prepended to the sequence in block 0
-    p_camera: torch.Tensor | None = None  # [Np, dim] camera vectors of P's tokens
+    n_pad: int = 0
+    token_offset: torch.Tensor | None = None  # [B or 1, Nq+pad+Np, dim] camera vectors, added before block 0
     context_tokens: dict = field(default_factory=dict)  # this forward's history tokens when nothing is cached
+    _e0: torch.Tensor | None = None
+    _seen: tuple = (None, 0)  # (block index, attention calls seen in it)
+
+    def e0(self) -> torch.Tensor:
+        """The step's time modulation ``[B, 1, 6, dim]``, as ``forward_orig`` hands it to the blocks."""
+        if self._e0 is None:
+            self._e0 = wa.time_modulation(self.dm, self.timestep, self.dtype)
+        return self._e0
+
+    def self_attention_block(self, transformer_options: dict) -> int | None:
+        """The index of the block whose self-attention this attention call is, or None (cross-attention or a call
+        outside the blocks). Stock Wan blocks call self-attention first, then cross-attention."""
+        index = transformer_options.get("block_index")
+        if index is None:
+            return None
+        last, calls = self._seen
+        calls = calls + 1 if index == last else 1
+        self._seen = (index, calls)
+        return index if calls == 1 else None
+
+    def block_started(self) -> None:
+        """A block begins (again, when a checkpointed block is recomputed): its first attention call is self."""
+        self._seen = (None, 0)
+
+    def cache_key(self, x: torch.Tensor) -> tuple:
+        return str(x.device), x.dtype, repr(self.transformer_options.get("rope_options"))
 
     def context_kv(self, index: int, x: torch.Tensor) -> ContextKV | None:
         """This query layer's history keys/values; from the run's cache when ``cache_context`` is on."""
         q = self.query
         if index >= q.query_layers or not q.context.segments:
             return None
-        where = (str(x.device), x.dtype)
+        where = self.cache_key(x)
         if q.cache_context and (index, *where) in self.run.context_cache:
             return self.run.context_cache[(index, *where)]
         tokens, freqs, e0_clean = self.history_tokens(x)
@@ -183,49 +228,108 @@ class ForwardState:
 
     def history_tokens(self, x: torch.Tensor):
         """The history's tokens, RoPE tables and clean modulation, made once per run (cached) or per forward."""
-        where = (str(x.device), x.dtype)
+        where = self.cache_key(x)
         cache = self.run.context_tokens if self.query.cache_context else self.context_tokens
         if where not in cache:
-            cache[where] = context_tokens(self.dm, self.query, x.device, x.dtype)
+            cache[where] = context_tokens(self.dm, self.query, x.device, x.dtype, self.transformer_options)
         return cache[where]
 
-    def block(self, index: int, args: dict) -> torch.Tensor:
-        """Block ``index`` on ``[Q; P]``: Q joins the sequence before block 0 and leaves it after the last block,
-        so the model's head and unpatchify see P alone."""
-        x = args["img"]
-        if index == 0 and self.q_tokens is not None:
-            x = torch.cat([self.q_tokens.to(x), x], 1)
-        if index == 0 and self.p_camera is not None:
-            cam = self.p_camera.to(x)
-            x = torch.cat([x[:, : self.n_query], x[:, self.n_query:] + cam], 1)
-        if self.query is not None and index < self.query.query_layers and self.query.context.segments:
-            self.history_tokens(x)  # shared by the query layers: made outside any checkpointed region
-        if self.run.gradient_checkpointing and torch.is_grad_enabled():
-            x = torch.utils.checkpoint.checkpoint(self._block, index, x, args, use_reentrant=False)
-        else:
-            x = self._block(index, x, args)
-        return x[:, self.n_query:] if index == len(self.dm.blocks) - 1 else x
-
-    def _block(self, index: int, x: torch.Tensor, args: dict) -> torch.Tensor:
-        e0, block = args["vec"], self.dm.blocks[index]
+    def self_attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                       attn) -> torch.Tensor:
+        """Block ``index``'s self-attention with memory, ``q, k, v [B, L, H*D]`` (RoPE applied) -> ``[B, L, H*D]``;
+        every attention call goes through ``attn`` (the host's selection)."""
         mem = None
         if self.memory is not None:
             lw = None if self.memory.is_plain else self.memory.log_weight
-            mem = wa.memory_kv(block, self.memory.tokens, e0, lw)
-        if self.query is not None:
-            ctx = self.context_kv(index, x)
-
-            def attention(q, k, v, heads):
-                return query_memory_attention(q, k, v, heads, self.n_query, ctx, mem, wa.host_attention)
-        else:
-
-            def attention(q, k, v, heads):
-                return attention_with_memory(q, k, v, heads, mem, wa.host_attention)
-
-        return wa.run_block(block, x, e0, args["pe"], args["txt"], args["transformer_options"], attention)
+            mem = wa.memory_kv(self.dm.blocks[index], self.memory.tokens, self.e0(), lw)
+        if self.query is None:
+            return attention_with_memory(q, k, v, heads, mem, attn)
+        ctx = self.context_kv(index, q)
+        nq, npad = self.n_query, self.n_pad
+        if not npad:
+            return query_memory_attention(q, k, v, heads, nq, ctx, mem, attn)
+        q, k, v = (torch.cat([t[:, :nq], t[:, nq + npad:]], 1) for t in (q, k, v))  # the pad reads and is read by nothing
+        out = query_memory_attention(q, k, v, heads, nq, ctx, mem, attn)
+        return torch.cat([out[:, :nq], out.new_zeros(out.shape[0], npad, out.shape[2]), out[:, nq:]], 1)
 
 
-def context_tokens(dm, q: QueryMemory, device, dtype):
+class AttentionOverride:
+    """``transformer_options["optimized_attention_override"]`` of one memory forward. ComfyUI calls it for every
+    attention call as ``(func, q, k, v, heads=..., transformer_options=..., ...)``, ``func`` the selected kernel.
+    A block's self-attention call becomes the memory-aware one, whose own calls go to ``previous`` (an override a
+    node such as a SageAttention patch installed) or to ``func`` with the same keyword arguments; every other call
+    passes through unchanged."""
+
+    def __init__(self, state: ForwardState, previous=None):
+        self.state, self.previous = state, previous
+
+    def call(self, func, *args, **kwargs):
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __call__(self, func, *args, **kwargs):
+        index = self.state.self_attention_block(kwargs.get("transformer_options") or {})
+        if index is None:
+            return self.call(func, *args, **kwargs)
+        q, k, v, *rest = args
+        heads = kwargs.pop("heads") if "heads" in kwargs else rest.pop(0)
+        if rest or kwargs.get("mask") is not None:
+            raise ValueError("memlearner: Wan's self-attention was called with a mask or extra arguments this "
+                             "memory patch does not know; the host is newer than the pack supports")
+
+        def attn(q, k, v, heads, mask=None):
+            kw = {**kwargs, "heads": heads}
+            if mask is not None:
+                kw["mask"] = mask
+            return self.call(func, q, k, v, **kw)
+
+        return self.state.self_attention(index, q, k, v, heads, attn)
+
+
+class BlockSlot:
+    """A per-forward ``double_block`` patch (on a copy of the options) for block ``index``: names the block where
+    the host does not, adds the camera vectors before block 0, and checkpoints the block when training asks for
+    it; then runs the patch that held the slot (``previous``, e.g. skip-layer guidance) or the stock block."""
+
+    def __init__(self, index: int, state: ForwardState, previous=None):
+        self.index, self.state, self.previous = index, state, previous
+
+    def __call__(self, args, extra):
+        if self.index == 0 and self.state.token_offset is not None:
+            args = {**args, "img": args["img"] + self.state.token_offset.to(args["img"])}
+
+        checkpointed = self.state.run.gradient_checkpointing and torch.is_grad_enabled()
+        if checkpointed:  # recomputed after the blocks' loop has ended: the host's original_block would be stale
+            extra = {**extra, "original_block": wa.stock_block(self.state.dm.blocks[self.index])}
+
+        def run(img):  # what a checkpointed block recomputes in the backward pass, naming the block again
+            args["transformer_options"]["block_index"] = self.index
+            self.state.block_started()
+            a = {**args, "img": img}
+            return (self.previous(a, extra) if self.previous is not None else extra["original_block"](a))["img"]
+
+        if checkpointed:
+            return {"img": torch.utils.checkpoint.checkpoint(run, args["img"], use_reentrant=False)}
+        return {"img": run(args["img"])}
+
+
+def with_block_slots(opts: dict, st: ForwardState, n_blocks: int) -> dict:
+    """``opts`` with ``BlockSlot`` patches where this forward needs them (a new ``patches_replace``, never the
+    caller's)."""
+    every = not wa.HOST_SETS_BLOCK_INDEX or st.run.gradient_checkpointing
+    wanted = range(n_blocks) if every else range(1 if st.token_offset is not None else 0)
+    if not wanted:
+        return opts
+    replace = dict(opts.get("patches_replace", {}))
+    dit = dict(replace.get("dit", {}))
+    for i in wanted:
+        dit[("double_block", i)] = BlockSlot(i, st, dit.get(("double_block", i)))
+    replace["dit"] = dit
+    return {**opts, "patches_replace": replace}
+
+
+def context_tokens(dm, q: QueryMemory, device, dtype, transformer_options=None):
     """Context tokens ``[1, Nc, dim]`` (+ camera), their RoPE tables, and the clean (t=0) time modulation."""
     tokens, ids = [], []
     for seg in q.context.segments:
@@ -238,92 +342,109 @@ def context_tokens(dm, q: QueryMemory, device, dtype):
         tokens.append(tok)
         ids.append(segment_positions(seg, tuple(dm.patch_size)))
     tokens = torch.cat(tokens, 1)
-    freqs = wa.rope_from_ids(dm, torch.cat(ids, 0), device, dtype)
+    freqs = wa.rope_from_ids(dm, torch.cat(ids, 0), device, dtype, transformer_options)
     e0_clean = wa.time_modulation(dm, torch.zeros(1, device=device), dtype)
     return tokens, freqs, e0_clean
 
 
-class _Shared:
-    """Patch objects are immutable settings: a clone of the patched MODEL shares them instead of deep-copying
-    the encoder and tensors they hold."""
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-class BlockPatch(_Shared):
-    """``double_block`` replacement for block ``index``; outside a memory forward it runs the original block."""
-
-    def __init__(self, index: int):
-        self.index = index
-
-    def __call__(self, args, extra):
-        st = args["transformer_options"].get(FORWARD_KEY)
-        if st is None:
-            return extra["original_block"](args)
-        return {"img": st.block(self.index, args)}
+def tokens_as_frames(latent: torch.Tensor, patch: tuple, grid_hw: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    """A latent ``[B, C, T, h*ph, w*pw]`` re-laid as whole frames of another token grid ``grid_hw = (H, W)``:
+    its patches in token order, zero patches after them up to the next whole frame. The patch embedding of the
+    result gives the latent's own tokens first, then the pad. Returns the latent ``[B, C, F, H*ph, W*pw]`` and the
+    number of pad tokens."""
+    b, c, t, hh, ww = latent.shape
+    pt, ph, pw = patch
+    h, w = hh // ph, ww // pw
+    gh, gw = grid_hw
+    n = t * h * w
+    f = -(-n // (gh * gw))
+    p = latent.reshape(b, c, t, h, ph, w, pw).permute(0, 2, 3, 5, 1, 4, 6).reshape(b, n, c, ph, pw)
+    p = torch.cat([p, p.new_zeros(b, f * gh * gw - n, c, ph, pw)], 1)
+    out = p.reshape(b, f, gh, gw, c, ph, pw).permute(0, 4, 1, 2, 5, 3, 6).reshape(b, c, f, gh * ph, gw * pw)
+    return out, f * gh * gw - n
 
 
-class DiffusionModelWrapper(_Shared):
-    def __init__(self, memory: ReferenceMemory | TrainableMemory | None, query: QueryMemory | None):
-        self.memory, self.query = memory, query
+def diffusion_model_wrapper(executor, x, timestep, context, clip_fea=None, time_dim_concat=None,
+                            transformer_options=None, **kwargs):
+    """DIFFUSION_MODEL wrapper: one forward of the stock Wan with the memory read through the attention override."""
+    topts = transformer_options or {}
+    settings: MemorySettings | None = topts.get(KEY)
+    if settings is None:
+        raise RuntimeError("memlearner: this MODEL's memory settings are missing from the run; it must be sampled "
+                           "through ComfyUI's samplers (or memory_patch.patched_forward)")
+    dm = executor.class_obj
+    run = topts.get(RUN_KEY) or RunState(0)
+    memory = settings.memory.tokens() if settings.memory is not None else None
+    query = settings.query
+    opts = dict(topts)
+    st = ForwardState(dm, memory, query, run, timestep, x.dtype, opts)
+    if memory is not None:
+        st.e0()  # made outside any checkpointed block, so a recomputed block saves what the first pass saved
+    opts["optimized_attention_override"] = AttentionOverride(st, topts.get("optimized_attention_override"))
+    if query is None:
+        opts = st.transformer_options = with_block_slots(opts, st, len(dm.blocks))
+        return executor(x, timestep, context, clip_fea, time_dim_concat, opts, **kwargs)
+    if time_dim_concat is not None:
+        raise ValueError("query memory does not support time_dim_concat inputs")
+    patches = topts.get("patches", {})
+    if wa.HOST_CALLS_ATTN_PATCHES and (patches.get("attn1_patch") or patches.get("attn2_patch")):
+        raise ValueError("query memory cannot run with a node's attn1_patch/attn2_patch: Wan would call them on "
+                         "the query tokens as if they were video; remove that node, or use reference memory alone")
 
-    def __call__(self, executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options=None, **kwargs):
-        transformer_options = transformer_options or {}
-        dm = executor.class_obj
-        run = transformer_options.get(RUN_KEY) or RunState(0)
-        memory = self.memory.tokens() if self.memory is not None else None
-        st = ForwardState(dm, memory, self.query, run)
-        opts = {**transformer_options, FORWARD_KEY: st}
-        if self.query is None:
-            return executor(x, timestep, context, clip_fea, time_dim_concat, opts, **kwargs)
-
-        b, _, t, h, w = x.shape
-        xp = wa.pad_latent(dm, x)
-        groups = len(transformer_options.get("cond_or_uncond", [])) or 1
-        step = float(timestep.flatten()[0])
-        freqs_p = wa.rope_for_latent(dm, t, h, w, x.device, x.dtype, transformer_options)
-        pool = self.query.query_pool
-        if pool == 1:  # one query token per predicted token, at the same positions
-            noise_q, freqs_q = run.query_noise(xp.shape, groups, x.device, x.dtype, step), freqs_p
-        else:
-            ph, pw = xp.shape[-2] // dm.patch_size[1], xp.shape[-1] // dm.patch_size[2]
-            qh, qw = pooled_grid(ph, pw, pool)
-            shape = (b, xp.shape[1], t, qh * dm.patch_size[1], qw * dm.patch_size[2])
-            noise_q = run.query_noise(shape, groups, x.device, x.dtype, step)
-            freqs_q = wa.rope_from_ids(dm, pooled_query_positions(t, ph, pw, pool), x.device, x.dtype)
-        st.q_tokens = wa.embed_latent(dm, noise_q, x.dtype)
-        st.n_query = st.q_tokens.shape[1]
-        camera = self.query.camera
-        if camera is not None:
-            poses = self.query.chunk_poses if self.query.chunk_poses is not None else torch.zeros(t, 3, 4)
-            emb = camera(poses[:t].to(x.device)).to(x.dtype)  # [t, dim]
-            st.p_camera = frame_embedding_to_tokens(emb, tokens_per_frame(h, w, tuple(dm.patch_size)))
-            if camera.on_query:
-                st.q_tokens = st.q_tokens + frame_embedding_to_tokens(emb, st.n_query // t)
-        out = dm.forward_orig(xp, timestep, context, clip_fea=clip_fea, freqs=torch.cat([freqs_q, freqs_p], 1),
-                              transformer_options=opts, **kwargs)
-        return out[:, :, :t, :h, :w]
+    b, _, t, h, w = x.shape
+    xp = wa.pad_latent(dm, x)
+    ph, pw = xp.shape[-2] // dm.patch_size[1], xp.shape[-1] // dm.patch_size[2]
+    groups = len(topts.get("cond_or_uncond", [])) or 1
+    step = float(timestep.flatten()[0])
+    freqs_p = wa.rope_for_latent(dm, t, h, w, x.device, x.dtype, opts)
+    pool = query.query_pool
+    if pool == 1:  # one query token per predicted token, at the same positions
+        q_latent, freqs_q = run.query_noise(xp.shape, groups, x.device, x.dtype, step), freqs_p
+        st.n_query = t * ph * pw
+    else:
+        qh, qw = pooled_grid(ph, pw, pool)
+        shape = (b, xp.shape[1], t, qh * dm.patch_size[1], qw * dm.patch_size[2])
+        q_latent, st.n_pad = tokens_as_frames(run.query_noise(shape, groups, x.device, x.dtype, step),
+                                              tuple(dm.patch_size), (ph, pw))
+        freqs_q = wa.rope_from_ids(dm, pooled_query_positions(t, ph, pw, pool), x.device, x.dtype, opts)
+        freqs_q = torch.cat([freqs_q, freqs_q[:, :1].expand(-1, st.n_pad, *freqs_q.shape[2:])], 1)
+        st.n_query = t * qh * qw
+    camera = query.camera
+    if camera is not None:
+        poses = query.chunk_poses if query.chunk_poses is not None else torch.zeros(t, 3, 4)
+        emb = camera(poses[:t].to(x.device)).to(x.dtype)  # [t, dim]
+        cam_q = frame_embedding_to_tokens(emb, st.n_query // t) if camera.on_query else emb.new_zeros(st.n_query, emb.shape[1])
+        cam_p = frame_embedding_to_tokens(emb, tokens_per_frame(h, w, tuple(dm.patch_size)))
+        st.token_offset = torch.cat([cam_q, emb.new_zeros(st.n_pad, emb.shape[1]), cam_p], 0).unsqueeze(0)
+    if query.context.segments:
+        st.history_tokens(xp)  # shared by the query layers: made outside any checkpointed block
+    opts = with_block_slots(opts, st, len(dm.blocks))
+    st.transformer_options = opts
+    n_frames = q_latent.shape[2]
+    out = wa.forward_with_positions(dm, torch.cat([q_latent, xp], 2), timestep, context,
+                                    torch.cat([freqs_q, freqs_p], 1), opts, clip_fea=clip_fea, **kwargs)
+    return out[:, :, n_frames:][:, :, :t, :h, :w]
 
 
-class OuterSampleWrapper(_Shared):
-    def __init__(self, memory: ReferenceMemory | TrainableMemory | None, query: QueryMemory | None):
-        self.memory, self.query = memory, query
-
-    def __call__(self, executor, noise, *args, **kwargs):
-        if self.query is not None:
-            check_context_matches(self.query.context, noise)
-            check_chunk_poses(self.query.chunk_poses, noise)
-        if self.memory is not None:
-            self.memory.prepare()
-        seed = kwargs.get("seed", args[6] if len(args) > 6 else None)
-        guider = executor.class_obj
-        topts = guider.model_options.setdefault("transformer_options", {})
-        topts[RUN_KEY] = RunState(seed)
-        try:
-            return executor(noise, *args, **kwargs)
-        finally:
-            topts.pop(RUN_KEY, None)
+def outer_sample_wrapper(executor, noise, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: checks before sampling, and the run's state on a copy of the sampling options."""
+    guider = executor.class_obj
+    settings: MemorySettings | None = guider.model_patcher.get_attachment(KEY)
+    if settings is None:  # a clone whose memory was removed keeps no wrapper; be safe anyway
+        return executor(noise, *args, **kwargs)
+    if settings.query is not None:
+        check_context_matches(settings.query.context, noise)
+        check_chunk_poses(settings.query.chunk_poses, noise)
+    if settings.memory is not None:
+        settings.memory.prepare()
+    seed = kwargs.get("seed", args[6] if len(args) > 6 else None)
+    original = guider.model_options
+    topts = {**original.get("transformer_options", {}), KEY: settings, RUN_KEY: RunState(seed)}
+    guider.model_options = {**original, "transformer_options": topts}
+    try:
+        return executor(noise, *args, **kwargs)
+    finally:
+        guider.model_options = original
 
 
 def check_context_matches(context: ContextSpec, noise: torch.Tensor) -> None:
@@ -347,23 +468,24 @@ def check_chunk_poses(poses: torch.Tensor | None, noise: torch.Tensor) -> None:
 
 def patched_forward(model, x, t, context, cond_or_uncond=None, run: RunState | None = None):
     """One forward of a (patched) MODEL's Wan2.1 outside a sampler (training, tests): its transformer options and
-    wrappers merged the way the sampler merges them. ``x [B, 16, T, H, W]`` in the model's latent space, ``t [B]``
-    timesteps, ``context [B, L, 4096]`` text; gradients flow when enabled."""
+    wrappers merged the way the sampler merges them, the memory settings and ``run`` put where the OUTER_SAMPLE
+    wrapper puts them. ``x [B, 16, T, H, W]`` in the model's latent space, ``t [B]`` timesteps,
+    ``context [B, L, 4096]`` text; gradients flow when enabled."""
     opts = comfy.patcher_extension.copy_nested_dicts(model.model_options.get("transformer_options", {}))
     for wrapper_type, keyed in model.wrappers.items():
         for key, wrappers in keyed.items():
             for w in wrappers:
                 comfy.patcher_extension.add_wrapper_with_key(wrapper_type, key, w, opts)
     opts["cond_or_uncond"] = cond_or_uncond or [0] * x.shape[0]
-    if run is not None:
-        opts[RUN_KEY] = run
+    settings = installed_patch(model)
+    if settings is not None:
+        opts[KEY], opts[RUN_KEY] = settings, run or RunState(0)
     return model.model.diffusion_model(x, t, context, transformer_options=opts)
 
 
-def installed_patch(model) -> DiffusionModelWrapper | None:
-    """The memory patch a MODEL already carries (from an earlier Apply node), or None."""
-    found = model.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY)
-    return found[-1] if found else None
+def installed_patch(model) -> MemorySettings | None:
+    """The memory settings a MODEL already carries (from an earlier Apply node), or None."""
+    return model.get_attachment(KEY)
 
 
 def apply_memory(model, memory: ReferenceMemory | TrainableMemory | None = None, query: QueryMemory | None = None):
@@ -398,16 +520,12 @@ def apply_memory(model, memory: ReferenceMemory | TrainableMemory | None = None,
         for kind in (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE):
             m.remove_wrappers_with_key(kind, KEY)
         m.remove_additional_models(KEY)
+        m.remove_attachments(KEY)
     if memory is None and query is None:
-        dit = m.model_options.get("patches_replace", {}).get("dit", {})
-        for i in range(len(dm.blocks)):  # ours only fall back to the original block now: drop them
-            if isinstance(dit.get(("double_block", i)), BlockPatch):
-                del dit[("double_block", i)]
         return m
-    for i in range(len(dm.blocks)):
-        m.set_model_patch_replace(BlockPatch(i), "dit", "double_block", i)
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, DiffusionModelWrapper(memory, query))
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, OuterSampleWrapper(memory, query))
+    m.set_attachments(KEY, MemorySettings(memory, query))
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, diffusion_model_wrapper)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
     memory_estimate.install(m, KEY, dm, memory, query)  # the memories' cost in ComfyUI's memory estimate
     if memory is not None and memory.managed_models():
         m.set_additional_models(KEY, memory.managed_models())

@@ -56,7 +56,7 @@ def test_query_fine_tune_loads_in_the_nodes(comfy, tmp_path):
         x, t, txt = torch.randn(1, 16, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 8, 4096)
         out = model_forward(model, x, t, txt, run_seed=1)
         recipe.dm.eval()  # the nodes run exactly what was trained
-        query = model.get_wrappers("diffusion_model", "memlearner")[0].query
+        query = model.get_attachment("memlearner").query
         trained = model_forward(host.pack("nodes.memory_patch").apply_memory(recipe.model, query=query), x, t, txt,
                                 run_seed=1)
         torch.testing.assert_close(out, trained)
@@ -115,7 +115,7 @@ def test_lora_trains_only_the_adapters_and_loads_with_comfyuis_lora_loader(comfy
         model_management.load_models_gpu([model])  # ComfyUI merges the LoRA into the weights on load
         x, t, txt = torch.randn(1, 16, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 8, 4096)
         out = model_forward(model, x, t, txt, run_seed=1)
-        query = model.get_wrappers("diffusion_model", "memlearner")[0].query
+        query = model.get_attachment("memlearner").query
         trained = model_forward(host.pack("nodes.memory_patch").apply_memory(recipe.model, query=query), x, t, txt,
                                 run_seed=1)
         assert not torch.allclose(recipe.dm.blocks[0].self_attn.q(x.new_ones(1, 4, 256)),
