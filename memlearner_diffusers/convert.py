@@ -94,6 +94,14 @@ _TOP_BACK = {v: k for k, v in _TOP.items()}
 _BLOCK_BACK = {v: k for k, v in _BLOCK.items()}
 
 
+def comfy_module_name(name: str) -> str:
+    """A diffusers module path (``blocks.0.attn1.to_q``) -> ComfyUI's (``blocks.0.self_attn.q``)."""
+    new = _rename(name, _TOP_BACK, _BLOCK_BACK)
+    if new is None:
+        raise ValueError(f"{name}: not a module of diffusers' WanTransformer3DModel that ComfyUI's Wan has")
+    return new
+
+
 def diffusers_to_comfy(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers' ``WanTransformer3DModel`` state dict -> ComfyUI's single-file keys (no prefix; ComfyUI's
     loaders accept both). Fused projections (``to_qkv``/``to_kv``) are split back into q, k, v."""

@@ -75,6 +75,25 @@ class ReferenceMemory:
 
 
 @dataclass
+class TrainableMemory:
+    """Reference memory whose tokens keep their gradients (training a memory encoder against a frozen Wan):
+    ``latents [1, N, 16, T, H, W]`` in the transformer's latent space, tokens recomputed in every forward (dropout,
+    shuffling) and never de-duplicated (the collapse is exact for a fixed encoder only)."""
+
+    latents: torch.Tensor
+    encoder: MemoryEncoder
+    strength: float = 1.0
+
+    @property
+    def width(self) -> int:
+        return self.encoder.cfg.width
+
+    def tokens(self) -> MemoryTokens:
+        p = next(self.encoder.parameters())
+        return MemoryTokens.full(self.encoder(self.latents.to(device=p.device)))
+
+
+@dataclass
 class QueryMemory:
     """MemLearner query memory: the first ``query_layers`` blocks are query layers, ``context`` the history (in
     the transformer's latent space, frames at their index relative to the chunk: ``ContextSpec.from_history``).
@@ -132,7 +151,7 @@ class _Forward:
 class MemoryAdapter:
     """The memories installed on one transformer: its hooks, processors and the history cache."""
 
-    def __init__(self, transformer, memory: ReferenceMemory | None, query: QueryMemory | None):
+    def __init__(self, transformer, memory: ReferenceMemory | TrainableMemory | None, query: QueryMemory | None):
         self.transformer, self.memory, self.query = transformer, memory, query
         self.forward: _Forward | None = None
         self.history_cache: dict = {}  # (device, dtype) -> history tokens, RoPE tables, t=0 modulation
@@ -313,7 +332,7 @@ def installed(transformer) -> MemoryAdapter | None:
     return getattr(transformer, ATTR, None)
 
 
-def apply_memory(transformer, memory: ReferenceMemory | None = None, query: QueryMemory | None = None) -> MemoryAdapter | None:
+def apply_memory(transformer, memory: ReferenceMemory | TrainableMemory | None = None, query: QueryMemory | None = None) -> MemoryAdapter | None:
     """Give ``transformer`` (a ``WanTransformer3DModel``, e.g. ``pipe.transformer``) the memories, in place;
     returns the adapter (``.remove()`` or ``remove_memory`` restores the plain transformer).
 

@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None, text_fn=None) -> int:
     except ConfigError as e:
         print(f"memlearner-train: {e}", file=sys.stderr)
         return 2
-    training_host = load_pack(comfyui_path(), cfg.device)
+    if cfg.host == "diffusers":  # diffusers' WanTransformer3DModel: no ComfyUI needed
+        from memlearner_diffusers import training as training_host
+    else:
+        training_host = load_pack(comfyui_path(), cfg.device)
     try:
         result = training_host.run_training(cfg, text_fn)
     except ValueError as e:  # config, data and device problems, each one line naming the input

@@ -24,6 +24,7 @@ DATA_FORMATS = ("videos", "latents")
 TEXT_SOURCES = ("captions", "none")
 CAMERA_INITS = ("zeros", "normal")
 CONTEXT_POLICIES = ("all", "recent", "fov", "framepack")  # as context_policy.POLICIES; the rollout's choices
+HOSTS = ("comfyui", "diffusers")  # whose Wan2.1 trains: ComfyUI's WanModel or diffusers' WanTransformer3DModel
 DEFAULT_LR = {"query": 1e-5, "encoder": 1e-5}
 REQUIRED = ("recipe", "data_dir", "output_dir", "model_file")
 MINIMUM = {"steps": 1, "batch_size": 1, "weight_decay": 0.0, "checkpoint_every": 1, "keep_checkpoints": 1,
@@ -32,7 +33,7 @@ MINIMUM = {"steps": 1, "batch_size": 1, "weight_decay": 0.0, "checkpoint_every":
            "warmup_steps": 0, "grad_clip": 0.0, "camera_init_std": 0.0, "reference_pool": 0,
            "reference_clip_frames": 0, "reference_width": 0, "reference_height": 0, "encoder_window": 0}
 CHOICES = {"recipe": RECIPES, "mixed_precision": PRECISIONS, "data_format": DATA_FORMATS, "text": TEXT_SOURCES,
-           "camera_init": CAMERA_INITS, "context_policies": CONTEXT_POLICIES}
+           "camera_init": CAMERA_INITS, "context_policies": CONTEXT_POLICIES, "host": HOSTS}
 
 
 class ConfigError(ValueError):
@@ -90,6 +91,9 @@ class TrainConfig:
     query_file: Path | None = None
     text_encoder_file: Path | None = None  # umt5 for the captions (ComfyUI's text_encoders file)
     cache_dir: Path | None = None  # None: <output_dir>/latent_cache
+    # "diffusers": the model trains as diffusers' WanTransformer3DModel (memlearner_diffusers; pre-encoded clips,
+    # model_file a ComfyUI single file or a diffusers folder); the exports are the same files either way
+    host: str = "comfyui"
 
     def __post_init__(self):
         if self.lr is None:
@@ -193,6 +197,9 @@ def config_from_dict(data: dict, base: str | Path = ".") -> TrainConfig:
     if cfg.data_format == "videos" and cfg.vae_file is None:
         raise ConfigError("missing required key(s): vae_file (the Wan2.1 VAE encodes the videos; with pre-encoded "
                           "latents set data_format = \"latents\")")
+    if cfg.host == "diffusers" and cfg.data_format != "latents":
+        raise ConfigError('host = "diffusers" trains on pre-encoded clips: set data_format = "latents" '
+                          '(<clip>.safetensors holding latent [16, T, H, W])')
     if (cfg.recipe == "query" or cfg.query_file is not None) and cfg.predict_latent_frames >= cfg.latent_frames:
         raise ConfigError(f"'predict_latent_frames' ({cfg.predict_latent_frames}) must be below the clip's "
                           f"{cfg.latent_frames} latent frames ('clip_frames' {cfg.clip_frames}), leaving "
@@ -253,6 +260,7 @@ text = "captions"        # or "none": train without text (an empty text embeddin
 warmup_steps = 0         # linear learning-rate warmup
 grad_clip = 0.0          # gradient-norm clipping (0 = off)
 lora_rank = 0            # 0 = full fine-tune; e.g. 64 = LoRA adapters only (query recipe, needs peft)
+host = "comfyui"         # or "diffusers": train diffusers' WanTransformer3DModel (needs data_format = "latents")
 
 # query recipe (MemLearner)
 query_layers = 5

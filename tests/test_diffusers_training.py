@@ -1,0 +1,172 @@
+"""``memlearner-train`` with ``host = "diffusers"``: the same config, data and seed train the same way as on the
+ComfyUI host (losses equal to the hosts' float32 difference), and the exports load in the ComfyUI nodes."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from memlearner_core.training.config import ConfigError, config_from_dict
+from memlearner_core.training.trainer import train
+from memlearner_diffusers import convert
+from memlearner_diffusers import training as dtrain
+from memlearner_train.cli import main
+
+import host
+import tiny_models
+from forward import model_forward, rel_err
+
+
+def clip_items(n=2, frames=5, poses=False):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(16, frames, 8, 8, generator=g),
+             torch.cat([torch.eye(3).expand(frames, 3, 3), torch.randn(frames, 3, 1, generator=g)], -1) if poses else None,
+             torch.randn(1, 8, 4096, generator=g)) for _ in range(n)]
+
+
+def config(tmp_path, name="run", **kw):
+    data = dict(recipe="query", data_dir="data", output_dir=str(tmp_path / name), model_file="m", steps=3, lr=1e-4,
+                checkpoint_every=10, mixed_precision="fp32", query_layers=2, predict_latent_frames=2,
+                max_context_multiple=1, clip_frames=17, width=64, height=64, data_format="latents",
+                camera_init="normal")
+    data.update(kw)
+    return config_from_dict(data, tmp_path)
+
+
+def wan_file(models_dir):
+    return models_dir / "diffusion_models" / tiny_models.WAN_FILE
+
+
+def both_hosts(comfy, models_dir, tmp_path, recipe_kind, items, **kw):
+    """Train the tiny Wan with the same config on both hosts; returns (diffusers recipe, result), (ComfyUI's)."""
+    th = host.pack("nodes.training_host")
+    model = comfy.run("UNETLoader", unet_name=tiny_models.WAN_FILE, weight_dtype="default")[0]
+    cfg_d, cfg_c = config(tmp_path, "d", **kw), config(tmp_path, "c", **kw)
+    transformer = dtrain.load_transformer(wan_file(models_dir))
+    recipes = []
+    for make in ((dtrain.QueryRecipe, dtrain.EncoderRecipe), (th.QueryRecipe, th.EncoderRecipe)):
+        torch.manual_seed(0)  # a fresh encoder's init comes from torch's global generator
+        args = (transformer, cfg_d) if not recipes else (model, cfg_c)
+        recipes.append(make[0](*args) if recipe_kind == "query" else make[1](*args, (13, 16, 16)))
+    rd, rc = recipes
+    return (rd, train(cfg_d, rd, items)), (rc, train(cfg_c, rc, items))
+
+
+@pytest.mark.parametrize("poses", [False, True], ids=["no_camera", "camera"])
+def test_query_recipe_trains_alike_on_both_hosts(comfy, models_dir, tmp_path, poses):
+    (rd, res_d), (rc, res_c) = both_hosts(comfy, models_dir, tmp_path, "query", clip_items(poses=poses))
+    assert len(res_d.losses) == 3
+    for a, b in zip(res_d.losses, res_c.losses, strict=True):
+        assert abs(a - b) <= 2e-5 * abs(b)
+    # the diffusers export is a ComfyUI Wan: loaded by ComfyUI, it computes what the trained transformer computes
+    wan_export, query_export = res_d.exported
+    assert query_export.name == "memlearner_query.safetensors"
+    models = host.Path(comfy.folder_paths.get_folder_paths("diffusion_models")[0])
+    shutil.copy(wan_export, models / "diffusers_trained.safetensors")
+    try:
+        tuned = comfy.run("UNETLoader", unet_name="diffusers_trained.safetensors", weight_dtype="default")[0]
+        x, t, txt = torch.randn(1, 16, 2, 8, 8), torch.tensor([0.0]), torch.randn(1, 8, 4096)
+        rd.transformer.eval()
+        with torch.no_grad():
+            out_d = rd.transformer(hidden_states=x, timestep=t, encoder_hidden_states=txt, return_dict=False)[0]
+        assert rel_err(model_forward(tuned, x, t, txt), out_d) < 1e-5
+    finally:
+        (models / "diffusers_trained.safetensors").unlink()
+
+
+def test_encoder_recipe_trains_alike_on_both_hosts(comfy, models_dir, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    clips = [torch.randn(16, 5, 8, 8, generator=g) for _ in range(3)]
+    refs = [torch.randn(16, 13, 16, 16, generator=g) for _ in range(3)]
+    items = [(clips[i], [refs[j] for j in range(3) if j != i], torch.randn(1, 8, 4096, generator=g), None)
+             for i in range(3)]
+    (rd, res_d), (rc, res_c) = both_hosts(comfy, models_dir, tmp_path, "encoder", items, recipe="encoder",
+                                          steps=2, lr=1e-3, top_k_references=2)
+    for a, b in zip(res_d.losses, res_c.losses, strict=True):
+        assert abs(a - b) <= 2e-5 * abs(b)
+    assert not any(p.requires_grad for p in rd.transformer.parameters())
+
+
+def write_latent_clips(data, n=3, frames=5):
+    data.mkdir()
+    g = torch.Generator().manual_seed(3)
+    for i in range(n):
+        save_file({"latent": torch.randn(16, frames, 8, 8, generator=g)}, str(data / f"clip{i}.safetensors"),
+                  metadata={"caption": f"clip {i % 2}"})
+
+
+def write_run(tmp_path, models_dir, steps, extra=""):
+    write_latent_clips(tmp_path / "data") if not (tmp_path / "data").exists() else None
+    path = tmp_path / "run.toml"
+    path.write_text(f'''recipe = "query"
+host = "diffusers"
+data_dir = "data"
+output_dir = "run"
+model_file = "{wan_file(models_dir)}"
+data_format = "latents"
+text = "none"
+steps = {steps}
+checkpoint_every = 2
+clip_frames = 17
+width = 64
+height = 64
+query_layers = 2
+predict_latent_frames = 2
+max_context_multiple = 1
+mixed_precision = "fp32"
+lr = 1e-4
+''' + extra)
+    return path
+
+
+def test_train_command_on_diffusers_exports_what_both_hosts_load(comfy, models_dir, tmp_path, capsys):
+    assert main([str(write_run(tmp_path, models_dir, steps=3))]) == 0
+    out = capsys.readouterr().out
+    assert "trained 3 steps (from 0)" in out
+    wan_export = tmp_path / "run" / "export" / "memlearner_wan21.safetensors"
+    assert str(wan_export) in out and (tmp_path / "run" / "export" / "memlearner_query.safetensors").is_file()
+    reloaded = dtrain.load_transformer(wan_export)  # and back into diffusers
+    assert convert.diffusers_to_comfy(reloaded.state_dict()).keys() == \
+        convert.diffusers_to_comfy(dtrain.load_transformer(wan_file(models_dir)).state_dict()).keys()
+
+
+def test_diffusers_run_resumes_exactly(comfy, models_dir, tmp_path, capsys):
+    once = tmp_path / "once"
+    once.mkdir()
+    assert main([str(write_run(once, models_dir, steps=4))]) == 0
+    split = tmp_path / "split"
+    split.mkdir()
+    assert main([str(write_run(split, models_dir, steps=2))]) == 0
+    assert main([str(write_run(split, models_dir, steps=4))]) == 0
+    assert "trained 4 steps (from 2)" in capsys.readouterr().out
+    a = dtrain.load_transformer(once / "run" / "export" / "memlearner_wan21.safetensors").state_dict()
+    b = dtrain.load_transformer(split / "run" / "export" / "memlearner_wan21.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_export_has_comfyuis_lora_keys(comfy, models_dir, tmp_path):
+    th = host.pack("nodes.training_host")
+    cfg = config(tmp_path, lora_rank=4, steps=1)
+    rd = dtrain.QueryRecipe(dtrain.load_transformer(wan_file(models_dir)), cfg)
+    assert all("lora_" in n or n.startswith("camera.") for n in rd.trainable())
+    rc = th.QueryRecipe(comfy.run("UNETLoader", unet_name=tiny_models.WAN_FILE, weight_dtype="default")[0], cfg)
+    ours, theirs = dtrain.comfy_lora_state(rd.transformer, 4), th.comfy_lora_state(rc.dm, 4)
+    assert ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+def test_diffusers_host_needs_pre_encoded_clips():
+    with pytest.raises(ConfigError, match='host = "diffusers" trains on pre-encoded clips'):
+        config_from_dict(dict(recipe="query", data_dir="d", output_dir="o", model_file="m", vae_file="v",
+                              host="diffusers"))
+    with pytest.raises(ConfigError, match="'host' must be one of 'comfyui', 'diffusers'"):
+        config_from_dict(dict(recipe="query", data_dir="d", output_dir="o", model_file="m", host="torch"))
+
+
+def test_latent_space_matches_comfyuis(comfy):
+    import comfy.latent_formats
+
+    z = torch.randn(16, 2, 4, 4)
+    torch.testing.assert_close(dtrain.latent_in(z), comfy.latent_formats.Wan21().process_in(z[None])[0])
