@@ -170,3 +170,13 @@ def test_latent_space_matches_comfyuis(comfy):
 
     z = torch.randn(16, 2, 4, 4)
     torch.testing.assert_close(dtrain.latent_in(z), comfy.latent_formats.Wan21().process_in(z[None])[0])
+
+
+def test_model_file_may_be_a_diffusers_folder(tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    tr = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=128, ffn_dim=512, num_layers=2, text_dim=64)
+    tr.save_pretrained(str(tmp_path / "Wan-Diffusers" / "transformer"))  # a whole pipeline folder's layout
+    for folder in (tmp_path / "Wan-Diffusers", tmp_path / "Wan-Diffusers" / "transformer"):
+        loaded = dtrain.load_transformer(folder).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in tr.state_dict().items())
