@@ -180,3 +180,27 @@ def test_model_file_may_be_a_diffusers_folder(tmp_path):
     for folder in (tmp_path / "Wan-Diffusers", tmp_path / "Wan-Diffusers" / "transformer"):
         loaded = dtrain.load_transformer(folder).state_dict()
         assert all(torch.equal(loaded[k], v) for k, v in tr.state_dict().items())
+
+
+def test_training_flow_matches_diffusers_scheduler():
+    """The core's flow-matching target (memlearner_core.training.flow_matching) is the flow diffusers' Wan
+    scheduler samples: the same shifted sigmas and timesteps, the same noising, and an Euler step along the
+    velocity target moves exactly along the straight line."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from memlearner_core.training.flow_matching import noisy_latents, shift_sigma, timesteps, velocity_target
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    unshifted = torch.linspace(1.0, 0.05, 10)  # a grid of sigmas before the scheduler's shift
+    sched.set_timesteps(sigmas=unshifted.tolist())
+    torch.testing.assert_close(sched.sigmas[:-1], shift_sigma(unshifted, 5.0))
+    torch.testing.assert_close(sched.timesteps, timesteps(sched.sigmas[:-1]))
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 16, 2, 4, 4, generator=g)
+    t = sched.timesteps[3:4]
+    sigma = sched.sigmas[3:4]
+    xt = noisy_latents(x0, noise, sigma)
+    torch.testing.assert_close(sched.scale_noise(x0, t, noise), xt)
+    sched.set_begin_index(3)
+    stepped = sched.step(velocity_target(x0, noise), t, xt, return_dict=False)[0]
+    torch.testing.assert_close(stepped, noisy_latents(x0, noise, sched.sigmas[4:5]))
