@@ -163,3 +163,32 @@ def test_gradients_flow_through_both_memories_with_checkpointing(pipe, models_di
         remove_memory(tr)
     assert grads[False].abs().max() > 0
     assert torch.allclose(grads[True], grads[False], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_both_memories_in_half_precision_stay_near_float32(pipe, models_dir, dtype):
+    """A pipeline in bf16/fp16 (as users run Wan2.1): the memories add no more error than the plain model's own
+    rounding (the ComfyUI host's bound for bf16 and fp16 weights: 5% and 2% max-norm relative error)."""
+    import copy
+
+    g = torch.Generator().manual_seed(6)
+    x, txt = torch.randn(1, 16, 2, 8, 8, generator=g), torch.randn(1, 8, 4096, generator=g)
+    encoder = load_memory_encoder(tiny_models.model_paths(models_dir)["encoder"])
+    memory = ReferenceMemory.from_latents(torch.randn(1, 16, 13, 16, 16, generator=g), encoder)
+    spec = ContextSpec.from_history(torch.randn(16, 3, 8, 8, generator=g))
+    half = copy.deepcopy(pipe.transformer).to(dtype)
+    outs = {}
+    for name, tr, dt in (("full", pipe.transformer, torch.float32), ("half", half, dtype)):
+        with torch.no_grad():
+            plain = tr(x.to(dt), torch.full((1,), 700.0), txt.to(dt), return_dict=False)[0].float()
+            apply_memory(tr, memory=memory, query=QueryMemory(2, spec, query_pool=2, seed=3))
+            try:
+                patched = tr(x.to(dt), torch.full((1,), 700.0), txt.to(dt), return_dict=False)[0]
+            finally:
+                remove_memory(tr)
+        assert patched.dtype == dt
+        outs[name] = plain, patched.float()
+    err = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    bound = 0.05 if dtype == torch.bfloat16 else 0.02
+    plain_err, patched_err = err(outs["half"][0], outs["full"][0]), err(outs["half"][1], outs["full"][1])
+    assert patched_err < bound and patched_err < 3 * plain_err + 1e-3
