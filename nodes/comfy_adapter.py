@@ -202,13 +202,22 @@ def rope_for_latent(dm: wan.WanModel, t: int, h: int, w: int, device, dtype, tra
     return dm.rope_encode(t, h, w, device=device, dtype=dtype, transformer_options=transformer_options)
 
 
-def forward_with_positions(dm: wan.WanModel, x: torch.Tensor, timestep, context, freqs: torch.Tensor,
+def forward_with_positions(executor, x: torch.Tensor, timestep, context, freqs: torch.Tensor,
                            transformer_options: dict, clip_fea=None, **kwargs) -> torch.Tensor:
-    """``WanModel._forward`` with the RoPE tables given: stock ``forward_orig`` (embedding, every block, head,
-    unpatchify) on a patch-padded latent ``x [B, 16, T, H, W]``. Re-implemented because the host offers no hook
-    for positions: ``_forward`` always builds a regular grid, and query tokens sit at the video's positions."""
-    return dm.forward_orig(x, timestep, context, clip_fea=clip_fea, freqs=freqs,
-                           transformer_options=transformer_options, **kwargs)
+    """The rest of a DIFFUSION_MODEL wrapper chain (``executor``: the wrappers installed after this one still run),
+    ending in ``WanModel._forward`` with the RoPE tables given: stock ``forward_orig`` (embedding, every block,
+    head, unpatchify) on a patch-padded latent ``x [B, 16, T, H, W]``. Re-implemented because the host offers no
+    hook for positions: ``_forward`` always builds a regular grid, and query tokens sit at the video's positions."""
+    import comfy.patcher_extension
+
+    dm = executor.class_obj
+
+    def forward(x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={}, **kwargs):  # noqa: B006
+        return dm.forward_orig(x, timestep, context, clip_fea=clip_fea, freqs=freqs,
+                               transformer_options=transformer_options, **kwargs)
+
+    rest = comfy.patcher_extension.WrapperExecutor.new_class_executor(forward, dm, executor.wrappers, executor.idx)
+    return rest(x, timestep, context, clip_fea, None, transformer_options, **kwargs)
 
 
 def pad_latent(dm: wan.WanModel, x: torch.Tensor) -> torch.Tensor:

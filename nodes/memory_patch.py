@@ -421,7 +421,7 @@ def diffusion_model_wrapper(executor, x, timestep, context, clip_fea=None, time_
     opts = with_block_slots(opts, st, len(dm.blocks))
     st.transformer_options = opts
     n_frames = q_latent.shape[2]
-    out = wa.forward_with_positions(dm, torch.cat([q_latent, xp], 2), timestep, context,
+    out = wa.forward_with_positions(executor, torch.cat([q_latent, xp], 2), timestep, context,
                                     torch.cat([freqs_q, freqs_p], 1), opts, clip_fea=clip_fea, **kwargs)
     return out[:, :, n_frames:][:, :, :t, :h, :w]
 

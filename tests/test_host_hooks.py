@@ -152,6 +152,28 @@ def test_a_users_attention_override_sees_the_memory_calls_and_keeps_the_result(c
         assert rel_err(probe_forward(apply(m), run_seed=3), ref) > 1e-3  # the override is really in the path
 
 
+@pytest.mark.parametrize("kind", ["reference", "query"])
+def test_a_model_wrapper_added_after_the_memory_still_runs(comfy, wan_model, memory, kind):
+    """ComfyUI calls DIFFUSION_MODEL wrappers in the order they were added: the memory's must hand on to those
+    after it, and to the stock forward."""
+    patcher_extension = host.pack("nodes.memory_patch").comfy.patcher_extension
+    if kind == "reference":
+        model = comfy.run("MemLearnerApplyReferenceMemory", model=wan_model, memory=memory)[0]
+    else:
+        model = comfy.run("MemLearnerApplyQueryMemory", model=wan_model, context=history(3), query_layers=2)[0]
+    ref = probe_forward(model, run_seed=3)
+    seen = []
+
+    def wrapper(executor, x, *args, **kwargs):
+        seen.append(tuple(x.shape))
+        return executor(x, *args, **kwargs)
+
+    wrapped = model.clone()
+    wrapped.add_wrapper_with_key(patcher_extension.WrappersMP.DIFFUSION_MODEL, "probe", wrapper)
+    assert torch.equal(probe_forward(wrapped, run_seed=3), ref)
+    assert len(seen) == 1
+
+
 @pytest.mark.parametrize("skipped", ["first", "last"])
 def test_query_memory_runs_with_a_block_skipped_by_another_patch(comfy, wan_model, skipped):
     """Skip-layer guidance replaces blocks with a patch that returns its input: the query tokens must not depend
