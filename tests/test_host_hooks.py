@@ -33,6 +33,7 @@ class Probe:
     def __init__(self):
         self.calls = Counter()
         self.self_keys = []  # (query length, key length) of each attention call the override saw
+        self.grids = []  # (transformer_options["grid_sizes"], sequence length) where the host sets grid_sizes
 
     def __deepcopy__(self, memo):
         return self
@@ -41,6 +42,9 @@ class Probe:
         self.calls["optimized_attention_override"] += 1
         assert kwargs.get("transformer_options") is not None
         self.self_keys.append((args[0].shape[1], args[1].shape[1]))
+        grid = kwargs["transformer_options"].get("grid_sizes")
+        if grid is not None and args[1].shape[1] == 512:  # cross-attention: every token of the sequence queries
+            self.grids.append((tuple(grid), args[0].shape[1]))
         return func(*args, **kwargs)
 
     def attn1(self, args):
@@ -114,6 +118,17 @@ def test_query_memory_calls_every_hook_stock_wan_calls(comfy, wan_model, context
     # each self-attention is two calls (Q's keys, P's keys), each through the override
     assert patched.calls["optimized_attention_override"] == stock.calls["optimized_attention_override"] + n_blocks
     assert patched.calls["double_block"] == stock.calls["double_block"] == 1
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_grid_sizes_describe_the_sequence_the_blocks_run_on(comfy, wan_model, pool):
+    probe = hooks(wan_model, attn_patches=False, apply=lambda m: comfy.run(
+        "MemLearnerApplyQueryMemory", model=m, context=history(2), query_layers=2, query_pool=pool)[0])
+    if not probe.grids:
+        pytest.skip("this ComfyUI does not set transformer_options['grid_sizes']")
+    x = inputs()[0]
+    for grid, tokens in probe.grids:
+        assert grid[0] * grid[1] * grid[2] == tokens and grid[0] > x.shape[2]  # Q's frames, then the video's
 
 
 def test_query_memory_with_attention_patches_is_refused_where_wan_calls_them(comfy, wan_model):
