@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy
 import torch
+import torch.nn.functional as F
 from comfy_api.latest import io
 
 from memlearner_core.trajectory import parse_trajectory, preset_names
 
 CUSTOM = "custom JSON"
 CAMERA_PATH = io.Custom("MEMLEARNER_CAMERA_PATH")
+PREVIEW_FRAMES, PREVIEW_SIZE = 32, 256  # a preset is drawn with 32 poses (its shape does not depend on the count)
 
 
 def trajectory_text(camera: str, trajectory: str) -> str:
@@ -56,6 +59,37 @@ class CameraPathSpec:
         return parse_trajectory(self.text, n_frames)
 
 
+def preview(poses: torch.Tensor, size: int = PREVIEW_SIZE) -> torch.Tensor:
+    """IMAGE ``[1, size, size, 3]``: the path seen from above (x right, z up the image), a dot per pose from blue
+    (first) to orange (last), each with a tick along its viewing direction."""
+    from PIL import Image, ImageDraw
+
+    xz = poses[:, [0, 2], 3].double()
+    look = F.normalize(poses[:, [0, 2], 2].double(), dim=1)  # the viewing direction (third column of R), from above
+    lo, hi = xz.amin(0), xz.amax(0)
+    spread = float((hi - lo).max())
+    span = max(spread, 1e-6) * 1.3  # room for the ticks
+    tick = 10 if spread > 1e-6 else size * 0.4  # a camera that only turns: long ticks, a fan of views
+    centre, margin = (lo + hi) / 2, 16
+
+    def px(p: torch.Tensor) -> tuple[float, float]:
+        u = (p - centre) / span * (size - 2 * margin)
+        return size / 2 + float(u[0]), size / 2 - float(u[1])
+
+    im = Image.new("RGB", (size, size), (24, 26, 30))
+    d = ImageDraw.Draw(im)
+    if len(xz) > 1:
+        d.line([px(p) for p in xz], fill=(90, 96, 104), width=1)
+    n = len(xz)
+    for i, (p, v) in enumerate(zip(xz, look, strict=True)):
+        a = i / max(n - 1, 1)
+        colour = (round(70 + 185 * a), round(150 - 20 * a), round(240 - 210 * a))
+        x, y = px(p)
+        d.line([(x, y), (x + tick * float(v[0]), y - tick * float(v[1]))], fill=colour, width=1)
+        d.ellipse((x - 2.5, y - 2.5, x + 2.5, y + 2.5), fill=colour)
+    return torch.from_numpy(numpy.asarray(im, dtype=numpy.float32) / 255.0)[None]
+
+
 class CameraPath(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -76,7 +110,9 @@ class CameraPath(io.ComfyNode):
                                         "numbers, or [{\"position\": [x,y,z], \"yaw\": deg, \"pitch\": deg}, ...], "
                                         "at least one pose per latent frame of the video."),
             ],
-            outputs=[CAMERA_PATH.Output(display_name="camera_path")],
+            outputs=[CAMERA_PATH.Output(display_name="camera_path"),
+                     io.Image.Output(display_name="preview", tooltip="The path from above: blue first, orange last, "
+                                                                     "a tick along each view.")],
         )
 
     @classmethod
@@ -95,4 +131,6 @@ class CameraPath(io.ComfyNode):
 
     @classmethod
     def execute(cls, camera: str, trajectory: str = "") -> io.NodeOutput:
-        return io.NodeOutput(CameraPathSpec.from_inputs(camera, trajectory))
+        spec = CameraPathSpec.from_inputs(camera, trajectory)
+        poses = parse_trajectory(spec.text, None if camera == CUSTOM else PREVIEW_FRAMES)
+        return io.NodeOutput(spec, preview(poses))

@@ -96,6 +96,21 @@ def test_camera_path_gives_the_trajectory_poses(comfy):
     assert torch.equal(custom.poses(3), parse_trajectory(poses))
 
 
+def test_camera_path_preview_draws_the_path_from_above(comfy):
+    def lit(camera):  # the pixels off the background, and the columns and rows they fill
+        image = comfy.run("MemLearnerCameraPath", camera=camera, trajectory="")[1]
+        assert image.shape == (1, 256, 256, 3) and image.min() >= 0 and image.max() <= 1
+        on = (image[0] - image[0, 0, 0]).abs().sum(-1) > 0.1
+        return on.any(0).nonzero().flatten(), on.any(1).nonzero().flatten()
+
+    cols, rows = lit("walk_and_revisit")  # straight ahead along z: a vertical line up the image
+    assert cols.max() - cols.min() < 8 and rows.max() - rows.min() > 150
+    cols, rows = lit("orbit")  # a circle
+    assert cols.max() - cols.min() > 150 and rows.max() - rows.min() > 150
+    cols, rows = lit("pan_and_return")  # turning on the spot, 0 to 90 degrees: a fan up and to the right
+    assert 100 < cols.max() - cols.min() < 128 and 100 < rows.max() - rows.min() < 128 and cols.min() >= 124
+
+
 @pytest.mark.parametrize("node, values, message", [
     ("MemLearnerCameraPath", dict(camera="orbit", trajectory='{"radius": -1}'), "radius > 0"),
     ("MemLearnerCameraPath", dict(camera="custom JSON", trajectory="[[1, 2"), "not valid JSON"),
