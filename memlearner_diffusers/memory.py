@@ -33,6 +33,7 @@ from memlearner_core.memory_encoder import MemoryEncoder
 from memlearner_core.memory_settings import check_memory_settings
 from memlearner_core.memory_tokens import MemoryTokens
 from memlearner_core.query_layers import ContextKV, query_memory_attention
+from memlearner_core.training.recipes import TrainableMemory
 
 from . import wan_host as wh
 
@@ -72,25 +73,6 @@ class ReferenceMemory:
                 raw = self.encoder(self.latents.to(device=p.device, dtype=p.dtype))
             self._tokens = MemoryTokens.deduplicated(raw) if self.deduplicate else MemoryTokens.full(raw)
         return self._tokens if self.strength == 1.0 else self._tokens.with_strength(self.strength)
-
-
-@dataclass
-class TrainableMemory:
-    """Reference memory whose tokens keep their gradients (training a memory encoder against a frozen Wan):
-    ``latents [1, N, 16, T, H, W]`` in the transformer's latent space, tokens recomputed in every forward (dropout,
-    shuffling) and never de-duplicated (the collapse is exact for a fixed encoder only)."""
-
-    latents: torch.Tensor
-    encoder: MemoryEncoder
-    strength: float = 1.0
-
-    @property
-    def width(self) -> int:
-        return self.encoder.cfg.width
-
-    def tokens(self) -> MemoryTokens:
-        p = next(self.encoder.parameters())
-        return MemoryTokens.full(self.encoder(self.latents.to(device=p.device)))
 
 
 @dataclass

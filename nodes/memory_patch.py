@@ -35,6 +35,7 @@ from memlearner_core.context_tokens import (
 from memlearner_core.memory_encoder import MemoryEncoder
 from memlearner_core.memory_tokens import MemoryTokens
 from memlearner_core.query_layers import ContextKV, query_memory_attention
+from memlearner_core.training.recipes import TrainableMemory
 
 from . import comfy_adapter as wa
 from . import memory_estimate
@@ -86,33 +87,6 @@ class ReferenceMemory:
     def managed_models(self) -> list:
         """Modules ComfyUI loads and offloads with the patched model."""
         return [self.encoder]
-
-
-@dataclass
-class TrainableMemory:
-    """Reference memory whose tokens keep their gradients (training a memory encoder against a frozen Wan).
-
-    ``latents [1, N, 16, T, H, W]`` in the model's latent space; ``encoder`` a plain ``MemoryEncoder`` owned by
-    the trainer. Tokens are recomputed on every forward (dropout, shuffling) and never de-duplicated: the
-    collapse is exact for a fixed encoder only."""
-
-    latents: torch.Tensor
-    encoder: MemoryEncoder
-    strength: float = 1.0
-
-    @property
-    def width(self) -> int:
-        return self.encoder.cfg.width
-
-    def tokens(self) -> MemoryTokens:
-        p = next(self.encoder.parameters())
-        return MemoryTokens.full(self.encoder(self.latents.to(device=p.device)))
-
-    def prepare(self) -> None:
-        """Nothing to do ahead: the tokens are recomputed, with their gradients, in every forward."""
-
-    def managed_models(self) -> list:
-        return []
 
 
 def context_in_model_space(spec: ContextSpec) -> ContextSpec:

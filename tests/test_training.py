@@ -6,6 +6,8 @@ import shutil
 import pytest
 import torch
 
+from memlearner_core.checkpoint_io import load_query_weights
+from memlearner_core.training import recipes
 from memlearner_core.training.config import config_from_dict
 from memlearner_core.training.trainer import train
 
@@ -100,7 +102,7 @@ def test_lora_trains_only_the_adapters_and_loads_with_comfyuis_lora_loader(comfy
     result = train(cfg, recipe, clip_items())
     assert torch.equal(recipe.dm.blocks[0].self_attn.q.base_layer.weight, before)
     lora_file, query_file = result.exported
-    assert lora_file.name == th.LORA_EXPORT
+    assert lora_file.name == recipes.LORA_EXPORT
     loras = host.Path(comfy.folder_paths.get_folder_paths("loras")[0])
     weights = host.Path(comfy.folder_paths.get_folder_paths("memlearner")[0])
     shutil.copy(lora_file, loras / "trained_lora.safetensors")
@@ -227,7 +229,7 @@ def test_encoder_recipe_draws_top_k_references_from_the_pool_each_step(comfy, mo
     th = host.pack("nodes.training_host")
     calls = recording_denoise_loss(monkeypatch, th)
     drawn = []
-    monkeypatch.setattr(th, "resample_latent", lambda r, shape: drawn.append(r) or r)
+    monkeypatch.setattr(recipes, "resample_latent", lambda r, shape: drawn.append(r) or r)
     cfg = encoder_config(tmp_path, models_dir, steps=4, top_k_references=2, reference_pool=4)
     recipe = th.EncoderRecipe(fresh_wan(comfy), cfg, (13, 16, 16))
     pool = encoder_items(n=5, k=4)
@@ -250,7 +252,7 @@ def test_query_recipe_continues_from_a_query_file(comfy, tmp_path):
     cfg = query_config(tmp_path / "first", steps=2)
     _, query_file = train(cfg, th.QueryRecipe(fresh_wan(comfy), cfg), clip_items()).exported
     again = th.QueryRecipe(fresh_wan(comfy), query_config(tmp_path, query_file=str(query_file)))
-    saved = th.load_query_weights(query_file).camera
+    saved = load_query_weights(query_file).camera
     assert torch.equal(again.camera.proj.weight.detach(), saved["proj.weight"])
     assert again.camera.proj.weight.requires_grad
     with pytest.raises(ValueError, match="query_layers = 2, but the config says 3: set query_layers = 2"):
