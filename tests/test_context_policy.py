@@ -256,3 +256,53 @@ def test_framepack_picks_the_same_pattern_relative_to_the_newest_frame_for_every
         return [(n - 1 - p.index, p.pool) for p in by_age(select_context("framepack", n, 1000, (16, 16)))]
     assert all(pattern(n) == pattern(300) for n in range(200, 300))
     assert math.isclose(sum(frame_cost(16, 16, pool) for _, pool in pattern(300)), 1000, rel_tol=0.01)
+
+
+# --- edges of the input checks (found by the mutation run: see README, Tests) ---------------------------------
+
+@pytest.mark.parametrize("fov_deg, ok", [(0, False), (0.5, True), (180, True), (180.5, False), (-10, False)])
+def test_fov_angle_is_taken_in_the_half_open_interval_0_to_180(fov_deg, ok):
+    if ok:
+        assert len(pick("fov", 5, 3 * frame_cost(16, 16), fov_deg=fov_deg)) == 3
+    else:
+        with pytest.raises(ContextPolicyError, match=r"fov_deg must be in \(0, 180\]"):
+            pick("fov", 5, 3 * frame_cost(16, 16), fov_deg=fov_deg)
+
+
+def test_a_wider_fov_changes_which_frames_overlap():
+    """fov_deg reaches the overlap score: a pose 70 degrees off shares no view at 60 degrees but does at 120."""
+    history = torch.stack([pose_from_position([0, 0, 0], a) for a in (70, 0, 0)])  # frame 0 turned away
+    chunk = pose_from_position([0, 0, 0], 0)[None]
+    assert [p.index for p in pick("fov", 3, frame_cost(16, 16), history_poses=history, chunk_poses=chunk)] == [2]
+    wide = pick("fov", 3, 3 * frame_cost(16, 16), history_poses=history, chunk_poses=chunk, fov_deg=120)
+    narrow = pick("fov", 3, 3 * frame_cost(16, 16), history_poses=history, chunk_poses=chunk)
+    assert [p.index for p in wide] == [p.index for p in narrow] == [0, 1, 2]  # the budget fits all three
+    history2 = torch.stack([pose_from_position([0, 0, 0], a) for a in (70, 100, 0)])
+    two = dict(history_poses=history2, chunk_poses=chunk)
+    assert [p.index for p in pick("fov", 3, 2 * frame_cost(16, 16), **two)] == [1, 2]  # no overlap: newest first
+    assert [p.index for p in pick("fov", 3, 2 * frame_cost(16, 16), fov_deg=120, **two)] == [0, 2]
+
+
+@pytest.mark.parametrize("hw", [(1, 8), (8, 1)])
+def test_a_latent_one_token_row_or_column_wide_is_a_valid_size(hw):
+    assert [p.index for p in select_context("recent", 3, 2 * frame_cost(*hw), hw)] == [1, 2]
+
+
+@pytest.mark.parametrize("hw, n", [((0, 8), 3), ((8, 0), 3), ((8, 8), -1)])
+def test_an_empty_latent_or_negative_history_is_an_error(hw, n):
+    with pytest.raises(ContextPolicyError, match="latent size >= 1x1 and n_history >= 0"):
+        select_context("recent", n, 100, hw)
+
+
+def test_view_overlap_refuses_either_pose_of_the_wrong_shape():
+    good = pose_from_position([0, 0, 0], 0)
+    for a, b in ((good, torch.zeros(4, 4)), (torch.zeros(3, 3), good)):
+        with pytest.raises(ContextPolicyError, match=r"two poses \[3, 4\]"):
+            view_overlap(a, b)
+
+
+def test_chunk_poses_must_hold_at_least_one_pose():
+    with pytest.raises(ContextPolicyError, match=r"chunk_poses must be \[T, 3, 4\] with T >= 1, got \(0, 3, 4\)"):
+        pick("fov", 3, 100, chunk_poses=torch.zeros(0, 3, 4))
+    with pytest.raises(ContextPolicyError, match=r"history_poses must be \[3, 3, 4\] \(one per history frame\)"):
+        pick("fov", 3, 100, history_poses=poses_for(2))

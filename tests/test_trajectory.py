@@ -241,3 +241,76 @@ def test_fewer_poses_than_the_video_needs_is_an_error_giving_both_counts():
 
 def test_json_that_is_neither_list_nor_object_is_an_error():
     raises("3", "list of poses")
+
+
+# --- edges of the input checks (found by the mutation run: see README, Tests) ---------------------------------
+
+def test_a_preset_of_one_frame_is_valid_and_zero_frames_or_a_bool_are_not():
+    assert parse_trajectory('{"preset": "orbit"}', 1).shape == (1, 3, 4)
+    for n in (0, True, 2.0):
+        with pytest.raises(TrajectoryError, match="n_frames must be a positive number of latent frames"):
+            parse_trajectory('{"preset": "orbit"}', n)
+
+
+def test_preset_names_only_its_own_parameters():
+    with pytest.raises(TrajectoryError, match="has no parameter speed; its parameters are: radius, center, degrees"):
+        preset("orbit", 3, speed=2)
+    with pytest.raises(TrajectoryError, match="has no parameter n_frames"):
+        PRESETS["orbit"](3, n_frames=4)
+
+
+@pytest.mark.parametrize("poses, message", [
+    (torch.zeros(0, 3, 4), r"poses \[T, 3, 4\] with T >= 1, got \(0, 3, 4\)"),
+    (torch.zeros(2, 4, 4), r"poses \[T, 3, 4\] with T >= 1, got \(2, 4, 4\)"),
+])
+def test_poses_of_the_wrong_shape_or_none_at_all_are_an_error(poses, message):
+    from memlearner_core.trajectory import validate_poses
+
+    with pytest.raises(TrajectoryError, match=message):
+        validate_poses(poses)
+
+
+def test_a_non_finite_pose_is_named_by_its_index():
+    rows = [IDENTITY] * 4
+    rows[2] = [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, "NaN"]]
+    text = json.dumps(rows).replace('"NaN"', "NaN")
+    with pytest.raises(TrajectoryError, match="pose 2, entry \\[2\\]\\[3\\] must be a finite number"):
+        parse_trajectory(text)
+    from memlearner_core.trajectory import validate_poses
+
+    poses = torch.eye(3, 4).repeat(4, 1, 1)
+    poses[2, 1, 3] = float("inf")
+    with pytest.raises(TrajectoryError, match="pose 2 of the trajectory has a non-finite number"):
+        validate_poses(poses)
+
+
+def test_a_reflection_is_named_by_its_index():
+    from memlearner_core.trajectory import validate_poses
+
+    poses = torch.eye(3, 4).repeat(3, 1, 1)
+    poses[1, 0, 0] = -1
+    with pytest.raises(TrajectoryError, match="pose 1 of the trajectory: its rotation has determinant -1"):
+        validate_poses(poses)
+
+
+@pytest.mark.parametrize("pose, shape", [([1, 2, 3], "3 numbers"), ([[1, 2], 3], "an irregular nesting"),
+                                         ([[1, 2, 3, 4], [5, 6]], "2x2/4"), (list(range(11)), "11 numbers")])
+def test_a_pose_of_the_wrong_shape_says_what_shape_it_has(pose, shape):
+    with pytest.raises(TrajectoryError, match=f"pose 0 has shape {shape};"):
+        parse_trajectory(json.dumps([pose]))
+
+
+def test_position_needs_three_numbers_and_names_what_is_wrong():
+    with pytest.raises(TrajectoryError, match=r"position must be 3 numbers \[x, y, z\], got \[1, 2\]"):
+        pose_from_position([1, 2], 0)
+    with pytest.raises(TrajectoryError, match=r"pose 1 position\[2\] must be a number"):
+        parse_trajectory(json.dumps([{"position": [0, 0, 0]}, {"position": [0, 0, "x"]}]))
+    with pytest.raises(TrajectoryError, match="pose 0 yaw must be a number"):
+        parse_trajectory(json.dumps([{"position": [0, 0, 0], "yaw": "left"}]))
+    with pytest.raises(TrajectoryError, match="pitch must be a finite number"):
+        pose_from_position([0, 0, 0], 0, float("nan"))
+
+
+def test_trajectory_json_refuses_poses_that_are_not_3x4():
+    with pytest.raises(TrajectoryError, match=r"expected poses \[T, 3, 4\], got \(2, 3, 3\)"):
+        trajectory_json(torch.zeros(2, 3, 3))
