@@ -66,7 +66,10 @@ PATHS = ("pan_and_return", "walk_and_revisit")
 PREFIX = "dit_mem"
 BACKBONES = ("backbone", "query_backbone")
 ENCODERS = ("encoder", "encoder_query")
-RANDOM_ENCODER = f"{PREFIX}_random_encoder.safetensors"
+RANDOM_ENCODER = f"{PREFIX}_random_encoder.safetensors"  # the trained encoders' starting point
+# The DiT-Mem encoder's structure (two FFT-filtered conv branches, a shared self-attention) at toy scale: the
+# released widths (512, 768 channels, 100 tokens per video) cost 14x more per step on a CPU for 8x8 latents.
+ENCODER = {"hidden_channels": (64, 128), "tokens_per_video": 4}
 # configuration -> (model, encoder or None, reference family offset, query memory)
 CONFIGURATIONS = {
     "no_memory": ("backbone", None, 0, False),
@@ -100,7 +103,8 @@ def training_clip(seed: int, family: rw.Family, n_frames: int) -> torch.Tensor:
 
 
 def make_data(work: Path, clips_per_family: int, n_frames: int) -> None:
-    """Clips of every family (captioned with the family's name), and the untrained encoder."""
+    """Clips of every family (captioned with the family's name), and the untrained encoder both encoder runs
+    start from."""
     from memlearner_core.checkpoint_io import save_memory_encoder
     from memlearner_core.memory_encoder import EncoderConfig, MemoryEncoder
 
@@ -117,7 +121,7 @@ def make_data(work: Path, clips_per_family: int, n_frames: int) -> None:
                 write_latent_clip(path, wa.wan21_latent_out(latent), poses, caption=caption(f))
     cfg = load_config(CONFIGS / "encoder.toml")
     torch.manual_seed(0)
-    enc = MemoryEncoder(EncoderConfig(width=256, latent_shape=cfg.reference_latent_shape))
+    enc = MemoryEncoder(EncoderConfig(width=256, latent_shape=cfg.reference_latent_shape, **ENCODER))
     (work / "models" / "memory_encoders").mkdir(parents=True, exist_ok=True)
     save_memory_encoder(enc, work / "models" / "memory_encoders" / RANDOM_ENCODER)
     print(f"[dit_mem] {FAMILIES} x {clips_per_family} clips in {data} ({time.time() - began:.0f}s)", flush=True)
@@ -134,6 +138,7 @@ def config_paths(work: Path):
         if name == "query_backbone":
             out["query_file"] = TOY / "memlearner" / "revisit_query_query.safetensors"
         if name in ENCODERS:
+            out["encoder_file"] = models / "memory_encoders" / RANDOM_ENCODER
             backbone = "backbone" if name == "encoder" else "query_backbone"
             out["model_file"] = models / "diffusion_models" / f"{PREFIX}_{backbone}.safetensors"
             if name == "encoder_query":
@@ -143,10 +148,14 @@ def config_paths(work: Path):
     return paths
 
 
-def train(work: Path, steps: int | None, parallel: int) -> dict:
+def train(work: Path, steps: int | None, parallel: int) -> None:
+    """The backbones, then the encoders against them; a run whose export is already there is skipped, so an
+    interrupted stage picks up where it stopped."""
     paths = config_paths(work)
-    done = rwb.train_all(work, steps, parallel, BACKBONES, CONFIGS, paths, PREFIX)
-    return done | rwb.train_all(work, steps, parallel, ENCODERS, CONFIGS, paths, PREFIX)
+    for group in (BACKBONES, ENCODERS):
+        todo = [n for n in group if not (work / "runs" / n / "export").is_dir()]
+        if todo:
+            rwb.train_all(work, steps, parallel, todo, CONFIGS, paths, PREFIX)
 
 
 def references(nodes, server, wa, encoder_name: str, family: int, clips_per_family: int, work: Path, seed: int):
@@ -201,6 +210,7 @@ def evaluate(work: Path, worlds: int, clips_per_family: int, steps: int) -> tupl
                 if not torch.isfinite(pred).all():
                     raise RuntimeError(f"{cname} produced a non-finite latent on {path}, world {wi}")
                 err = rw.squared_error(pred, case)
+                _family_diagnosis(sums.setdefault(cname, {}), pred, case, fams[f])
                 for metric, mask in (("revisit_psnr", case.labels["revisit"]), ("new_psnr", case.labels["new"])):
                     for key in (metric, f"{metric.removesuffix('_psnr')}@{path}"):
                         s = sums.setdefault(cname, {}).setdefault(key, [0.0, 0])
@@ -210,7 +220,28 @@ def evaluate(work: Path, worlds: int, clips_per_family: int, steps: int) -> tupl
     for cname, metrics in sums.items():
         results[cname] = {m: rw.psnr(*metrics[m]) for m in ("new_psnr", "revisit_psnr")}
         results[cname]["by_path_psnr"] = {m: rw.psnr(*v) for m, v in metrics.items() if "@" in m}
+        for key in ("new_family_bias", "new_spread"):
+            total, count = metrics[key]
+            results[cname][key] = round(total / count, 3)
     return results, examples, wa
+
+
+def _family_diagnosis(sums: dict, pred: torch.Tensor, case: rw.RevisitCase, family: rw.Family) -> None:
+    """Where new-place error comes from, per channel in model space: ``new_family_bias``, the squared distance of
+    the prediction's average colour over the new places from the family's mean (wrong family look), and
+    ``new_spread``, the predictions' mean squared distance from their own average (sampling spread; a world's own
+    content varies by ``within_std^2`` = 0.49 about the family mean). The error against the truth is about
+    bias + spread + 0.49 when the content drawn is independent of the world's."""
+    new = case.labels["new"]
+    if not new.any():
+        return
+    values = pred.float()[:, new]  # [16, n]
+    average = values.mean(1)
+    for key, value in (("new_family_bias", float((average - family.mean).pow(2).mean())),
+                       ("new_spread", float((values - average[:, None]).pow(2).mean()))):
+        s = sums.setdefault(key, [0.0, 0])
+        s[0] += value
+        s[1] += 1
 
 
 TARGETS = (
@@ -235,8 +266,9 @@ def write_results(out: Path, results: dict, examples: dict, wa, meta: dict) -> N
     lines = [f"# DiT-Mem on world families: {meta['command']}", "",
              f"{meta['date']}, commit {meta['commit']}, {meta['machine']}; {meta['worlds']} held-out worlds "
              f"({FAMILIES} families), PSNR = 10 log10(1/MSE) in latent space, capped at {rw.PSNR_CAP:g} dB.", "",
-             "| configuration | new_psnr | revisit_psnr |", "|---|---|---|"]
-    lines += [f"| {k} | {v['new_psnr']:g} | {v['revisit_psnr']:g} |" for k, v in results.items()]
+             "| configuration | new_psnr | revisit_psnr | new_family_bias | new_spread |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['new_psnr']:g} | {v['revisit_psnr']:g} | {v['new_family_bias']:g} | {v['new_spread']:g} |"
+              for k, v in results.items()]
     lines += ["", "| target | met |", "|---|---|"] + [f"| {k} | {'yes' if v else 'NO'} |" for k, v in targets.items()]
     lines += ["", "Training (memlearner-train, " + meta["training_note"] + "):", ""]
     lines += [f"- {k}: {v['seconds']:.0f} s; {v['result']}" for k, v in meta["training"].items()]

@@ -162,7 +162,7 @@ def train_all(work: Path, steps: int | None, parallel: int, models=MODELS, confi
             cmd = [sys.executable, "-m", "memlearner_train", str(config)]
             running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=PACK, env=env), log,
                              time.time())
-            print(f"[revisit] training {name}: {' '.join(cmd)}", flush=True)
+            print(f"[{prefix}] training {name}: {' '.join(cmd)}", flush=True)
         time.sleep(2)
         for name, (proc, log, began) in list(running.items()):
             if proc.poll() is None:
@@ -174,7 +174,7 @@ def train_all(work: Path, steps: int | None, parallel: int, models=MODELS, confi
                 raise RuntimeError(f"training {name} failed ({proc.returncode}):\n{text[-3000:]}")
             done[name] = {"seconds": round(time.time() - began, 1),
                           "result": next(x for x in text.splitlines() if x.startswith("trained "))}
-            print(f"[revisit] trained {name} in {done[name]['seconds']:.0f}s", flush=True)
+            print(f"[{prefix}] trained {name} in {done[name]['seconds']:.0f}s", flush=True)
     for name in models:
         export = work / "runs" / name / "export"
         for file, folder, suffix in (("memlearner_wan21", "diffusion_models", ""), ("memlearner_query", "memlearner",
