@@ -1,7 +1,7 @@
 """``memlearner-train`` with ``host = "diffusers"``: both recipes on diffusers' ``WanTransformer3DModel``.
 
-The loop is the core's (``memlearner_core.training.trainer``: data order, optimizer, mixed precision, DDP under
-``torchrun``, checkpoints and exact resume) and so are the recipes (``memlearner_core.training.recipes``: what a
+The loop is the core's (``memlearner_core.training.trainer``: data order, optimizer, accelerate for processes,
+mixed precision and gradient accumulation, checkpoints and exact resume) and so are the recipes (``memlearner_core.training.recipes``: what a
 step draws, in what order, and the loss), shared with the ComfyUI host (``nodes/training_host.py``); this module
 supplies the transformer, its latent space, its forward with the memories and the export layout. So the same
 config, data and seed give the same losses on both hosts (to the hosts' own float32 difference). The exports are the files the ComfyUI nodes load (the Wan2.1 in ComfyUI's single-file layout, which

@@ -1,5 +1,6 @@
 """``memlearner-train CONFIG.toml``: fine-tune Wan2.1 with query memory, or train a DiT-Mem memory encoder, on a
-folder of captioned videos. ``torchrun --nproc_per_node N -m memlearner_train CONFIG.toml`` trains on N GPUs.
+folder of captioned videos. ``accelerate launch --multi_gpu --num_processes N -m memlearner_train CONFIG.toml`` (or
+``torchrun --nproc_per_node N -m memlearner_train CONFIG.toml``) trains on N GPUs.
 
 The model, VAE and text encoder are loaded by ComfyUI as a library (``COMFYUI_PATH``, or the ComfyUI this pack
 sits in, or ``.host/ComfyUI``), and training runs the very patches the nodes install, so the exported files load

@@ -132,8 +132,8 @@ def check_files(cfg: TrainConfig, text_fn=None) -> None:
 def run_training(cfg: TrainConfig, text_fn=None):
     """Load the model, VAE and text encoder with ComfyUI, encode the clips once (cached), train, export.
 
-    Under ``torchrun`` every process trains on its own GPU (see ``training.distributed``); the first one encodes
-    the clips into the cache, the others read them from it. ``text_fn(caption) -> [1, L, 4096]`` replaces
+    Under ``accelerate launch`` or ``torchrun`` every process trains on its own GPU (see ``training.distributed``);
+    the first one encodes the clips into the cache, the others read them from it. ``text_fn(caption) -> [1, L, 4096]`` replaces
     loading ``cfg.text_encoder_file`` (tests)."""
     import comfy.sd
     import comfy.utils

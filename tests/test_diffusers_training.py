@@ -12,7 +12,12 @@ import host
 if host.use_gpu():
     pytest.importorskip("diffusers", reason="diffusers is not installed on this GPU machine")
 
+import json  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -154,6 +159,28 @@ def test_diffusers_run_resumes_exactly(comfy, models_dir, tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="two processes need two GPUs here; on the CPU they share it")
+def test_accelerate_launch_trains_on_two_processes(models_dir, tmp_path):
+    """``accelerate launch -m memlearner_train`` starts two processes (gloo on the CPU) that train one run: the
+    first process alone exports, the checkpoint records both processes' random states, and one process refuses
+    to resume it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = write_run(tmp_path, models_dir, steps=2)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(port), "-m", "memlearner_train", str(run)]
+    out = subprocess.run(launch, capture_output=True, text=True, timeout=600, cwd=host.ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("trained 2 steps (from 0)") == 2
+    assert out.stdout.count("memlearner_wan21.safetensors") == 1  # only the first process exports
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert state["meta"]["processes"] == 2 and len(state["rng"]["ranks"]) == 2
+    assert main([str(write_run(tmp_path, models_dir, steps=3))]) == 2  # one process cannot resume two
+
+
 def test_lora_export_has_comfyuis_lora_keys(comfy, models_dir, tmp_path):
     th = host.pack("nodes.training_host")
     cfg = config(tmp_path, lora_rank=4, steps=1)
@@ -194,8 +221,15 @@ def test_training_flow_matches_diffusers_scheduler():
     scheduler samples: the same shifted sigmas and timesteps, the same noising, and an Euler step along the
     velocity target moves exactly along the straight line."""
     from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    from memlearner_core.training.flow_matching import noisy_latents, shift_sigma, timesteps, velocity_target
+    from memlearner_core.training.flow_matching import (
+        noisy_latents,
+        sample_sigmas,
+        shift_sigma,
+        timesteps,
+        velocity_target,
+    )
 
     sched = FlowMatchEulerDiscreteScheduler(shift=5.0)
     unshifted = torch.linspace(1.0, 0.05, 10)  # a grid of sigmas before the scheduler's shift
@@ -211,3 +245,6 @@ def test_training_flow_matches_diffusers_scheduler():
     sched.set_begin_index(3)
     stepped = sched.step(velocity_target(x0, noise), t, xt, return_dict=False)[0]
     torch.testing.assert_close(stepped, noisy_latents(x0, noise, sched.sigmas[4:5]))
+    # the sigma draw: diffusers' uniform density ("none" weighting, as Wan trains), shifted as the scheduler shifts
+    u = compute_density_for_timestep_sampling("none", 6, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(sample_sigmas(6, torch.Generator().manual_seed(4)), shift_sigma(u, 5.0), rtol=0, atol=0)

@@ -1,5 +1,6 @@
-"""The training loop shared by both recipes: the loss falls, a resumed run equals an uninterrupted one, and
-data-parallel processes (torch.distributed + DDP) train exactly like one process with their batch."""
+"""The training loop shared by both recipes: the loss falls, a resumed run equals an uninterrupted one, bf16
+autocast, and data-parallel processes (accelerate: torch.distributed + DDP) train exactly like one process with
+their batch."""
 
 import os
 import socket
@@ -87,6 +88,28 @@ def test_a_batch_averages_the_gradients_of_its_items(tmp_path):
     opt.step()
     for a, b in zip(batched.model.parameters(), by_hand.model.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+class AutocastProbe(ToyRecipe):
+    """Records, per item, the autocast dtype the loop runs the recipe under (None: no autocast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, item, generator):
+        self.seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return super().forward(item, generator)
+
+
+def test_bf16_runs_the_recipe_under_autocast_and_fp32_without(tmp_path):
+    """Mixed precision through accelerate, one process switching between settings run by run."""
+    for run, (precision, expected) in enumerate((("bf16", torch.bfloat16), ("fp32", None), ("bf16", torch.bfloat16))):
+        recipe = AutocastProbe()
+        train(config(tmp_path / str(run), steps=2, batch_size=2,
+                     mixed_precision=precision), recipe, ITEMS)
+        assert recipe.seen == [expected] * 4
+        assert all(p.dtype == torch.float32 for p in recipe.model.parameters())  # fp32 master weights
 
 
 def _free_port() -> int:

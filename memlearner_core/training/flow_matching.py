@@ -4,6 +4,14 @@ Wan2.1 is trained as a flow: ``x_t = (1 - sigma) * x0 + sigma * noise`` moves in
 clean latent (sigma 0) to noise (sigma 1), the model predicts its velocity ``noise - x0`` at timestep
 ``sigma * 1000``. Sigmas are drawn uniformly, then shifted towards noise the way Wan and ComfyUI shift their
 sampling schedule (``shift * u / (1 + (shift - 1) * u)``), so training spends its steps where sampling does.
+
+This is the flow diffusers' ``FlowMatchEulerDiscreteScheduler`` samples (``tests/test_diffusers_training.py``
+checks the shift, timesteps, noising and an Euler step against it, and that ``u`` is the draw of
+``diffusers.training_utils.compute_density_for_timestep_sampling("none", ...)``), written out here rather than
+called: the core stays free of diffusers (the ComfyUI host trains without it installed), and diffusers' training
+scripts turn ``u`` into an index on the scheduler's 1000-step grid (``scheduler.sigmas[(u * 1000).long()]``), a
+rounded sigma, where this draws the shifted sigma itself (other values, so other losses and no exact resume of
+runs trained before).
 """
 
 from __future__ import annotations

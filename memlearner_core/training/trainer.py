@@ -1,16 +1,23 @@
 """The training loop both recipes share: data order, optimizer, mixed precision, checkpoints and resume.
 
 What is trained and how its loss is computed is a ``Recipe`` (query layers on a Wan2.1 host, or a DiT-Mem
-encoder against a frozen one); the loop only sees its trainable parameters and its loss. A step is
-``batch_size`` items per process (gradients accumulated, then averaged over processes by DDP). The data order
-comes from one seeded generator, the same in every process; each process draws its noise from its own.
-Checkpoints hold every process's random state with the position in the epoch, so a resumed run draws exactly
-the items (and noise) the uninterrupted run would have.
+encoder against a frozen one); the loop only sees its trainable parameters and its loss. Multi-process data
+parallelism (DDP), bf16 mixed precision (autocast over fp32 weights) and gradient accumulation go through
+accelerate's ``Accelerator``: a step is ``batch_size`` items per process (``gradient_accumulation_steps``), the
+gradients averaged over processes. The data order comes from one seeded generator, the same in every process;
+each process draws its noise from its own.
+
+Checkpoints and random states stay this package's own (``checkpointing``), not ``Accelerator.save_state`` /
+``load_state``: accelerate restores the random states inside a ``try`` that only logs a failure (a resume that
+silently draws other noise), reads registered custom state (the data-order and noise generators, the position
+in the epoch, which it does not track itself) by unpickling with ``weights_only=False``, writes in place (a crash
+mid-save leaves a checkpoint that looks whole) and does not check that the number of processes matches. Ours hold
+every process's random state with the position in the epoch as JSON in a folder published by rename, so a
+resumed run draws exactly the items (and noise) the uninterrupted run would have, or refuses in one line.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,14 +79,50 @@ def data_order(n: int, generator: torch.Generator) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
+class _Step(torch.nn.Module):
+    """What ``Accelerator.prepare`` wraps (DDP, autocast), so the recipe's own ``forward`` stays as it is."""
+
+    def __init__(self, recipe: torch.nn.Module):
+        super().__init__()
+        self.recipe = recipe
+
+    def forward(self, item, generator):
+        return self.recipe(item, generator)
+
+
+def accelerator_for(cfg: TrainConfig, device: torch.device, processes: Processes):
+    """accelerate's ``Accelerator`` for ``cfg``: bf16 autocast or none, ``batch_size`` accumulation steps, DDP that
+    allows unused parameters (a DiT-Mem encoder's spare BatchNorms, a frozen backbone get no gradient), the model
+    left where the host put it (``device``; accelerate would move it to its own default GPU)."""
+    try:
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedDataParallelKwargs
+    except ImportError:
+        raise ImportError("training needs accelerate: pip install 'comfyui-memlearner[train]'") from None
+    kwargs = dict(mixed_precision="bf16" if cfg.mixed_precision == "bf16" else "no", cpu=device.type == "cpu",
+                  gradient_accumulation_steps=cfg.batch_size, device_placement=False,
+                  kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    try:
+        return Accelerator(**kwargs)
+    except ValueError as e:
+        # accelerate keeps one state per process, fixed by its first Accelerator; one process may train several
+        # runs with other settings (a notebook, a benchmark, the tests): start its state afresh. Never in a
+        # launched group, where the state holds the process group.
+        if processes.world > 1 or "already been initialized" not in str(e):
+            raise
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(**kwargs)
+
+
 def train(cfg: TrainConfig, recipe: Recipe, items: list, device: str | torch.device = "cpu",
           on_step=None, processes: Processes | None = None) -> TrainResult:
     """Run ``cfg.steps`` optimizer steps over ``items`` (resuming from the newest checkpoint in
     ``cfg.output_dir/checkpoints``), checkpointing every ``cfg.checkpoint_every`` steps and at the end, then
     export. ``on_step(step, loss)`` is called after each step (progress bars); ``processes`` is this process's
-    place in a ``torchrun`` launch (default: alone)."""
+    place in an ``accelerate launch`` or ``torchrun`` launch (default: read from the environment; alone)."""
     require_data(items)
-    procs = processes or Processes()
+    procs = processes or Processes.from_env()
     params = recipe.trainable()
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     order_gen = torch.Generator().manual_seed(cfg.seed)  # the same in every process
@@ -103,24 +146,21 @@ def train(cfg: TrainConfig, recipe: Recipe, items: list, device: str | torch.dev
         log.info("resuming from %s (step %d)", last, step)
     result = TrainResult(start_step=step, steps_done=step, checkpoint=last)
     device = torch.device(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
-    module = procs.wrap(recipe)
+    accelerator = accelerator_for(cfg, device, procs)
+    module, optimizer = accelerator.prepare(_Step(recipe), optimizer)
     while step < cfg.steps:
         total = 0.0
-        for micro in range(cfg.batch_size):
+        for _ in range(cfg.batch_size):
             if position == 0 or order is None:
                 order = data_order(len(items), order_gen)  # a new epoch
             item = items[order[(position + procs.rank) % len(items)]]
             position = position + procs.world if position + procs.world < len(items) else 0
-            last_micro = micro == cfg.batch_size - 1
-            sync = contextlib.nullcontext() if last_micro or procs.world == 1 else module.no_sync()
-            with sync:
-                with autocast:
-                    loss = module(item, noise_gen) / cfg.batch_size
-                loss.backward()
-            total += float(loss.detach())
+            with accelerator.accumulate(module):  # gradients averaged over processes on the step's last item
+                loss = module(item, noise_gen)
+                accelerator.backward(loss)  # divides by the accumulation steps
+            total += float(loss.detach() / cfg.batch_size)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+            accelerator.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         for group in optimizer.param_groups:  # linear warmup, a function of the step alone (exact on resume)
             group["lr"] = cfg.lr * warmup_factor(step, cfg.warmup_steps)
         optimizer.step()
