@@ -89,14 +89,17 @@ def test_query_recipe_trains_alike_on_both_hosts(comfy, models_dir, tmp_path, po
         (models / "diffusers_trained.safetensors").unlink()
 
 
-def test_encoder_recipe_trains_alike_on_both_hosts(comfy, models_dir, tmp_path):
+@pytest.mark.parametrize("draws", [{}, {"reference_pool": 2, "top_k_references": 1, "encoder_window": 3}],
+                         ids=["fixed_references", "pool_and_window"])
+def test_encoder_recipe_trains_alike_on_both_hosts(comfy, models_dir, tmp_path, draws):
     g = torch.Generator().manual_seed(1)
     clips = [torch.randn(16, 5, 8, 8, generator=g) for _ in range(3)]
     refs = [torch.randn(16, 13, 16, 16, generator=g) for _ in range(3)]
     items = [(clips[i], [refs[j] for j in range(3) if j != i], torch.randn(1, 8, 4096, generator=g), None)
              for i in range(3)]
-    (rd, res_d), (rc, res_c) = both_hosts(comfy, models_dir, tmp_path, "encoder", items, recipe="encoder",
-                                          steps=2, lr=1e-3, top_k_references=2)
+    (rd, res_d), (rc, res_c) = both_hosts(comfy, models_dir, tmp_path, "encoder", items,
+                                          **{"recipe": "encoder", "steps": 2, "lr": 1e-3, "top_k_references": 2,
+                                             **draws})
     for a, b in zip(res_d.losses, res_c.losses, strict=True):
         assert abs(a - b) <= 2e-5 * abs(b)
     assert not any(p.requires_grad for p in rd.transformer.parameters())
