@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 COMFY=$(bash scripts/setup_host.sh)
 PY=.venv/bin/python
 # Not in the GPU image: the video reader ComfyUI's API imports (av), its sampler noise (torchsde), its database
-# (alembic, SQLAlchemy), its settings (pydantic). The frontend package is not needed: the tests serve no UI there.
-NAMES='av|torchsde|trampoline|alembic|mako|sqlalchemy|greenlet|pydantic|pydantic_core|pydantic-settings|annotated-types|typing-inspection|python-dotenv'
+# (alembic, SQLAlchemy), its settings (pydantic); the trainer's accelerate (and its psutil). The frontend package is
+# not needed: the tests serve no UI there. diffusers is not carried: its tests say they skip there.
+NAMES='av|torchsde|trampoline|alembic|mako|sqlalchemy|greenlet|pydantic|pydantic_core|pydantic-settings|annotated-types|typing-inspection|python-dotenv|accelerate|psutil'
 pins=$($PY -m pip freeze | grep -iE "^($NAMES)==")
 rm -rf .device && mkdir -p .device/wheels
 $PY -m pip download -q --no-deps --only-binary=:all: --implementation cp --python-version 3.12 \

@@ -12,6 +12,8 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do modes+=("$1"); shift; done
 status=0
 for mode in "${modes[@]}"; do
   if [ "$mode" = normal ]; then unset MEMLEARNER_TEST_VRAM; else export MEMLEARNER_TEST_VRAM=$mode; fi
-  MEMLEARNER_TEST_GPU=1 python3 -m pytest tests -p no:cacheprovider "$@" || status=$?
+  # the machine reaches no package registry: the tests that install from it are left out
+  MEMLEARNER_TEST_GPU=1 MEMLEARNER_TEST_OFFLINE=1 python3 -m pytest tests -p no:cacheprovider -m "not registry" "$@" \
+    || status=$?
 done
 exit $status
