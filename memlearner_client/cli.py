@@ -455,7 +455,10 @@ def parser() -> argparse.ArgumentParser:
 
 def _terminate_like_ctrl_c(signum, frame) -> None:
     """SIGTERM (``kill``, a job scheduler, a container stop) ends the run as Ctrl-C does: the prompt is dropped from
-    the server's queue, or interrupted if it is running, and the exit code is 130."""
+    the server's queue, or interrupted if it is running, and the exit code is 130. A client started in the
+    background of a script inherits SIGINT ignored, so then the interrupt is raised here rather than signalled."""
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+        raise KeyboardInterrupt
     signal.raise_signal(signal.SIGINT)
 
 

@@ -173,7 +173,8 @@ def test_a_widget_mistake_is_refused_when_queued(server, tmp_path, capsys):
 
 
 @pytest.mark.server
-def test_sigterm_cancels_the_running_prompt_like_ctrl_c(server, tmp_path):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])  # ignored: started in the background of a script
+def test_sigterm_cancels_the_running_prompt_like_ctrl_c(server, tmp_path, sigint):
     import signal
     import threading
     import time
@@ -184,8 +185,10 @@ def test_sigterm_cancels_the_running_prompt_like_ctrl_c(server, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and (server.get("/queue")["queue_running"] or server.get("/queue")["queue_pending"]):
         time.sleep(0.2)  # the running prompt seen below must be this client's
+    disposition = signal.SIG_IGN if sigint == "ignored" else signal.SIG_DFL
     proc = subprocess.Popen([str(CLIENT), *run_client(server, tmp_path, graph)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
