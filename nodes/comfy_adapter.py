@@ -302,18 +302,6 @@ def vae_fingerprint(vae) -> str:
     return hashlib.sha1(p.numpy().tobytes()).hexdigest()[:12]
 
 
-def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
-           latent: torch.Tensor, denoise: float, callback) -> torch.Tensor:
-    """ComfyUI's own KSampler path: noise from ``seed``, any sampler and scheduler the host has."""
-    import comfy.sample
-    import comfy.utils
-
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                               denoise=denoise, callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
-                               seed=seed)
-
-
 class Progress:
     """One ComfyUI progress bar over all chunks and steps, with a latent preview of the current chunk."""
 
