@@ -102,8 +102,9 @@ class EncodeReferenceVideo(io.ComfyNode):
             node_id="MemLearnerEncodeReferenceVideo",
             display_name="Encode Reference Video",
             category="memlearner",
-            description="Reference videos -> MEMORY for Apply Query Memory. Videos are brought to the frame count and "
-                        "size the encoder expects (81 frames at 480x832 for the released encoder).",
+            description="Reference videos -> MEMORY for Apply Reference Memory (or Apply Query Memory's memory "
+                        "input). Videos are brought to the frame count and size the encoder expects (81 frames at "
+                        "480x832 for the released encoder).",
             inputs=[
                 MEMORY_ENCODER.Input("memory_encoder"),
                 io.Image.Input("images", optional=True, tooltip="Reference frames; see frames_per_video."),

@@ -48,7 +48,9 @@ def test_shipped_rollout_workflow_runs_at_real_size(server, real_size_models):
     del graph["clip"]
     graph["pos"] = build.node("MemLearnerTestRandomConditioning", "Prompt", variant=1)
     graph["neg"] = build.node("MemLearnerTestRandomConditioning", "Negative prompt", variant=2)
-    graph["rollout"]["inputs"].update(width=832, height=480, chunk_frames=81, chunks=3, context_frames=81, steps=STEPS)
+    graph["chunk"]["inputs"].update(width=832, height=480, length=81)
+    graph["sigmas"]["inputs"]["steps"] = STEPS
+    graph["rollout"]["inputs"].update(chunks=3, context_frames=81)
     graph["report"] = build.node("PreviewAny", source=["rollout", 1])
     entry = server.run_prompt(graph, timeout=540)
     assert entry["outputs"]["save_rollout"]["images"], "the rollout saved no video"
