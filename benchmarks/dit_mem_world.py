@@ -37,11 +37,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 PACK = Path(__file__).resolve().parents[1]
@@ -204,18 +201,11 @@ def evaluate(work: Path, worlds: int, clips_per_family: int, steps: int) -> tupl
                     f"{PREFIX}_{mname}_query.safetensors" if query else "none", 1, wa)
                 preds[cname] = wa.wan21_latent_in(latent["samples"][0].float())[:, case.history:]
             if path == "pan_and_return" and wi == 0:
-                examples = {k: torch.cat([case.truth[:, :case.history], v], 1) for k, v in preds.items()}
-                examples["ground_truth"] = case.truth
+                examples = rwb.whole_videos(preds, case)
+            rwb.add_errors(sums, preds, case, wi, {"revisit_psnr": case.labels["revisit"],
+                                                   "new_psnr": case.labels["new"]})
             for cname, pred in preds.items():
-                if not torch.isfinite(pred).all():
-                    raise RuntimeError(f"{cname} produced a non-finite latent on {path}, world {wi}")
-                err = rw.squared_error(pred, case)
-                _family_diagnosis(sums.setdefault(cname, {}), pred, case, fams[f])
-                for metric, mask in (("revisit_psnr", case.labels["revisit"]), ("new_psnr", case.labels["new"])):
-                    for key in (metric, f"{metric.removesuffix('_psnr')}@{path}"):
-                        s = sums.setdefault(cname, {}).setdefault(key, [0.0, 0])
-                        s[0] += float(err[mask].sum())
-                        s[1] += int(mask.sum())
+                _family_diagnosis(sums[cname], pred, case, fams[f])
     results = {}
     for cname, metrics in sums.items():
         results[cname] = {m: rw.psnr(*metrics[m]) for m in ("new_psnr", "revisit_psnr")}
@@ -278,13 +268,10 @@ def write_results(out: Path, results: dict, examples: dict, wa, meta: dict) -> N
 
 def _video(out: Path, examples: dict, wa) -> None:
     """ground truth | no memory | DiT-Mem trained | DiT-Mem, wrong family | both, per frame: a PNG sheet."""
-    from PIL import Image
 
     factors, bias = wa.wan21_preview_factors()
     panels = ["ground_truth", "no_memory", "dit_mem_trained", "dit_mem_wrong_family", "both"]
-    frames = rw.side_by_side([examples[p] for p in panels], factors, bias)
-    sheet = torch.cat([torch.cat([f, torch.ones(2, f.shape[1], 3)], 0) for f in frames], 0)
-    Image.fromarray((sheet.numpy() * 255).round().astype("uint8")).save(out / "dit_mem_side_by_side.png")
+    rwb.save_sheet(rw.side_by_side([examples[p] for p in panels], factors, bias), out / "dit_mem_side_by_side.png")
 
 
 def main(argv=None) -> int:
@@ -310,11 +297,7 @@ def main(argv=None) -> int:
         results, examples, wa = evaluate(args.work, args.worlds, args.clips, 2 if args.quick else rwb.STEPS)
         training = json.loads((args.work / "training.json").read_text())
         steps = args.steps or load_config(CONFIGS / "encoder.toml").steps
-        meta = {"command": "python benchmarks/dit_mem_world.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": rwb._commit(),
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                           f"torch {torch.__version__}",
-                "worlds": args.worlds, "clips_per_family": args.clips, "families": FAMILIES, "training": training,
+        meta = {**rwb.run_meta("dit_mem_world.py", argv), "worlds": args.worlds, "clips_per_family": args.clips, "families": FAMILIES, "training": training,
                 "training_note": f"{FAMILIES} x {args.clips} clips, {steps} steps each, batch 4, CPU, one thread "
                                  "per run"}
         write_results(args.out, results, examples, wa, meta)

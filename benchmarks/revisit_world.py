@@ -230,17 +230,8 @@ def evaluate(work: Path, worlds: int, steps: int = STEPS) -> tuple[dict, dict, o
                     seconds.setdefault(cname, []).extend(r["seconds"] / steps for r in json.loads(report))
                 preds[cname] = wa.wan21_latent_in(latent["samples"][0].float())[:, case.history:]
             if path == "pan_and_return" and wi == 0:
-                examples = {k: torch.cat([case.truth[:, :case.history], v], 1) for k, v in preds.items()}
-                examples["ground_truth"] = case.truth
-            for cname, pred in preds.items():
-                if not torch.isfinite(pred).all():
-                    raise RuntimeError(f"{cname} produced a non-finite latent on {path}, world {wi}")
-                err = rw.squared_error(pred, case)
-                for metric, mask in _metric_masks(case).items():
-                    for key in (metric, f"{metric.removesuffix('_psnr')}@{path}"):  # overall and per path
-                        s = sums.setdefault(cname, {}).setdefault(key, [0.0, 0])
-                        s[0] += float(err[mask].sum())
-                        s[1] += int(mask.sum())
+                examples = whole_videos(preds, case)
+            add_errors(sums, preds, case, wi, _metric_masks(case))
     plain = statistics.median(seconds["no_memory"]) if "no_memory" in seconds else None
     results = {}
     for cname, metrics in sums.items():
@@ -267,6 +258,27 @@ def rollout_case(server, rollout, model, case: rw.RevisitCase, seed: int, steps:
         camera="custom JSON", trajectory=trajectory_json(case.poses), denoise=1.0,
         first_chunk={"samples": wa.wan21_latent_out(case.truth[:, :case.history]).unsqueeze(0)},
         query_pool=pool)
+
+
+def whole_videos(preds: dict, case: rw.RevisitCase) -> dict:
+    """Each configuration's generated frames after the given history ``[16, T, h, w]``, and the ground truth."""
+    videos = {k: torch.cat([case.truth[:, :case.history], v], 1) for k, v in preds.items()}
+    videos["ground_truth"] = case.truth
+    return videos
+
+
+def add_errors(sums: dict, preds: dict, case: rw.RevisitCase, world: int, masks: dict) -> None:
+    """Each configuration's squared error on ``case`` added to ``sums[name][metric]`` and ``sums[name][kind@path]``
+    (error sum, pixel count) for every ``masks`` metric; a non-finite prediction stops the run, never scores."""
+    for cname, pred in preds.items():
+        if not torch.isfinite(pred).all():
+            raise RuntimeError(f"{cname} produced a non-finite latent on {case.path}, world {world}")
+        err = rw.squared_error(pred, case)
+        for metric, mask in masks.items():
+            for key in (metric, f"{metric.removesuffix('_psnr')}@{case.path}"):  # overall and per path
+                s = sums.setdefault(cname, {}).setdefault(key, [0.0, 0])
+                s[0] += float(err[mask].sum())
+                s[1] += int(mask.sum())
 
 
 def _metric_masks(case: rw.RevisitCase) -> dict:
@@ -352,8 +364,23 @@ def _video(out: Path, examples: dict, wa) -> None:
     frames = rw.side_by_side([examples[p] for p in panels], factors, bias)  # [T, 64, W, 3]
     images = [Image.fromarray((f.numpy() * 255).round().astype("uint8")) for f in frames]
     images[0].save(out / "revisit_side_by_side.gif", save_all=True, append_images=images[1:], duration=400, loop=0)
+    save_sheet(frames, out / "revisit_side_by_side.png")
+
+
+def save_sheet(frames: torch.Tensor, path: Path) -> None:
+    """RGB frames ``[T, H, W, 3]`` in ``[0, 1]`` as one PNG, a row per frame, white lines between rows."""
+    from PIL import Image
+
     sheet = torch.cat([torch.cat([f, torch.ones(2, f.shape[1], 3)], 0) for f in frames], 0)
-    Image.fromarray((sheet.numpy() * 255).round().astype("uint8")).save(out / "revisit_side_by_side.png")
+    Image.fromarray((sheet.numpy() * 255).round().astype("uint8")).save(path)
+
+
+def run_meta(script: str, argv) -> dict:
+    """Where and when a benchmark ran: its command line, the UTC date, the commit and the machine."""
+    return {"command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": _commit(),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                       f"torch {torch.__version__}"}
 
 
 def _commit() -> str:
@@ -389,11 +416,7 @@ def main(argv=None) -> int:
         results, examples, wa = evaluate(args.work, args.worlds, 2 if args.quick else STEPS)
         training = json.loads((args.work / "training.json").read_text())
         steps = args.steps or load_config(CONFIGS / "query.toml").steps
-        meta = {"command": "python benchmarks/revisit_world.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": _commit(),
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                           f"torch {torch.__version__}",
-                "worlds": args.worlds, "clips": args.clips, "training_steps": steps, "training": training,
+        meta = {**run_meta("revisit_world.py", argv), "worlds": args.worlds, "clips": args.clips, "training_steps": steps, "training": training,
                 "training_note": f"{args.clips} clips, {steps} steps each, batch 4, CPU, one thread per run"}
         write_results(args.out, results, examples, wa, meta)
         print((args.out / "results.md").read_text())
