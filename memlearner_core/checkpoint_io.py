@@ -204,6 +204,15 @@ class QueryWeights:
     query_pool: int | None  # None: not recorded (version 1)
     camera_on_query: bool
 
+    def mismatch(self, query_layers: int | None, query_pool: int | None) -> tuple[str, int, int] | None:
+        """The first of ``query_layers``, ``query_pool`` (None: not checked) that differs from what these weights
+        were fine-tuned with, as ``(key, recorded, given)``; None when they agree. Version 1 records no pool."""
+        for key, given in (("query_layers", query_layers), ("query_pool", query_pool)):
+            recorded = getattr(self, key)
+            if given is not None and recorded is not None and recorded != given:
+                return key, recorded, given
+        return None
+
     def camera_embedding(self) -> CameraEmbedding:
         """The camera MLP these weights hold (on the CPU)."""
         camera = CameraEmbedding(self.camera["proj.weight"].shape[0], on_query=self.camera_on_query)

@@ -107,14 +107,11 @@ def load_camera(path, query_layers: int | None = None, query_pool: int | None = 
     """The camera MLP of a query-weights file, with the ``query_layers`` and ``query_pool`` it was fine-tuned
     with. Given values that differ from the file's are refused: the model would run untrained."""
     weights = load_query_weights(path)
-    if query_layers is not None and weights.query_layers != query_layers:
-        raise ValueError(f"{path} was fine-tuned with query_layers = {weights.query_layers}, not {query_layers}")
-    pool = weights.query_pool or 1
-    if query_pool is not None and weights.query_pool is not None and weights.query_pool != query_pool:
-        raise ValueError(f"{path} was fine-tuned with query_pool = {weights.query_pool}, not {query_pool}")
-    camera = CameraEmbedding(weights.camera["proj.weight"].shape[0], on_query=weights.camera_on_query)
-    camera.load_state_dict(weights.camera)
-    return camera.requires_grad_(False), weights.query_layers, query_pool or pool
+    wrong = weights.mismatch(query_layers, query_pool)
+    if wrong is not None:
+        key, recorded, given = wrong
+        raise ValueError(f"{path} was fine-tuned with {key} = {recorded}, not {given}")
+    return weights.camera_embedding().requires_grad_(False), weights.query_layers, query_pool or weights.query_pool or 1
 
 
 @dataclass

@@ -23,12 +23,11 @@ def load_camera(query_weights: str | None, query_layers: int, query_pool: int) -
     if not query_weights or query_weights == NO_WEIGHTS:
         return None
     weights = load_query_weights(folder_paths.get_full_path_or_raise(QUERY_WEIGHTS_FOLDER, query_weights))
-    if weights.query_layers != query_layers:
-        raise ValueError(f"query_weights {query_weights} was fine-tuned with query_layers = {weights.query_layers}, "
-                         f"but the node says {query_layers}: set query_layers to {weights.query_layers}")
-    if weights.query_pool is not None and weights.query_pool != query_pool:
-        raise ValueError(f"query_weights {query_weights} was fine-tuned with query_pool = {weights.query_pool}, "
-                         f"but the node says {query_pool}: set query_pool to {weights.query_pool}")
+    wrong = weights.mismatch(query_layers, query_pool)
+    if wrong is not None:
+        key, recorded, given = wrong
+        raise ValueError(f"query_weights {query_weights} was fine-tuned with {key} = {recorded}, "
+                         f"but the node says {given}: set {key} to {recorded}")
     return weights.camera_embedding().requires_grad_(False)
 
 

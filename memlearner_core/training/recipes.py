@@ -83,11 +83,11 @@ def camera_for(cfg: TrainConfig, dim: int, trainable: bool) -> CameraEmbedding:
     than ``cfg``'s), else new: zeros, or normal with ``camera_init_std`` drawn from ``cfg.seed``."""
     if cfg.query_file is not None:
         weights = load_query_weights(cfg.query_file)
-        for key in ("query_layers", "query_pool"):
-            recorded = getattr(weights, key)
-            if recorded is not None and recorded != getattr(cfg, key):
-                raise ValueError(f"query_file {Path(cfg.query_file).name} was fine-tuned with {key} = {recorded}, "
-                                 f"but the config says {getattr(cfg, key)}: set {key} = {recorded}")
+        wrong = weights.mismatch(cfg.query_layers, cfg.query_pool)
+        if wrong is not None:
+            key, recorded, given = wrong
+            raise ValueError(f"query_file {Path(cfg.query_file).name} was fine-tuned with {key} = {recorded}, "
+                             f"but the config says {given}: set {key} = {recorded}")
         return weights.camera_embedding().requires_grad_(trainable)
     camera = CameraEmbedding(dim)
     if cfg.camera_init == "zeros":
