@@ -39,6 +39,7 @@ RAW = {"prompt", "negative", "trajectory"}  # text inputs: VALUE is never parsed
 UPLOAD = {"reference_video"}  # VALUE is a local file, uploaded to ComfyUI's input folder first
 PROG = "memlearner-client"
 TOKEN_ENV = "MEMLEARNER_CLIENT_TOKEN"
+CANCEL_CONFIRM_S = 30.0  # how long a cancel re-sends interrupts until /queue no longer lists the prompt
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
@@ -279,6 +280,7 @@ class Client:
         self.headers = headers or {}
         self.client_id = uuid.uuid4().hex
         self.prompt_id: str | None = None
+        self.stopped_on_server: bool | None = None  # after a cancel: whether /queue confirmed the prompt gone
 
     async def run(self) -> list[Path]:
         with talking_to(self.base):
@@ -370,17 +372,41 @@ class Client:
                 bar.close()
 
     async def cancel(self, http: aiohttp.ClientSession) -> None:
-        """Drop our prompt from the queue, or interrupt it if it is the one running (not anyone else's)."""
+        """Drop our prompt from the queue, or interrupt it if it is the one running (not anyone else's), until
+        ``/queue`` no longer holds it. ComfyUI clears its interrupt flag when it starts executing a prompt, so an
+        interrupt sent between the prompt leaving the queue and its execution starting is lost: it is sent again
+        until the prompt is gone, for at most ``CANCEL_CONFIRM_S``. Sets ``stopped_on_server``."""
         async def drop():
             for path, payload in (("/queue", {"delete": [self.prompt_id]}), ("/interrupt", {"prompt_id": self.prompt_id})):
                 async with http.post(self.base + path, json=payload):
                     pass
 
-        if self.prompt_id is not None:
+        if self.prompt_id is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CANCEL_CONFIRM_S
+        while True:
             try:
                 await asyncio.wait_for(drop(), 5)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+                if not await asyncio.wait_for(self.held_by_server(http), 5):
+                    self.stopped_on_server = True
+                    return
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
                 pass
+            if loop.time() > deadline:
+                self.stopped_on_server = False
+                return
+            await asyncio.sleep(0.5)
+
+    async def held_by_server(self, http: aiohttp.ClientSession) -> bool:
+        """Whether ``/queue`` lists our prompt as running or pending (ValueError: an answer of another shape)."""
+        async with http.get(f"{self.base}/queue") as r:
+            r.raise_for_status()
+            body = await r.json()
+        if not isinstance(body, dict):
+            raise ValueError("/queue is not an object")
+        items = [item for key in ("queue_running", "queue_pending") for item in body.get(key) or []]
+        return any(isinstance(item, list) and len(item) > 1 and item[1] == self.prompt_id for item in items)
 
     async def download(self, http: aiohttp.ClientSession, outputs: dict) -> list[Path]:
         """Every file in the history's outputs, through /view, into ``out/<subfolder>/<filename>``."""
@@ -462,6 +488,36 @@ def _terminate_like_ctrl_c(signum, frame) -> None:
     signal.raise_signal(signal.SIGINT)
 
 
+async def run_until_terminated(client: Client, timeout: float) -> None:
+    """``client.run()`` within ``timeout``; SIGTERM cancels it as Ctrl-C does (the prompt cancelled on the server,
+    then KeyboardInterrupt). Handled by the event loop, so the cancel runs at an await, never half-way through a
+    request, also when SIGINT is ignored (a client started in the background of a script)."""
+    loop, task, terminated = asyncio.get_running_loop(), asyncio.current_task(), []
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread:
+        loop.add_signal_handler(signal.SIGTERM, lambda: (terminated.append(True), task.cancel()))
+    try:
+        await asyncio.wait_for(client.run(), timeout)
+    except asyncio.CancelledError:
+        if terminated:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if on_main_thread:
+            loop.remove_signal_handler(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, _terminate_like_ctrl_c)
+
+
+def cancel_outcome(client: Client | None) -> str:
+    """What became of the prompt on the server after a cancel, for the last line."""
+    if client is None or client.prompt_id is None:
+        return ""
+    if client.stopped_on_server:
+        return f" (prompt {client.prompt_id} cancelled on the server)"
+    return (f" (prompt {client.prompt_id} may still be running: the server still listed it after "
+            f"{CANCEL_CONFIRM_S:g} s of interrupts; check {client.base}/queue)")
+
+
 def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate_like_ctrl_c)
@@ -469,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
     except SystemExit as e:  # --help, or argparse's own usage error (exit 2)
         return e.code if isinstance(e.code, int) else 2
+    client = None
     try:
         headers = auth_headers(args.token if args.token is not None else os.environ.get(TOKEN_ENV), args.header)
         base = server_url(args.server)
@@ -481,14 +538,14 @@ def main(argv: list[str] | None = None) -> int:
         graph, uploads = apply_sets(graph, args.set)
         client = Client(base, graph, uploads, Path(args.out), headers)
         try:
-            asyncio.run(asyncio.wait_for(client.run(), args.timeout))
+            asyncio.run(run_until_terminated(client, args.timeout))
         except asyncio.TimeoutError:
-            cancelled = f" (prompt {client.prompt_id} cancelled on the server)" if client.prompt_id else ""
-            raise Fail(f"timed out after {args.timeout:g} s waiting for ComfyUI at {client.base}{cancelled}") from None
+            raise Fail(f"timed out after {args.timeout:g} s waiting for ComfyUI at {client.base}"
+                       f"{cancel_outcome(client)}") from None
         return 0
     except Fail as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted{cancel_outcome(client)}", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ so ComfyUI's ``comfy.ops`` casting and low-VRAM weight streaming keep working.
 from __future__ import annotations
 
 import logging
+import re
 
 import comfy.ldm.common_dit
 import comfy.ldm.wan.model as wan
@@ -92,26 +93,39 @@ def _rope(x: torch.Tensor, freqs: torch.Tensor, heads: int) -> torch.Tensor:
     return apply_rope1(xh, freqs).view(b, s, -1)
 
 
-def _host_rope_backward_missing() -> bool:
-    """Whether the host's ``apply_rope1`` is a kernel that autograd cannot go through (comfy-kitchen's custom op
-    on 0.8.0+), probed on a tiny CPU tensor."""
+def rope_backward_error(rope) -> RuntimeError | None:
+    """Autograd's error for a backward through ``rope(x [B, L, H, D], freqs)``, probed on a tiny CPU tensor, or
+    None when the backward works."""
     x = torch.zeros(1, 1, 1, 2, requires_grad=True)
     freqs = torch.eye(2).expand(1, 1, 1, 1, 2, 2)
     try:
         with torch.enable_grad():
-            apply_rope1(x, freqs).sum().backward()
+            rope(x, freqs).sum().backward()
     except RuntimeError as e:
-        return "autograd" in str(e)
-    return False
+        return e
+    return None
 
 
-def _give_host_rope_a_backward() -> bool:
-    """The stock Wan blocks the patch runs apply RoPE with the host's ``apply_rope1``; from 0.8.0 on that is
-    comfy-kitchen's op ``comfy_kitchen::apply_rope1``, which has no backward, so nothing trains through them.
-    Register one for it: RoPE rotates each pair of ``x``, so ``x``'s gradient is the output gradient rotated back
+# autograd's words for a custom op with no backward: "Trying to backward through ns.name.overload but no autograd
+# formula was registered"
+_NO_FORMULA = re.compile(r"backward through (\w+)\.(\w+)\.\w+ but no autograd formula")
+
+
+def give_rope_a_backward(rope) -> bool:
+    """Make autograd go through ``rope``, decided by behaviour: when a backward through it fails because the
+    custom op it calls has no autograd formula (comfy-kitchen's ``apply_rope1`` from ComfyUI 0.8.0 on, called
+    directly or, from 0.14.0, through ComfyUI's own wrapper), register one for that op, named by autograd's error,
+    and probe again. RoPE rotates each pair of ``x``, so ``x``'s gradient is the output gradient rotated back
     (``rope_with_grad`` with the transposed tables); the tables get none (they never require grad). The forward
-    stays the host's kernel. Returns whether it registered."""
-    if getattr(apply_rope1, "__module__", "") != "comfy_kitchen" or not _host_rope_backward_missing():
+    stays the host's kernel. Returns whether it registered; a backward that still fails is logged (inference is
+    unaffected, training through the stock blocks then fails with autograd's error)."""
+    error = rope_backward_error(rope)
+    if error is None:
+        return False
+    found = _NO_FORMULA.search(str(error))
+    log = logging.getLogger("memlearner")
+    if not found:
+        log.warning("a backward through the host's apply_rope1 fails, and not for a missing formula: %s", error)
         return False
 
     def setup_context(ctx, inputs, output):
@@ -121,15 +135,20 @@ def _give_host_rope_a_backward() -> bool:
         (freqs,) = ctx.saved_tensors
         return rope_with_grad(grad, freqs.transpose(-1, -2)), None
 
+    op = f"{found[1]}::{found[2]}"
     try:
-        torch.library.register_autograd("comfy_kitchen::apply_rope1", backward, setup_context=setup_context)
-    except Exception as e:  # a kitchen whose op is defined otherwise: inference is unaffected, training fails
-        logging.getLogger("memlearner").warning("could not give comfy-kitchen's apply_rope1 a backward: %s", e)
+        torch.library.register_autograd(op, backward, setup_context=setup_context)
+    except Exception as e:  # an op defined otherwise: inference is unaffected, training fails
+        log.warning("could not give %s (the host's apply_rope1) a backward: %s", op, e)
+        return False
+    error = rope_backward_error(rope)
+    if error is not None:
+        log.warning("a backward through the host's apply_rope1 still fails after registering one for %s: %s", op, error)
         return False
     return True
 
 
-HOST_ROPE_BACKWARD_ADDED = _give_host_rope_a_backward()
+HOST_ROPE_BACKWARD_ADDED = give_rope_a_backward(apply_rope1)
 
 
 def key_value(block, h: torch.Tensor, freqs: torch.Tensor | None):

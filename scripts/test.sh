@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Test command: set up the host (first run only), lint, and run the whole suite in a real ComfyUI (0.3.75); then,
-# when ../shared/hosts/ has it, the tests whose behaviour depends on the host again on ComfyUI 0.12.1.
-# Arguments go to the first pytest run only, and skip the second host.
+# for each archive ../shared/hosts/ has, the tests whose behaviour depends on the host again on ComfyUI 0.12.1 and
+# 0.33. Arguments go to the first pytest run only, and skip the other hosts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The second test host: ComfyUI 0.12.1 (comfy-kitchen's kernels, current hooks), in its own folder and venv, set up
-# by setup_host.sh from the archive. SECOND_HOST_TESTS is the one list of what runs there: the hooks and attention
-# (query and reference memory, the host-version checks, RoPE gradients, the memory estimate), training, and the
-# inference workflows through the real server. Files of the list that do not exist are left out.
-SECOND_HOST_ARCHIVE=${MEMLEARNER_SECOND_HOST_ARCHIVE:-../shared/hosts/comfyui-0.12.1-fe251146.tar.gz}
-SECOND_HOST_PATH=$PWD/.host/ComfyUI-0.12.1
-SECOND_HOST_VENV=$PWD/.venv-comfy0.12
-SECOND_HOST_TESTS=(
+# The other test hosts: ComfyUI 0.12.1 (comfy-kitchen's kernels, current hooks) and 0.33 (the newest to be had:
+# torchaudio at import, ComfyUI's own RoPE wrapper, V3 dynamic combos in the stock video nodes), each in its own
+# folder and venv, set up by setup_host.sh from its archive. HOST_TESTS is the one list of what runs there: the hooks
+# and attention (query and reference memory, the host-version checks, RoPE gradients, the memory estimate), training,
+# the inference workflows through the real server, and the UI workflows in that host's own frontend. Files of the
+# list that do not exist are left out.
+OTHER_HOSTS=(  # version|archive
+  "0.12.1|${MEMLEARNER_SECOND_HOST_ARCHIVE:-../shared/hosts/comfyui-0.12.1-fe251146.tar.gz}"
+  "0.33|${MEMLEARNER_THIRD_HOST_ARCHIVE:-../shared/hosts/comfyui-0.33.0-783545f6.tar.gz}"
+)
+HOST_TESTS=(
   tests/test_host_compat.py tests/test_host_hooks.py tests/test_query_memory.py tests/test_reference_memory.py
   tests/test_training.py tests/test_train_cli.py
-  tests/test_host.py tests/test_workflows.py tests/test_rollout.py tests/test_model_management.py
+  tests/test_host.py tests/test_workflows.py tests/test_rollout.py tests/test_model_management.py tests/test_browser.py
 )
 bash scripts/setup_host.sh >/dev/null
 .venv/bin/python -m ruff check .
@@ -32,18 +35,22 @@ fi
 rc=0
 .venv/bin/python -m pytest tests -p no:cacheprovider "$@" || rc=$?
 
-if [ $# -gt 0 ]; then
-  echo "[test] second host (ComfyUI 0.12.1) skipped: arguments given, they run on the first host only"
-elif [ ! -f "$SECOND_HOST_ARCHIVE" ]; then
-  echo "[test] second host (ComfyUI 0.12.1) skipped: no $SECOND_HOST_ARCHIVE on this machine"
-else
+for entry in "${OTHER_HOSTS[@]}"; do
+  version=${entry%%|*} archive=${entry#*|}
+  host_path=$PWD/.host/ComfyUI-$version host_venv=$PWD/.venv-comfy$version
+  if [ $# -gt 0 ]; then
+    echo "[test] ComfyUI $version skipped: arguments given, they run on the first host only"
+    continue
+  elif [ ! -f "$archive" ]; then
+    echo "[test] ComfyUI $version skipped: no $archive on this machine"
+    continue
+  fi
   start=$(date +%s)
-  COMFYUI_PATH=$SECOND_HOST_PATH COMFYUI_ARCHIVE=$SECOND_HOST_ARCHIVE MEMLEARNER_VENV=$SECOND_HOST_VENV \
-    bash scripts/setup_host.sh >/dev/null
+  COMFYUI_PATH=$host_path COMFYUI_ARCHIVE=$archive MEMLEARNER_VENV=$host_venv bash scripts/setup_host.sh >/dev/null
   files=()
-  for f in "${SECOND_HOST_TESTS[@]}"; do if [ -f "$f" ]; then files+=("$f"); fi; done
-  echo "[test] second host: ComfyUI $(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$SECOND_HOST_PATH/comfyui_version.py"), ${#files[@]} test files"
-  COMFYUI_PATH=$SECOND_HOST_PATH "$SECOND_HOST_VENV/bin/python" -m pytest "${files[@]}" -p no:cacheprovider || rc=$?
-  echo "[test] second host: $(( $(date +%s) - start )) s including setup"
-fi
+  for f in "${HOST_TESTS[@]}"; do if [ -f "$f" ]; then files+=("$f"); fi; done
+  echo "[test] ComfyUI $(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$host_path/comfyui_version.py"): ${#files[@]} test files"
+  COMFYUI_PATH=$host_path "$host_venv/bin/python" -m pytest "${files[@]}" -p no:cacheprovider || rc=$?
+  echo "[test] ComfyUI $version: $(( $(date +%s) - start )) s including setup"
+done
 exit $rc

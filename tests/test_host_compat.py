@@ -43,12 +43,41 @@ def test_rope_gradient_path_equals_the_hosts_kernel_and_has_the_rotations_gradie
     # RoPE rotates each pair: its gradient is the inverse rotation (the transposed 2x2) of the output gradient.
     inverse = apply_rope1(grad_out.view(b, s, heads, -1), freqs.transpose(-1, -2).contiguous()).view(b, s, -1)
     assert rel_err(xg.grad, inverse) < 1e-6
-    # The stock Wan blocks call the host's kernel itself: on 0.8.0+ (comfy-kitchen's op, no backward of its own)
-    # the adapter registered one; through it the gradient is the same.
-    assert wa.HOST_ROPE_BACKWARD_ADDED == apply_rope1.__module__.startswith("comfy_kitchen")
+    # The stock Wan blocks call the host's kernel itself: on 0.8.0+ (comfy-kitchen's op, no backward of its own,
+    # called directly or through ComfyUI's wrapper) the adapter registered one; through it the gradient is the same.
+    assert wa.rope_backward_error(apply_rope1) is None
     xk = x.clone().requires_grad_()
     apply_rope1(xk.view(b, s, heads, -1), freqs).view(b, s, -1).backward(grad_out)
     assert rel_err(xk.grad, xg.grad) < 1e-6  # the same sums, rounded in another order
+
+
+def test_a_rope_kernel_without_backward_gets_one_whatever_wraps_it(comfy):
+    """Decided by behaviour, not by the kernel's module: a custom op with no autograd formula, reached through a
+    plain Python wrapper (as ComfyUI 0.14+ wraps comfy-kitchen's), gets the rotation's backward."""
+    wa = host.pack("nodes.comfy_adapter")
+
+    @torch.library.custom_op("memlearner_test::rope_no_grad", mutates_args=())
+    def kernel(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        return wa.rope_with_grad(x, freqs)
+
+    @kernel.register_fake
+    def _(x, freqs):
+        return torch.empty_like(x)
+
+    def host_wrapper(x, freqs):  # another module's function, as the host's apply_rope1 is
+        return kernel(x, freqs)
+
+    assert "no autograd formula" in str(wa.rope_backward_error(host_wrapper))
+    assert wa.give_rope_a_backward(host_wrapper) is True
+    assert wa.rope_backward_error(host_wrapper) is None
+    assert wa.give_rope_a_backward(host_wrapper) is False  # nothing left to do
+    x, freqs, heads = rope_inputs(seed=3)
+    b, s = x.shape[:2]
+    xk, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad_out = torch.randn(b, s, heads, x.shape[-1] // heads)
+    host_wrapper(xk.view(b, s, heads, -1), freqs).backward(grad_out)
+    wa.rope_with_grad(xr.view(b, s, heads, -1), freqs).backward(grad_out)
+    assert rel_err(xk.grad, xr.grad) < 1e-6
 
 
 def test_backward_through_the_patched_model_on_this_host(comfy, wan_model):
