@@ -1,7 +1,8 @@
 """A UI-format ComfyUI workflow (what the frontend saves, ``example_workflows/*.json``) as an API-format graph,
 using the server's ``/object_info`` for each node's input order, as the frontend's "Save (API)" does.
 
-Each node's ``widgets_values`` are matched to its widget inputs in the server's order (the control value the
+Each node's ``widgets_values`` are matched to its widget inputs in the server's order (a V3 dynamic combo's value
+is followed by those of its chosen option's inputs, sent as ``combo.input``; the control value the
 frontend keeps after a seed, "fixed" / "randomize"..., is skipped; an input added to the node after the file was
 saved is left out, for the server's default, as the frontend does), links are resolved through Reroute nodes,
 bypassed nodes (to their input of the same type) and PrimitiveNodes (their value), notes are dropped, and so are
@@ -36,17 +37,39 @@ def _link_table(ui: dict, path: str) -> dict[int, tuple[int, int, str | None]]:
     return table
 
 
-def _widget_inputs(info: dict) -> list[tuple[str, str, dict]]:
-    """``[(name, type, options)]`` of a node's required then optional inputs in the server's order."""
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"  # a V3 combo whose chosen option brings inputs of its own (ComfyUI 0.30+)
+
+
+def input_specs(info: dict, chosen=lambda key, default: default):
+    """``(key, type, options)`` of a node's inputs in the frontend's widget order: required, then optional, each in
+    the server's ``input_order``; a V1 list of choices is a COMBO. A dynamic combo is a COMBO of its option keys,
+    followed at once by the inputs of the option ``chosen(key, first_option)`` names, keyed ``combo.input`` (the
+    API keys ComfyUI 0.3x and its frontend use), recursively. Lazy: ``chosen`` is asked only when the walk reaches
+    the combo, so a caller reading values in order can answer from what it has read."""
     order = info.get("input_order") or {}
-    result = []
     for section in ("required", "optional"):
         specs = (info.get("input") or {}).get(section) or {}
-        for name in order.get(section) or list(specs):
-            spec = specs.get(name) or ["*"]
-            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            result.append((name, "COMBO" if isinstance(spec[0], list) else str(spec[0]), opts))
-    return result
+        yield from _section_specs(specs, order.get(section) or list(specs), "", chosen)
+
+
+def _section_specs(specs: dict, names, prefix: str, chosen):
+    for name in names:
+        spec = specs.get(name) or ["*"]
+        opts = dict(spec[1]) if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        key = prefix + name
+        if isinstance(spec[0], list):
+            opts["options"] = spec[0]
+            yield key, "COMBO", opts
+        elif spec[0] == DYNAMIC_COMBO:
+            options = [o for o in opts.get("options") or [] if isinstance(o, dict)]
+            keys = [o.get("key") for o in options]
+            yield key, "COMBO", {**opts, "options": keys}
+            pick = chosen(key, keys[0] if keys else None)
+            inner = next((o.get("inputs") or {} for o in options if o.get("key") == pick), {})
+            for sub in ("required", "optional"):
+                yield from _section_specs(inner.get(sub) or {}, list(inner.get(sub) or {}), key + ".", chosen)
+        else:
+            yield key, str(spec[0]), opts
 
 
 def to_api(ui: dict, object_info: dict, path: str = "workflow") -> dict:
@@ -86,7 +109,7 @@ def to_api(ui: dict, object_info: dict, path: str = "workflow") -> dict:
         values = n.get("widgets_values")
         values = values if isinstance(values, (list, dict)) else []
         position, inputs = 0, {}
-        for name, kind, opts in _widget_inputs(object_info[n["type"]]):
+        for name, kind, opts in input_specs(object_info[n["type"]], lambda key, default: inputs.get(key, default)):
             if kind in WIDGET_TYPES and not opts.get("forceInput"):
                 if isinstance(values, dict):
                     value = values.get(name)

@@ -38,7 +38,11 @@ SCREENSHOT = host.ROOT / "output" / "browser" / "memory_rollout.png"
 VIEWPORT = {"width": 1600, "height": 1000}
 SCREENSHOT_VIEWPORT = {"width": 2560, "height": 1440}  # the whole graph fits at a zoom that still draws text
 CANVAS_SPOT = (VIEWPORT["width"] / 2, VIEWPORT["height"] / 2)  # empty once the graph is cleared
-SEARCH_BOX = ".comfy-vue-node-search-box"
+# The node search box's input: up to 1.3x inside ``.comfy-vue-node-search-box``, from 1.4x a dialog's "Add a node..."
+SEARCH_INPUT = ".comfy-vue-node-search-box input[role=combobox], .p-dialog input[role=combobox]"
+# Each result's display name: its aria-label (PrimeVue's autocomplete, up to 1.3x), else its first line of text.
+SEARCH_RESULTS = """() => [...document.querySelectorAll('[role=option]')]
+  .map((o) => o.getAttribute('aria-label') || o.innerText.split('\\n')[0].trim())"""
 NO_DEFAULT = object()
 PAGE_ERRORS: list[str] = []  # uncaught exceptions in the page
 
@@ -58,6 +62,9 @@ LOAD = """async (workflow) => {
     id: n.id, type: n.type, registered: n.type in LiteGraph.registered_node_types,
     ownClass: n.constructor === LiteGraph.registered_node_types[n.type],
     hasErrors: !!n.has_errors, placeholder: n.last_serialization !== undefined,
+    // a file choice the server does not have (the real Wan2.1 weights): frontends from 1.4x flag such a node
+    missingFile: (n.widgets || []).some((w) => Array.isArray(w.options?.values) && !w.options.values.includes(w.value)
+                                         && /\\.(safetensors|pt|pth|ckpt|bin|gguf|mp4|webm)$/.test(String(w.value))),
   }));
 }"""
 
@@ -115,7 +122,8 @@ def expected_prompt(api: dict) -> dict:
 def test_ui_workflow_loads_with_no_missing_node(page, path):
     nodes = load(page, path)
     assert len(nodes) == len(json.loads(path.read_text())["nodes"])
-    bad = [n for n in nodes if not n["registered"] or not n["ownClass"] or n["hasErrors"] or n["placeholder"]]
+    bad = [n for n in nodes if not n["registered"] or not n["ownClass"] or n["placeholder"]
+           or n["hasErrors"] and not n["missingFile"]]  # a flag for a file the test server lacks is the user's cue
     assert not bad, f"nodes the frontend could not create: {bad}"
     assert page.evaluate("window.__missingNodes") == []
     popups = page.evaluate(VISIBLE_POPUPS)
@@ -154,6 +162,10 @@ def test_frontend_api_conversion_matches_shipped_api_workflow(server, page, path
             expected, value = w["inputs"].get(name, "<absent>"), g["inputs"].get(name, "<absent>")
             if name not in w["inputs"] and value == declared_default(object_info[w["class_type"]], name):
                 continue
+            # a V3 dynamic combo's nested input ("format.codec", 0.3x frontends) the API graph gives by its legacy
+            # flat name ("codec", which such a host still declares, hidden)
+            if name not in w["inputs"] and "." in name and w["inputs"].get(name.rsplit(".", 1)[1], NO_DEFAULT) == value:
+                continue
             if expected != value:
                 diffs.append(f"{where}: input {name} expected {expected!r}, got {value!r}")
     assert not diffs, "the frontend's API conversion differs from the shipped API workflow:\n" + "\n".join(diffs)
@@ -161,7 +173,7 @@ def test_frontend_api_conversion_matches_shipped_api_workflow(server, page, path
 
 def open_node_search(page):
     """Double-click the empty canvas, as a user does, until the node search box is open; returns its input."""
-    box = page.locator(f"{SEARCH_BOX} input[role=combobox]")
+    box = page.locator(SEARCH_INPUT).first
     for _ in range(3):
         page.mouse.move(*CANVAS_SPOT)
         page.mouse.dblclick(*CANVAS_SPOT)
@@ -175,11 +187,12 @@ def open_node_search(page):
 
 def close_node_search(page):
     for _ in range(3):
-        if not page.locator(SEARCH_BOX).count():
+        box = page.locator(SEARCH_INPUT)
+        if not box.count() or not box.first.is_visible():
             return
         page.keyboard.press("Escape")
         try:
-            page.locator(SEARCH_BOX).wait_for(state="detached", timeout=2_000)
+            box.first.wait_for(state="hidden", timeout=2_000)
             return
         except PlaywrightTimeout:
             continue
@@ -193,11 +206,9 @@ def test_pack_node_appears_in_node_search(page, name):
     try:
         box.press_sequentially(name)
         try:
-            page.wait_for_function("(name) => [...document.querySelectorAll('.p-autocomplete-option')]"
-                                   ".some((o) => o.getAttribute('aria-label') === name)", arg=name, timeout=5_000)
+            page.wait_for_function(f"(name) => ({SEARCH_RESULTS})().includes(name)", arg=name, timeout=5_000)
         except PlaywrightTimeout:
-            labels = page.locator(".p-autocomplete-option").evaluate_all(
-                "(os) => os.map((o) => o.getAttribute('aria-label'))")
+            labels = page.evaluate(SEARCH_RESULTS)
             pytest.fail(f"{name!r} is not in the node search results: {labels}")
     finally:
         close_node_search(page)

@@ -6,6 +6,7 @@ import sys
 import urllib.request
 
 import pytest
+from memlearner_client.ui_workflow import input_specs, to_api
 
 import host
 import tiny_models
@@ -63,11 +64,60 @@ def test_template_browser_serves_the_thumbnails(server):
         assert Image.open(io.BytesIO(body)).size == thumbnails.SIZE
 
 
+def recorded_definitions() -> dict:
+    return json.loads(build.DEFINITIONS.read_text())
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_ui_file_is_generated_from_the_same_graph(server, name):
-    info = server.get("/object_info")
-    assert shipped("ui", name) == json.loads(json.dumps(ui_format.to_ui(build.WORKFLOWS[name](), info,
+def test_ui_file_is_generated_from_the_same_graph(name):
+    """For the node definitions the UI files are written for (``workflows/definitions/node_definitions.json``)."""
+    defs = recorded_definitions()["nodes"]
+    assert shipped("ui", name) == json.loads(json.dumps(ui_format.to_ui(build.WORKFLOWS[name](), defs,
                                                                         build.NOTES[name])))
+
+
+def widget_layout(info: dict) -> dict:
+    """What a UI file depends on in a node definition: its inputs' keys, types, defaults and seed controls in
+    widget order, and its outputs."""
+    inputs = [(key, kind, opts.get("default"), bool(opts.get("control_after_generate")), bool(opts.get("forceInput")))
+              for key, kind, opts in input_specs(info)]
+    return {"inputs": inputs, "outputs": list(zip(info["output"], info["output_name"], strict=True))}
+
+
+def test_recorded_node_definitions_are_this_hosts(server):
+    """The definitions the UI files are written for are this host's, for every node on the host they came from
+    (the UI files are regenerated when a node changes: ``python workflows/build.py``), and for the pack's own nodes
+    on every host (the stock nodes of newer hosts differ; their frontends load the files: ``test_browser.py``)."""
+    recorded = recorded_definitions()
+    live, version = server.get("/object_info"), server.get("/system_stats")["system"]["comfyui_version"]
+    names = [c for c in recorded["nodes"] if version == recorded["comfyui"] or c.startswith("MemLearner")]
+    assert any(c.startswith("MemLearner") for c in names)
+    stale = [c for c in names if widget_layout(recorded["nodes"][c]) != widget_layout(live[c])]
+    assert not stale, f"node definitions changed since the UI files were written: {stale}; run python workflows/build.py"
+
+
+def test_a_dynamic_combo_is_its_value_then_its_chosen_options_widgets():
+    """ComfyUI 0.30+ SaveVideo: ``format`` chooses which inputs follow it (``format.codec``); a hidden legacy
+    ``codec`` keeps its widget. Widget values as the 0.33 frontend (1.49.6) saves a new SaveVideo node."""
+    codec = ["COMFY_DYNAMICCOMBO_V3", {"options": [{"key": "auto", "inputs": {"required": {}}},
+                                                   {"key": "h264", "inputs": {"required": {"crf": ["FLOAT", {"default": 23.0}]}}}]}]
+    info = {"input": {"required": {"video": ["VIDEO", {}], "filename_prefix": ["STRING", {"default": "video/ComfyUI"}],
+                                   "format": ["COMFY_DYNAMICCOMBO_V3", {"options": [
+                                       {"key": "auto", "inputs": {"required": {"codec": codec}}},
+                                       {"key": "webm", "inputs": {"required": {}}}]}]},
+                      "optional": {"codec": [codec[0], {**codec[1], "hidden": True}]}},
+            "input_order": {"required": ["video", "filename_prefix", "format"], "optional": ["codec"]},
+            "output": ["VIDEO"], "output_name": ["video"]}
+    graph = {"v": {"class_type": "LoadVideo", "inputs": {}},
+             "save": {"class_type": "SaveVideo", "inputs": {"video": ["v", 0], "filename_prefix": "x", "format": "auto",
+                                                            "codec": "auto"}}}
+    defs = {"SaveVideo": info, "LoadVideo": {"input": {}, "output": ["VIDEO"], "output_name": ["VIDEO"]}}
+    ui = ui_format.to_ui(graph, defs)
+    assert ui["nodes"][1]["widgets_values"] == ["x", "auto", "auto", "auto"]  # format, format.codec, codec
+    assert [k for k, *_ in input_specs(info, lambda key, default: {"format": "auto", "format.codec": "h264"}.get(key, default))] \
+        == ["video", "filename_prefix", "format", "format.codec", "format.codec.crf", "codec"]
+    assert to_api(ui, defs)["2"]["inputs"] == {"video": ["1", 0], "filename_prefix": "x", "format": "auto",
+                                               "format.codec": "auto", "codec": "auto"}
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "revisit_world"])

@@ -1,6 +1,7 @@
 """Source of the shipped workflows: ``python workflows/build.py`` rewrites ``workflows/api/*.json`` (API format,
 for headless use) and ``example_workflows/*.json`` (UI format: ComfyUI's template browser lists a pack's
-``example_workflows/``; or drag them into ComfyUI), both from the graphs below.
+``example_workflows/``; or drag them into ComfyUI), both from the graphs below, for the node definitions of the ComfyUI it runs on (the oldest supported host, 0.3.75,
+whose UI files newer frontends load and upgrade; recorded in ``workflows/definitions/node_definitions.json``).
 
 File names are those of ComfyUI's repackaged Wan2.1 release; ``tiny=True`` swaps in the test fixtures (and
 seeded random text conditioning, since ComfyUI's loader builds the umt5 text encoder at full size). Nodes carry
@@ -15,6 +16,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FOLDERS = {"api": HERE / "api", "ui": HERE.parent / "example_workflows"}
+# the node definitions the UI files are written for (see definitions); not at the top of workflows/, where
+# ComfyUI 0.3x looks for templates too
+DEFINITIONS = HERE / "definitions" / "node_definitions.json"
 REAL = {
     "unet": "wan2.1_t2v_1.3B_fp16.safetensors",
     "clip": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
@@ -212,14 +216,25 @@ NOTES = {"dit_mem_reference": [MODEL_NOTE, ENCODER_NOTE + "\nPut the reference v
          "revisit_world": [TOY_NOTE]}
 
 
-def write_all(object_info: dict) -> list[Path]:
-    """Write every workflow in both formats; ``object_info`` is ComfyUI's ``/object_info`` (for widget order)."""
+def definitions(object_info: dict, comfyui_version: str) -> dict:
+    """What the UI files are written for: the node definitions (``/object_info`` entries) of every class the
+    workflows use, and the ComfyUI they came from. Committed as ``workflows/definitions/node_definitions.json``, so the UI files
+    are checked against them on any host, and each host's own definitions against them (``tests/test_workflows.py``)."""
+    used = sorted({n["class_type"] for build in WORKFLOWS.values() for n in build().values()})
+    return {"comfyui": comfyui_version, "nodes": {c: object_info[c] for c in used}}
+
+
+def write_all(object_info: dict, comfyui_version: str) -> list[Path]:
+    """Write the node definitions and every workflow in both formats; ``object_info`` is ComfyUI's
+    ``/object_info`` (for widget order)."""
     from ui_format import to_ui
 
-    written = []
+    defs = definitions(object_info, comfyui_version)
+    DEFINITIONS.write_text(json.dumps(defs, indent=1, sort_keys=True) + "\n")
+    written = [DEFINITIONS]
     for name, build in WORKFLOWS.items():
         graph = build()
-        for folder, data in (("api", graph), ("ui", to_ui(graph, object_info, NOTES[name]))):
+        for folder, data in (("api", graph), ("ui", to_ui(graph, defs["nodes"], NOTES[name]))):
             path = FOLDERS[folder] / f"{name}.json"
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps(data, indent=1) + "\n")
@@ -240,11 +255,12 @@ def main() -> None:
         try:
             server.wait_ready()
             info = server.get("/object_info")
+            version = server.get("/system_stats")["system"]["comfyui_version"]
         finally:
             server.stop()
     import thumbnails
 
-    for path in write_all(info) + thumbnails.write_all():
+    for path in write_all(info, version) + thumbnails.write_all():
         print(f"wrote {path.relative_to(HERE.parent)}")
 
 

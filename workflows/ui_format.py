@@ -1,31 +1,17 @@
 """API-format graph -> ComfyUI UI-format workflow (what the frontend saves and loads by drag and drop).
 
 Widget values follow each node's input order from ComfyUI's ``/object_info`` (a seed with
-``control_after_generate`` gets its "fixed" control value after it), links become the ``links`` table, and
+``control_after_generate`` gets its "fixed" control value after it; a V3 dynamic combo's value is followed by those
+of its chosen option's inputs, as the frontend saves them), links become the ``links`` table, and
 nodes are laid out in columns by their distance from the loaders, with notes in the first column.
 """
 
 from __future__ import annotations
 
+from memlearner_client.ui_workflow import input_specs
+
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 COLUMN, NODE_WIDTH, ROW, GAP = 380, 320, 26, 40
-
-
-def input_specs(info: dict) -> list[tuple[str, str, dict]]:
-    """``[(name, type, options)]`` in the node's input order; a list of choices is a COMBO."""
-    order = info.get("input_order", {})
-    out = []
-    for section in ("required", "optional"):
-        specs = info["input"].get(section, {})
-        for name in order.get(section, list(specs)):
-            spec = specs[name]
-            opts = dict(spec[1]) if len(spec) > 1 else {}
-            if isinstance(spec[0], list):  # a V1 combo: the choices are the type
-                kind, opts["options"] = "COMBO", spec[0]
-            else:
-                kind = spec[0]
-            out.append((name, kind, opts))
-    return out
 
 
 def is_link(value) -> bool:
@@ -68,7 +54,8 @@ def to_ui(graph: dict, object_info: dict, notes: list[str] = ()) -> dict:
     for nid, n in graph.items():
         info = object_info[n["class_type"]]
         inputs, widgets = [], []
-        for name, kind, opts in input_specs(info):
+        given = {k: v for k, v in n["inputs"].items() if not is_link(v)}
+        for name, kind, opts in input_specs(info, lambda key, default: given.get(key, default)):
             value = n["inputs"].get(name)
             entry = {"name": name, "type": kind, "link": None}
             if kind in WIDGET_TYPES:
