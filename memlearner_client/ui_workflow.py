@@ -109,7 +109,7 @@ def to_api(ui: dict, object_info: dict, path: str = "workflow") -> dict:
         values = n.get("widgets_values")
         values = values if isinstance(values, (list, dict)) else []
         position, inputs = 0, {}
-        for name, kind, opts in input_specs(object_info[n["type"]], lambda key, default: inputs.get(key, default)):
+        for name, kind, opts in input_specs(object_info[n["type"]], inputs.get):
             if kind in WIDGET_TYPES and not opts.get("forceInput"):
                 if isinstance(values, dict):
                     value = values.get(name)

@@ -6,6 +6,7 @@ import sys
 import urllib.request
 
 import pytest
+
 from memlearner_client.ui_workflow import input_specs, to_api
 
 import host

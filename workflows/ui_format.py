@@ -55,7 +55,7 @@ def to_ui(graph: dict, object_info: dict, notes: list[str] = ()) -> dict:
         info = object_info[n["class_type"]]
         inputs, widgets = [], []
         given = {k: v for k, v in n["inputs"].items() if not is_link(v)}
-        for name, kind, opts in input_specs(info, lambda key, default: given.get(key, default)):
+        for name, kind, opts in input_specs(info, given.get):
             value = n["inputs"].get(name)
             entry = {"name": name, "type": kind, "link": None}
             if kind in WIDGET_TYPES:
