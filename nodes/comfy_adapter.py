@@ -7,6 +7,7 @@ so ComfyUI's ``comfy.ops`` casting and low-VRAM weight streaming keep working.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 
@@ -149,6 +150,22 @@ def give_rope_a_backward(rope) -> bool:
 
 
 HOST_ROPE_BACKWARD_ADDED = give_rope_a_backward(apply_rope1)
+
+
+@contextlib.contextmanager
+def host_training_mode():
+    """ComfyUI's own switch for training, ``comfy.model_management.in_training`` (0.3x), set while the pack trains:
+    while it is set the host's RoPE, and on newer hosts its fused adaLN and int8 kernels (comfy-kitchen's, without a
+    backward), take their plain-torch paths. A host without the switch is unaffected."""
+    mm = comfy.model_management
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before, mm.in_training = mm.in_training, True
+    try:
+        yield
+    finally:
+        mm.in_training = before
 
 
 def key_value(block, h: torch.Tensor, freqs: torch.Tensor | None):

@@ -360,6 +360,10 @@ def diffusion_model_wrapper(executor, x, timestep, context, clip_fea=None, time_
         return executor(x, timestep, context, clip_fea, time_dim_concat, opts, **kwargs)
     if time_dim_concat is not None:
         raise ValueError("query memory does not support time_dim_concat inputs")
+    appended = sorted(k for k in ("context_latents", "reference_latent") if kwargs.get(k) is not None)
+    if appended:  # tokens the host appends after the video (0.3x in-context references), outside [Q; P]'s RoPE
+        raise ValueError(f"query memory does not support {' or '.join(appended)} inputs (tokens appended to the "
+                         f"video); remove the node that sets them, or use reference memory alone")
     patches = topts.get("patches", {})
     if wa.HOST_CALLS_ATTN_PATCHES and (patches.get("attn1_patch") or patches.get("attn2_patch")):
         raise ValueError("query memory cannot run with a node's attn1_patch/attn2_patch: Wan would call them on "

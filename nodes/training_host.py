@@ -178,4 +178,5 @@ def run_training(cfg: TrainConfig, text_fn=None):
     items, reference_shape = core.recipe_items(cfg, encoded, texts)
     recipe = QueryRecipe(model, cfg, device) if cfg.recipe == "query" else EncoderRecipe(model, cfg, reference_shape,
                                                                                         device)
-    return core.train_with_progress(cfg, recipe, items, device, procs, f"memlearner-train {cfg.recipe}")
+    with wa.host_training_mode():
+        return core.train_with_progress(cfg, recipe, items, device, procs, f"memlearner-train {cfg.recipe}")

@@ -98,6 +98,26 @@ def test_backward_through_the_patched_model_on_this_host(comfy, wan_model):
     assert xg.grad is not None and torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
 
 
+def test_training_sets_the_hosts_own_training_switch_and_restores_it(comfy):
+    """``comfy.model_management.in_training`` (0.3x) sends the host's RoPE and fused kernels down their plain-torch
+    paths; the pack sets it while it trains. A host without it gets none."""
+    import comfy.model_management as mm
+
+    wa = host.pack("nodes.comfy_adapter")
+    had = hasattr(mm, "in_training")
+    before = getattr(mm, "in_training", None)
+    with wa.host_training_mode():
+        assert getattr(mm, "in_training", None) is (True if had else None)
+    assert getattr(mm, "in_training", None) is before and hasattr(mm, "in_training") == had
+
+
+def test_the_attention_override_takes_plain_tensors_from_newer_hosts():
+    """Newer ComfyUI wraps attention inputs in containers and unwraps them unless the override has a
+    ``container_function``, which it then calls instead, without the kernel: the pack's override must have none."""
+    mp = host.pack("nodes.memory_patch")
+    assert not hasattr(mp.AttentionOverride(None), "container_function")
+
+
 # --- the minimum host ------------------------------------------------------------------------------------------
 
 def load_pack_init(monkeypatch, version: str | None):
