@@ -107,11 +107,21 @@ def pack(submodule: str):
     one copy of every class. ComfyUI names a custom-node package after its folder path."""
     import importlib
 
+    return importlib.import_module(f"{_pack_package()}.{submodule}")
+
+
+_PACKAGE: list[str] = []  # the loaded pack's package name, once found
+
+
+def _pack_package() -> str:
+    if _PACKAGE and _PACKAGE[0] in sys.modules:
+        return _PACKAGE[0]
     init = (ROOT / "__init__.py").resolve()
     for name, module in list(sys.modules.items()):
         f = getattr(module, "__file__", None)
-        if f and Path(f).resolve() == init:
-            return importlib.import_module(f"{name}.{submodule}")
+        if f and f.endswith("__init__.py") and Path(f).resolve() == init:
+            _PACKAGE[:] = [name]
+            return name
     raise RuntimeError("the pack is not loaded into ComfyUI")
 
 
