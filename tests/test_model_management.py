@@ -7,7 +7,6 @@ layer, weights streamed from CPU), and ``MEMLEARNER_TEST_VRAM=lowvram|novram`` r
 """
 
 import sys
-import time
 
 import pytest
 import torch
@@ -121,11 +120,15 @@ def test_ten_rollouts_leave_memory_where_one_left_it(server):
         graph["rollout"]["inputs"]["chunks"] = 2
         server.run_prompt(graph)
 
+    def stats(tag):
+        return server.run_prompt({"stats": {"class_type": "MemLearnerTestMemoryStats", "inputs": {"tag": tag}}})
+
     def in_use(tag):
         server.post("/free", {"unload_models": True, "free_memory": True})
-        time.sleep(1.0)  # the prompt worker handles the flags before it takes the next prompt
-        entry = server.run_prompt({"stats": {"class_type": "MemLearnerTestMemoryStats", "inputs": {"tag": tag}}})
-        return entry["outputs"]["stats"]["memory"][0]
+        # ComfyUI's prompt worker handles /free's flags after the prompt it takes next, or at once if it was idle:
+        # either way they are handled before it takes the one after that, which measures.
+        stats(2 * tag)
+        return stats(2 * tag + 1)["outputs"]["stats"]["memory"][0]
 
     run_rollout(100)
     after_one = in_use(1)
