@@ -33,7 +33,7 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
   rm -f "$apt_log"
 fi
 rc=0
-.venv/bin/python -m pytest tests -p no:cacheprovider "$@" || rc=$?
+.venv/bin/python -m pytest tests -p no:cacheprovider --durations=25 "$@" || rc=$?
 
 for entry in "${OTHER_HOSTS[@]}"; do
   version=${entry%%|*} archive=${entry#*|}
@@ -50,7 +50,7 @@ for entry in "${OTHER_HOSTS[@]}"; do
   files=()
   for f in "${HOST_TESTS[@]}"; do if [ -f "$f" ]; then files+=("$f"); fi; done
   echo "[test] ComfyUI $(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$host_path/comfyui_version.py"): ${#files[@]} test files"
-  COMFYUI_PATH=$host_path "$host_venv/bin/python" -m pytest "${files[@]}" -p no:cacheprovider || rc=$?
+  COMFYUI_PATH=$host_path "$host_venv/bin/python" -m pytest "${files[@]}" -p no:cacheprovider --durations=15 || rc=$?
   echo "[test] ComfyUI $version: $(( $(date +%s) - start )) s including setup"
 done
 exit $rc
