@@ -281,6 +281,7 @@ class Client:
         self.client_id = uuid.uuid4().hex
         self.prompt_id: str | None = None
         self.stopped_on_server: bool | None = None  # after a cancel: whether /queue confirmed the prompt gone
+        self.refused: list[str] | None = None  # node ids ComfyUI refused when queueing (the rest ran)
 
     async def run(self) -> list[Path]:
         with talking_to(self.base):
@@ -298,7 +299,14 @@ class Client:
                 async with http.get(f"{self.base}/history/{self.prompt_id}") as r:
                     r.raise_for_status()
                     history = await r.json()
-                return await self.download(http, history.get(self.prompt_id, {}).get("outputs") or {})
+                outputs = history.get(self.prompt_id, {}).get("outputs") or {}
+                for line in text_outputs(outputs, self.graph):
+                    print(line, flush=True)
+                saved = await self.download(http, outputs)
+        if self.refused is not None:
+            nodes = ", ".join(describe(self.graph, n) for n in self.refused)
+            raise Fail(f"the outputs ComfyUI refused did not run ({nodes}); the rest ran and are saved")
+        return saved
 
     async def upload(self, http: aiohttp.ClientSession, path: Path) -> str:
         """POST /upload/image (ComfyUI stores videos through it too); the name the graph should use."""
@@ -328,6 +336,7 @@ class Client:
                 raise Fail(f"ComfyUI at {self.base} did not queue the workflow ({r.status}): {text[:500]}")
         self.prompt_id = body["prompt_id"]
         if body.get("node_errors"):  # outputs that failed validation are skipped, the others run
+            self.refused = sorted(str(k) for k in body["node_errors"]) if isinstance(body["node_errors"], dict) else []
             print(refusal({"error": "some outputs will not run", **body}, self.graph), file=sys.stderr)
         print(f"queued prompt {self.prompt_id} on {self.base}", file=sys.stderr)
 
@@ -436,6 +445,17 @@ class Client:
         if not saved:
             print(f"prompt {self.prompt_id} finished but saved no files", file=sys.stderr)
         return saved
+
+
+def text_outputs(outputs: dict, graph: dict) -> list[str]:
+    """The text a node reported (``{"text": [...]}``, e.g. Revisit Score's PSNR), one ``node: text`` line each."""
+    lines = []
+    for node_id, node_out in outputs.items() if isinstance(outputs, dict) else ():
+        texts = node_out.get("text") if isinstance(node_out, dict) else None
+        for text in texts if isinstance(texts, list) else ():
+            if isinstance(text, str):
+                lines.append(f"{describe(graph, str(node_id))}: {text}")
+    return lines
 
 
 def output_files(node_out) -> list[dict]:

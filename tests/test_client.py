@@ -356,7 +356,8 @@ class FakeServer:
 
 
 def fake_server(answers: dict, status: int = 200) -> tuple[FakeServer, list]:
-    """``answers``: ``object_info`` (its /object_info); every request is recorded as (path, headers)."""
+    """``answers``: ``object_info`` (its /object_info), optionally ``node_errors`` (outputs refused when queued) and
+    ``text`` (a text output of node 9); every request is recorded as (path, headers)."""
     requests, queued = [], {}
     done = asyncio.Event()
 
@@ -378,11 +379,12 @@ def fake_server(answers: dict, status: int = 200) -> tuple[FakeServer, list]:
     async def prompt(request):
         queued["prompt"] = (await request.json())["prompt"]
         done.set()
-        return web.json_response({"prompt_id": "p1", "number": 0, "node_errors": {}})
+        return web.json_response({"prompt_id": "p1", "number": 0, "node_errors": answers.get("node_errors", {})})
 
     async def history(request):
         files = [{"filename": "a.latent", "subfolder": "latents", "type": "output"}]
-        return web.json_response({"p1": {"prompt": [0, "p1", queued.get("prompt")], "outputs": {"9": {"latents": files}}}})
+        out = {"latents": files, **({"text": answers["text"]} if "text" in answers else {})}
+        return web.json_response({"p1": {"prompt": [0, "p1", queued.get("prompt")], "outputs": {"9": out}}})
 
     async def view(request):
         return web.Response(body=b"latent bytes")
@@ -505,3 +507,27 @@ def test_a_prompt_that_never_stops_is_reported_as_possibly_still_running(tmp_pat
     err = capsys.readouterr().err
     assert rc == 1 and "prompt p1 may still be running" in err and f"{server.url}/queue" in err, err
     assert "cancelled on the server" not in err and requests.count("/interrupt") >= 2
+
+
+# --- what the graph reports ----------------------------------------------------------------------------------
+
+def test_outputs_refused_when_queued_exit_1_after_the_rest_ran(tmp_path, capsys):
+    refused = {"7": {"errors": [{"message": "Value not in list", "details": "query_weights: 'typo.safetensors'"}],
+                     "dependent_outputs": ["7"], "class_type": "MemLearnerRevisitScore"}}
+    server, _ = fake_server({"object_info": FAKE_INFO, "node_errors": refused})
+    graph = {**FAKE_API, "7": {"class_type": "MemLearnerRevisitScore", "inputs": {}, "_meta": {"title": "Score"}}}
+    with server:
+        rc = main([write(tmp_path, graph), "--server", server.url, "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert rc == 1, err
+    assert "typo.safetensors" in err and 'did not run (7 (MemLearnerRevisitScore, "Score"))' in err
+    assert (tmp_path / "out" / "latents" / "a.latent").is_file() and "a.latent" in out  # the rest ran
+
+
+def test_text_outputs_are_printed_naming_their_node(tmp_path, capsys):
+    server, _ = fake_server({"object_info": FAKE_INFO, "text": ["revisit_psnr 9.22 dB", 3]})
+    with server:
+        rc = main([write(tmp_path, FAKE_API), "--server", server.url, "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert [line for line in out.splitlines() if "(SaveLatent)" in line] == ["9 (SaveLatent): revisit_psnr 9.22 dB"]
