@@ -19,7 +19,8 @@ import signal
 import sys
 import threading
 import uuid
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+from urllib.parse import unquote
 
 import aiohttp
 from tqdm import tqdm
@@ -54,6 +55,7 @@ def title(node: dict) -> str | None:
 
 
 def describe(graph: dict, node_id: str) -> str:
+    node_id = quoted(node_id, 80)
     node = graph.get(node_id) or {}
     t = title(node)
     return f"{node_id} ({node.get('class_type', '?')}" + (f', "{t}")' if t and t != node_id else ")")
@@ -95,7 +97,14 @@ def load_any(path: str, base: str, headers: dict[str, str]) -> dict:
                 r.raise_for_status()
                 return await r.json()
 
-    graph = to_api(data, asyncio.run(object_info()), path)
+    info = asyncio.run(object_info())
+    if not isinstance(info, dict):
+        raise Fail(f"ComfyUI at {base} answered /object_info with {type(info).__name__}, not node definitions")
+    try:
+        graph = to_api(data, info, path)
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
+        raise Fail(f"the node definitions ComfyUI at {base} sent (/object_info) are not in ComfyUI's shape "
+                   f"({type(e).__name__}: {quoted(str(e))})") from None
     print(f"converted UI-format {path} with the node definitions of {base}", file=sys.stderr)
     return check_api(graph, path)
 
@@ -232,15 +241,24 @@ def seeds_keeping_offsets(seed, old: list) -> list:
 
 def refusal(body: dict, graph: dict) -> str:
     """ComfyUI's validation answer (``error`` and ``node_errors``) as lines naming each node."""
-    err = body.get("error") or {}
-    if isinstance(err, str):
-        err = {"message": err}
-    lines = ["ComfyUI refused the workflow: " + ": ".join(s for s in (err.get("message"), err.get("details")) if s)]
-    for node_id, info in (body.get("node_errors") or {}).items():
-        for e in info.get("errors") or []:
-            text = ": ".join(s for s in (e.get("message"), e.get("details")) if s)
-            lines.append(f"  node {describe(graph, node_id)}: {text}")
+    def text(e) -> str:
+        if not isinstance(e, dict):
+            return quoted(e, 500) if e not in (None, "", [], {}) else ""
+        return ": ".join(quoted(e[k], 500) for k in ("message", "details") if e.get(k) not in (None, ""))
+
+    lines = ["ComfyUI refused the workflow: " + text(body.get("error"))]
+    node_errors = body.get("node_errors")
+    for node_id, info in node_errors.items() if isinstance(node_errors, dict) else ():
+        errors = info.get("errors") if isinstance(info, dict) else [info]
+        for e in errors if isinstance(errors, list) else [errors]:
+            lines.append(f"  node {describe(graph, str(node_id))}: {text(e)}")
     return "\n".join(lines)
+
+
+def quoted(text, limit: int = 200) -> str:
+    """A server's text as one bounded line (a server may send megabytes, NUL bytes or line breaks)."""
+    text = str(text).replace("\x00", "\\0").replace("\r", " ").replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def server_url(server: str) -> str:
@@ -269,6 +287,9 @@ def talking_to(base: str):
         raise Fail(f"ComfyUI at {base} answered with an error: {e.status}, {e.message}{hint}") from None
     except aiohttp.ClientError as e:
         raise Fail(f"ComfyUI at {base} answered with an error: {e}") from None
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:  # JSON of a shape it never sends
+        raise Fail(f"ComfyUI at {base} answered in a shape this client does not understand "
+                   f"({type(e).__name__}: {quoted(str(e))})") from None
 
 
 class Client:
@@ -299,7 +320,11 @@ class Client:
                 async with http.get(f"{self.base}/history/{self.prompt_id}") as r:
                     r.raise_for_status()
                     history = await r.json()
-                outputs = history.get(self.prompt_id, {}).get("outputs") or {}
+                entry = history.get(self.prompt_id) if isinstance(history, dict) else None
+                outputs = entry.get("outputs") if isinstance(entry, dict) else None
+                if not isinstance(outputs, dict):
+                    raise Fail(f"ComfyUI at {self.base} reported prompt {self.prompt_id} done, but /history has no "
+                               f"outputs object for it")
                 for line in text_outputs(outputs, self.graph):
                     print(line, flush=True)
                 saved = await self.download(http, outputs)
@@ -332,11 +357,12 @@ class Client:
                 body = None
             if r.status == 400 and isinstance(body, dict):
                 raise Fail(refusal(body, self.graph))
-            if r.status != 200 or not isinstance(body, dict) or "prompt_id" not in body:
+            if r.status != 200 or not isinstance(body, dict) or not isinstance(body.get("prompt_id"), str):
                 raise Fail(f"ComfyUI at {self.base} did not queue the workflow ({r.status}): {text[:500]}")
         self.prompt_id = body["prompt_id"]
         if body.get("node_errors"):  # outputs that failed validation are skipped, the others run
-            self.refused = sorted(str(k) for k in body["node_errors"]) if isinstance(body["node_errors"], dict) else []
+            errors = body["node_errors"]
+            self.refused = sorted(quoted(k, 80) for k in errors) if isinstance(errors, dict) else ["?"]
             print(refusal({"error": "some outputs will not run", **body}, self.graph), file=sys.stderr)
         print(f"queued prompt {self.prompt_id} on {self.base}", file=sys.stderr)
 
@@ -357,10 +383,13 @@ class Client:
                 if kind == "executing":
                     if data.get("node") is None:
                         return
-                    node = data.get("display_node") or data["node"]
+                    shown_as = data.get("display_node") or data["node"]
+                    node = shown_as if isinstance(shown_as, str) else node
                 elif kind == "progress":
-                    node = data.get("node") or node
-                    total, value = data.get("max") or 0, data.get("value") or 0
+                    node = data.get("node") if isinstance(data.get("node"), str) else node
+                    total, value = data.get("max"), data.get("value")
+                    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (total, value)):
+                        continue  # a progress report without numbers: nothing to show
                     name = title(self.graph.get(node) or {}) or (self.graph.get(node) or {}).get("class_type", node)
                     if bar is None:
                         bar = tqdm(total=total, desc=name, file=sys.stderr, unit="step", dynamic_ncols=True)
@@ -371,7 +400,8 @@ class Client:
                     bar.update(value - bar.n)
                 elif kind == "execution_error":
                     where = describe(self.graph, str(data.get("node_id")))
-                    what = ": ".join(str(s) for s in (data.get("exception_type"), data.get("exception_message")) if s)
+                    what = ": ".join(quoted(s, 2000) for s in (data.get("exception_type"), data.get("exception_message"))
+                                     if s)
                     raise Fail(f"ComfyUI failed in node {where}: {what.strip()}")
                 elif kind == "execution_interrupted":
                     raise Fail(f"prompt {self.prompt_id} was interrupted on the server", 130)
@@ -424,11 +454,15 @@ class Client:
             for f in output_files(node_out):
                 params = {"filename": f["filename"], "subfolder": f.get("subfolder") or "",
                           "type": f.get("type") or "output"}
-                rel = PurePosixPath(params["subfolder"].replace("\\", "/")) / params["filename"].replace("\\", "/")
-                if rel.is_absolute() or ".." in rel.parts or tuple(params.values()) in seen:
+                parts = local_parts(params["subfolder"], params["filename"])
+                if parts is None:
+                    print(f"skipped a file the server named {quoted(params['subfolder'], 80)!r}/"
+                          f"{quoted(params['filename'], 80)!r}: not a plain file name", file=sys.stderr)
+                    continue
+                if tuple(params.values()) in seen:
                     continue
                 seen.add(tuple(params.values()))
-                dest = self.out.joinpath(*rel.parts)
+                dest = self.out.joinpath(*parts)
                 async with http.get(f"{self.base}/view", params=params) as r:
                     r.raise_for_status()
                     try:
@@ -447,6 +481,18 @@ class Client:
         return saved
 
 
+def local_parts(subfolder: str, filename: str) -> list[str] | None:
+    """The path under ``--out`` of a file the server reported, or None unless every part is a plain name: not
+    empty, ``.`` or ``..``, no control character, no percent-encoding (``%2e%2e``), the file name without slashes."""
+    if "/" in filename or "\\" in filename:
+        return None
+    parts = [p for p in subfolder.replace("\\", "/").split("/") if p] + [filename]
+    if subfolder.startswith(("/", "\\")) or any(
+            p in (".", "..") or any(ord(c) < 32 for c in p) or unquote(p) != p for p in parts):
+        return None
+    return parts
+
+
 def text_outputs(outputs: dict, graph: dict) -> list[str]:
     """The text a node reported (``{"text": [...]}``, e.g. Revisit Score's PSNR), one ``node: text`` line each."""
     lines = []
@@ -454,7 +500,7 @@ def text_outputs(outputs: dict, graph: dict) -> list[str]:
         texts = node_out.get("text") if isinstance(node_out, dict) else None
         for text in texts if isinstance(texts, list) else ():
             if isinstance(text, str):
-                lines.append(f"{describe(graph, str(node_id))}: {text}")
+                lines.append(f"{describe(graph, str(node_id))}: {text[:10_000]}".replace("\x00", ""))
     return lines
 
 

@@ -531,3 +531,92 @@ def test_text_outputs_are_printed_naming_their_node(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert [line for line in out.splitlines() if "(SaveLatent)" in line] == ["9 (SaveLatent): revisit_psnr 9.22 dB"]
+
+
+# --- a server that lies ----------------------------------------------------------------------------------------
+
+def lying_server(answers: dict) -> FakeServer:
+    """A ComfyUI stand-in whose answers are overridden: ``answers[path]`` is the JSON body for that path
+    (``/prompt`` as ``(status, body)``), ``answers["ws"]`` the websocket messages before the done message."""
+    async def ws(request):
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        for m in answers.get("ws", []):
+            await sock.send_json(m)
+        await sock.send_json({"type": "executing", "data": {"node": None, "prompt_id": "p1"}})
+        await sock.close()
+        return sock
+
+    async def prompt(request):
+        status, body = answers.get("/prompt", (200, {"prompt_id": "p1", "number": 0, "node_errors": {}}))
+        return web.json_response(body, status=status)
+
+    async def history(request):
+        files = [{"filename": "a.latent", "subfolder": "latents", "type": "output"}]
+        return web.json_response(answers.get("/history", {"p1": {"outputs": {"9": {"latents": files}}}}))
+
+    async def view(request):
+        return web.Response(body=b"latent bytes")
+
+    async def object_info(request):
+        return web.json_response(answers.get("/object_info", FAKE_INFO))
+
+    app = web.Application()
+    app.router.add_get("/ws", ws)
+    app.router.add_post("/prompt", prompt)
+    app.router.add_get("/history/{pid}", history)
+    app.router.add_get("/view", view)
+    app.router.add_get("/object_info", object_info)
+    return FakeServer(app)
+
+
+def named_file(name: str, subfolder: str = "latents") -> dict:
+    return {"p1": {"outputs": {"9": {"latents": [{"filename": name, "subfolder": subfolder, "type": "output"}]}}}}
+
+
+LIES = {  # what a broken or hostile server may answer; each must end in one line and exit 1
+    "progress_strings": {"ws": [{"type": "progress", "data": {"prompt_id": "p1", "node": "9", "value": "x", "max": "y"}}]},
+    "progress_node_list": {"ws": [{"type": "progress", "data": {"prompt_id": "p1", "node": [], "value": 1, "max": 2}}]},
+    "executing_node_dict": {"ws": [{"type": "executing", "data": {"prompt_id": "p1", "node": {"a": 1}}}]},
+    "error_fields_lists": {"ws": [{"type": "execution_error", "data": {"prompt_id": "p1", "node_id": [],
+                                                                       "exception_message": ["x"]}}]},
+    "history_list": {"/history": []},
+    "history_entry_list": {"/history": {"p1": []}},
+    "history_outputs_list": {"/history": {"p1": {"outputs": []}}},
+    "history_text_dict": {"/history": {"p1": {"outputs": {"9": {"text": {"a": 1}}}}}},
+    "name_with_nul": {"/history": named_file("a\x00b.latent")},
+    "name_url_encoded_dots": {"/history": named_file("%2e%2e")},
+    "subfolder_url_encoded_dots": {"/history": named_file("a.latent", "%2e%2e/%2e%2e")},
+    "name_dot": {"/history": named_file(".")},
+    "prompt_400_error_number": {"/prompt": (400, {"error": 5, "node_errors": []})},
+    "prompt_400_message_list": {"/prompt": (400, {"error": {"message": ["x"]}, "node_errors": {"9": "bad"}})},
+    "prompt_400_errors_not_dicts": {"/prompt": (400, {"error": "bad", "node_errors": {"9": {"errors": ["x", 3]}}})},
+    "prompt_400_list": {"/prompt": (400, ["x"])},
+    "prompt_200_node_errors_list": {"/prompt": (200, {"prompt_id": "p1", "node_errors": ["x"]})},
+    "prompt_id_number": {"/prompt": (200, {"prompt_id": 5})},
+}
+
+
+@pytest.mark.parametrize("lie", sorted(LIES))
+def test_a_server_that_lies_gets_one_line_and_no_file_outside_out(tmp_path, capsys, lie):
+    with lying_server(LIES[lie]) as server:
+        rc = main([write(tmp_path, FAKE_API), "--server", server.url, "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    assert {p.name for p in tmp_path.iterdir()} <= {"workflow.json", "out"}  # nothing written beside --out
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()] if (tmp_path / "out").exists() else []
+    assert all(p.name == "a.latent" and p.parent.name == "latents" for p in written), written
+    assert rc in (0, 1), err
+    if rc == 1:  # one line, or a refusal's listed lines after it
+        assert any(line.startswith("memlearner-client: ") for line in err.splitlines()), err
+
+
+@pytest.mark.parametrize("info", [["SaveLatent"], {"SaveLatent": "node"}, {"SaveLatent": {"input": []}},
+                                  {"SaveLatent": {"input": {"required": {"filename_prefix": "STRING"}}}}])
+def test_object_info_of_the_wrong_shape_gets_one_line(tmp_path, capsys, info):
+    with lying_server({"/object_info": info}) as server:
+        rc = main([write(tmp_path, FAKE_UI), "--server", server.url, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and rc in (0, 1), err
+    if rc == 1:  # one line, or a refusal's listed lines after it
+        assert any(line.startswith("memlearner-client: ") for line in err.splitlines()), err
