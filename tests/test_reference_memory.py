@@ -234,7 +234,8 @@ def test_empty_and_one_frame_videos_are_refused(comfy, encoder, wan_vae):
 
 
 def test_non_wan21_vae_is_refused(comfy, encoder):
-    sd_vae = type("FakeVAE", (), {"first_stage_model": torch.nn.Identity(), "latent_channels": 4})()
+    sd_vae = type("FakeVAE", (), {"first_stage_model": torch.nn.Identity(), "latent_channels": 4,  # an SD VAE
+                                   "encode": lambda self, x: x, "decode": lambda self, z: z})()
     with pytest.raises(ValueError, match="needs the Wan2.1 VAE"):
         comfy.run("MemLearnerEncodeReferenceVideo", memory_encoder=encoder, images=torch.rand(5, 32, 32, 3), vae=sd_vae)
 

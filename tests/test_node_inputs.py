@@ -1,0 +1,74 @@
+"""Every pack node checks each input against its own schema when it runs: an API prompt skips some of ComfyUI's
+queue-time checks (the inputs a node's ``validate_inputs`` names, V3 combos on 0.3.75, the type of what is linked
+to a socket), and the node must still refuse in one line naming the input, before anything runs."""
+
+import math
+import sys
+
+import pytest
+
+import host
+
+sys.path.insert(0, str(host.ROOT / "workflows"))
+import build  # noqa: E402
+
+SOCKET_TYPES = ("LATENT", "IMAGE", "MASK", "SIGMAS", "NOISE", "GUIDER", "SAMPLER", "MODEL", "VAE", "CLIP",
+                "CONDITIONING")
+
+
+def pack_nodes(comfy) -> dict:
+    return {name: cls for name, cls in comfy.nodes.NODE_CLASS_MAPPINGS.items()
+            if name.startswith("MemLearner") and not name.startswith("MemLearnerTest")}
+
+
+def wrong_values(kind: str, spec: dict) -> list:
+    """Values an input of this kind must refuse: the wrong type, non-finite, just outside the range, no choice."""
+    if kind == "INT":
+        out = ["5", 1.5, True]
+        out += [spec["min"] - 1] if spec.get("min") is not None else []
+        return out + ([spec["max"] + 1] if spec.get("max") is not None else [])
+    if kind == "FLOAT":
+        out = ["0.5", math.nan, math.inf]
+        out += [spec["min"] - 1.0] if spec.get("min") is not None else []
+        return out + ([spec["max"] + 1.0] if spec.get("max") is not None else [])
+    return {"BOOLEAN": ["yes", 1], "STRING": [5, ["a"]], "COMBO": ["no such choice"]}.get(
+        kind, ["a string", {"samples": None}] if kind in SOCKET_TYPES else [])
+
+
+def cases(comfy):
+    for name, cls in sorted(pack_nodes(comfy).items()):
+        for inp in cls.define_schema().inputs:
+            kind, spec = str(inp.get_io_type()), inp.as_dict()
+            if kind == "COMBO" and not spec.get("options"):
+                continue  # a file list that is empty in the test folders: nothing to choose from
+            for value in wrong_values(kind, spec):
+                yield name, cls, inp.id, value
+
+
+def test_every_input_of_every_pack_node_refuses_a_wrong_value_naming_itself(comfy):
+    checked = 0
+    for name, cls, input_id, value in cases(comfy):
+        with pytest.raises(ValueError, match=rf"input {input_id} ") as refused:
+            host.run_node(cls, **{input_id: value})
+        assert "\n" not in str(refused.value) and len(str(refused.value)) < 600, (name, input_id, str(refused.value))
+        checked += 1
+    assert checked > 100  # every node, every widget and socket
+
+
+def test_declared_defaults_pass_the_checks(comfy):
+    checks = host.pack("nodes.input_checks")
+    for cls in pack_nodes(comfy).values():
+        defaults = {i.id: i.as_dict()["default"] for i in cls.define_schema().inputs if "default" in i.as_dict()}
+        checks.check_inputs(cls, defaults)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("change", [("rollout", "chunks", 5000), ("rollout", "policy", "everything"),
+                                    ("rollout", "guider", ["chunk", 0]), ("rollout", "camera_path", ["chunk", 0])])
+def test_an_api_prompt_that_skips_the_frontend_is_refused_naming_the_input(server, change):
+    node, name, value = change
+    graph = build.memory_rollout(tiny=True)
+    graph[node]["inputs"][name] = value
+    with pytest.raises(AssertionError) as failed:
+        server.run_prompt(graph)
+    assert name in str(failed.value), str(failed.value)[:2000]
