@@ -40,6 +40,8 @@ RAW = {"prompt", "negative", "trajectory"}  # text inputs: VALUE is never parsed
 UPLOAD = {"reference_video"}  # VALUE is a local file, uploaded to ComfyUI's input folder first
 PROG = "memlearner-client"
 TOKEN_ENV = "MEMLEARNER_CLIENT_TOKEN"
+# what reading JSON of a shape ComfyUI never sends raises (a lying or broken server)
+SHAPE_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError)
 CANCEL_CONFIRM_S = 30.0  # how long a cancel re-sends interrupts until /queue no longer lists the prompt
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
@@ -102,7 +104,7 @@ def load_any(path: str, base: str, headers: dict[str, str]) -> dict:
         raise Fail(f"ComfyUI at {base} answered /object_info with {type(info).__name__}, not node definitions")
     try:
         graph = to_api(data, info, path)
-    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
+    except SHAPE_ERRORS as e:
         raise Fail(f"the node definitions ComfyUI at {base} sent (/object_info) are not in ComfyUI's shape "
                    f"({type(e).__name__}: {quoted(str(e))})") from None
     print(f"converted UI-format {path} with the node definitions of {base}", file=sys.stderr)
@@ -287,7 +289,7 @@ def talking_to(base: str):
         raise Fail(f"ComfyUI at {base} answered with an error: {e.status}, {e.message}{hint}") from None
     except aiohttp.ClientError as e:
         raise Fail(f"ComfyUI at {base} answered with an error: {e}") from None
-    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:  # JSON of a shape it never sends
+    except SHAPE_ERRORS as e:  # JSON of a shape it never sends
         raise Fail(f"ComfyUI at {base} answered in a shape this client does not understand "
                    f"({type(e).__name__}: {quoted(str(e))})") from None
 

@@ -356,8 +356,9 @@ class FakeServer:
 
 
 def fake_server(answers: dict, status: int = 200) -> tuple[FakeServer, list]:
-    """``answers``: ``object_info`` (its /object_info), optionally ``node_errors`` (outputs refused when queued) and
-    ``text`` (a text output of node 9); every request is recorded as (path, headers)."""
+    """``answers``: ``object_info`` (its /object_info, default ``FAKE_INFO``); to make it lie or report more, the
+    body of ``/history`` and ``(status, body)`` of ``/prompt`` under those keys, and ``ws``, websocket messages sent
+    before the done message. Runs any prompt at once; every request is recorded as (path, headers)."""
     requests, queued = [], {}
     done = asyncio.Event()
 
@@ -372,6 +373,8 @@ def fake_server(answers: dict, status: int = 200) -> tuple[FakeServer, list]:
         sock = web.WebSocketResponse()
         await sock.prepare(request)
         await done.wait()
+        for m in answers.get("ws", []):
+            await sock.send_json(m)
         await sock.send_json({"type": "executing", "data": {"node": None, "prompt_id": "p1"}})
         await sock.close()
         return sock
@@ -379,18 +382,19 @@ def fake_server(answers: dict, status: int = 200) -> tuple[FakeServer, list]:
     async def prompt(request):
         queued["prompt"] = (await request.json())["prompt"]
         done.set()
-        return web.json_response({"prompt_id": "p1", "number": 0, "node_errors": answers.get("node_errors", {})})
+        code, body = answers.get("/prompt", (200, {"prompt_id": "p1", "number": 0, "node_errors": {}}))
+        return web.json_response(body, status=code)
 
     async def history(request):
         files = [{"filename": "a.latent", "subfolder": "latents", "type": "output"}]
-        out = {"latents": files, **({"text": answers["text"]} if "text" in answers else {})}
-        return web.json_response({"p1": {"prompt": [0, "p1", queued.get("prompt")], "outputs": {"9": out}}})
+        return web.json_response(answers.get("/history", {"p1": {"prompt": [0, "p1", queued.get("prompt")],
+                                                                 "outputs": {"9": {"latents": files}}}}))
 
     async def view(request):
         return web.Response(body=b"latent bytes")
 
     async def object_info(request):
-        return web.json_response(answers["object_info"])
+        return web.json_response(answers.get("object_info", FAKE_INFO))
 
     app = web.Application(middlewares=[record])
     app.router.add_get("/ws", ws)
@@ -514,7 +518,7 @@ def test_a_prompt_that_never_stops_is_reported_as_possibly_still_running(tmp_pat
 def test_outputs_refused_when_queued_exit_1_after_the_rest_ran(tmp_path, capsys):
     refused = {"7": {"errors": [{"message": "Value not in list", "details": "query_weights: 'typo.safetensors'"}],
                      "dependent_outputs": ["7"], "class_type": "MemLearnerRevisitScore"}}
-    server, _ = fake_server({"object_info": FAKE_INFO, "node_errors": refused})
+    server, _ = fake_server({"/prompt": (200, {"prompt_id": "p1", "number": 0, "node_errors": refused})})
     graph = {**FAKE_API, "7": {"class_type": "MemLearnerRevisitScore", "inputs": {}, "_meta": {"title": "Score"}}}
     with server:
         rc = main([write(tmp_path, graph), "--server", server.url, "--out", str(tmp_path / "out")])
@@ -525,7 +529,9 @@ def test_outputs_refused_when_queued_exit_1_after_the_rest_ran(tmp_path, capsys)
 
 
 def test_text_outputs_are_printed_naming_their_node(tmp_path, capsys):
-    server, _ = fake_server({"object_info": FAKE_INFO, "text": ["revisit_psnr 9.22 dB", 3]})
+    files = [{"filename": "a.latent", "subfolder": "latents", "type": "output"}]
+    texts = ["revisit_psnr 9.22 dB", 3]
+    server, _ = fake_server({"/history": {"p1": {"outputs": {"9": {"latents": files, "text": texts}}}}})
     with server:
         rc = main([write(tmp_path, FAKE_API), "--server", server.url, "--out", str(tmp_path / "out")])
     out, err = capsys.readouterr()
@@ -534,41 +540,6 @@ def test_text_outputs_are_printed_naming_their_node(tmp_path, capsys):
 
 
 # --- a server that lies ----------------------------------------------------------------------------------------
-
-def lying_server(answers: dict) -> FakeServer:
-    """A ComfyUI stand-in whose answers are overridden: ``answers[path]`` is the JSON body for that path
-    (``/prompt`` as ``(status, body)``), ``answers["ws"]`` the websocket messages before the done message."""
-    async def ws(request):
-        sock = web.WebSocketResponse()
-        await sock.prepare(request)
-        for m in answers.get("ws", []):
-            await sock.send_json(m)
-        await sock.send_json({"type": "executing", "data": {"node": None, "prompt_id": "p1"}})
-        await sock.close()
-        return sock
-
-    async def prompt(request):
-        status, body = answers.get("/prompt", (200, {"prompt_id": "p1", "number": 0, "node_errors": {}}))
-        return web.json_response(body, status=status)
-
-    async def history(request):
-        files = [{"filename": "a.latent", "subfolder": "latents", "type": "output"}]
-        return web.json_response(answers.get("/history", {"p1": {"outputs": {"9": {"latents": files}}}}))
-
-    async def view(request):
-        return web.Response(body=b"latent bytes")
-
-    async def object_info(request):
-        return web.json_response(answers.get("/object_info", FAKE_INFO))
-
-    app = web.Application()
-    app.router.add_get("/ws", ws)
-    app.router.add_post("/prompt", prompt)
-    app.router.add_get("/history/{pid}", history)
-    app.router.add_get("/view", view)
-    app.router.add_get("/object_info", object_info)
-    return FakeServer(app)
-
 
 def named_file(name: str, subfolder: str = "latents") -> dict:
     return {"p1": {"outputs": {"9": {"latents": [{"filename": name, "subfolder": subfolder, "type": "output"}]}}}}
@@ -599,7 +570,8 @@ LIES = {  # what a broken or hostile server may answer; each must end in one lin
 
 @pytest.mark.parametrize("lie", sorted(LIES))
 def test_a_server_that_lies_gets_one_line_and_no_file_outside_out(tmp_path, capsys, lie):
-    with lying_server(LIES[lie]) as server:
+    server, _ = fake_server(LIES[lie])
+    with server:
         rc = main([write(tmp_path, FAKE_API), "--server", server.url, "--out", str(tmp_path / "out")])
     out, err = capsys.readouterr()
     assert "Traceback" not in err, err
@@ -614,7 +586,8 @@ def test_a_server_that_lies_gets_one_line_and_no_file_outside_out(tmp_path, caps
 @pytest.mark.parametrize("info", [["SaveLatent"], {"SaveLatent": "node"}, {"SaveLatent": {"input": []}},
                                   {"SaveLatent": {"input": {"required": {"filename_prefix": "STRING"}}}}])
 def test_object_info_of_the_wrong_shape_gets_one_line(tmp_path, capsys, info):
-    with lying_server({"/object_info": info}) as server:
+    server, _ = fake_server({"object_info": info})
+    with server:
         rc = main([write(tmp_path, FAKE_UI), "--server", server.url, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert "Traceback" not in err and rc in (0, 1), err

@@ -8,9 +8,8 @@ nodes are laid out in columns by their distance from the loaders, with notes in 
 
 from __future__ import annotations
 
-from memlearner_client.ui_workflow import input_specs
+from memlearner_client.ui_workflow import WIDGET_TYPES, input_specs
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 COLUMN, NODE_WIDTH, ROW, GAP = 380, 320, 26, 40
 
 
