@@ -444,11 +444,12 @@ def check_chunk_poses(poses: torch.Tensor | None, noise: torch.Tensor) -> None:
                          f"({frames - poses.shape[0]} more)")
 
 
-def patched_forward(model, x, t, context, cond_or_uncond=None, run: RunState | None = None):
+def patched_forward(model, x, t, context, cond_or_uncond=None, run: RunState | None = None, **model_kwargs):
     """One forward of a (patched) MODEL's Wan2.1 outside a sampler (training, tests): its transformer options and
     wrappers merged the way the sampler merges them, the memory settings and ``run`` put where the OUTER_SAMPLE
     wrapper puts them. ``x [B, 16, T, H, W]`` in the model's latent space, ``t [B]`` timesteps,
-    ``context [B, L, 4096]`` text; gradients flow when enabled."""
+    ``context [B, L, 4096]`` text; gradients flow when enabled. ``model_kwargs`` go to the diffusion model as the
+    sampler's extra conds do."""
     opts = comfy.patcher_extension.copy_nested_dicts(model.model_options.get("transformer_options", {}))
     for wrapper_type, keyed in model.wrappers.items():
         for key, wrappers in keyed.items():
@@ -458,7 +459,7 @@ def patched_forward(model, x, t, context, cond_or_uncond=None, run: RunState | N
     settings = installed_patch(model)
     if settings is not None:
         opts[KEY], opts[RUN_KEY] = settings, run or RunState(0)
-    return model.model.diffusion_model(x, t, context, transformer_options=opts)
+    return model.model.diffusion_model(x, t, context, transformer_options=opts, **model_kwargs)
 
 
 def installed_patch(model) -> MemorySettings | None:

@@ -296,21 +296,13 @@ def test_poses_without_weights_are_refused(comfy, wan_model):
 def test_tokens_the_host_appends_after_the_video_are_refused(comfy, wan_model, kwarg):
     """ComfyUI 0.3x appends in-context reference tokens after the video, where query memory's RoPE does not reach."""
     import comfy.model_management as mm
-    import comfy.patcher_extension as pe
 
     mp = host.pack("nodes.memory_patch")
     model = comfy.run("MemLearnerApplyQueryMemory", model=wan_model, context=history(2), query_layers=2)[0]
     mm.load_models_gpu([model])
-    opts = pe.copy_nested_dicts(model.model_options.get("transformer_options", {}))
-    for wrapper_type, keyed in model.wrappers.items():
-        for key, wrappers in keyed.items():
-            for w in wrappers:
-                pe.add_wrapper_with_key(wrapper_type, key, w, opts)
-    opts["cond_or_uncond"], (opts[mp.KEY], opts[mp.RUN_KEY]) = [0], (mp.installed_patch(model), mp.RunState(0))
     x, txt = torch.randn(1, 16, 2, 8, 8), torch.randn(1, 512, 4096)
     with pytest.raises(ValueError, match=f"query memory does not support {kwarg} inputs"):
-        model.model.diffusion_model(x, torch.full((1,), 500.0), txt, transformer_options=opts,
-                                    **{kwarg: [torch.randn(1, 16, 1, 8, 8)]})
+        mp.patched_forward(model, x, torch.full((1,), 500.0), txt, **{kwarg: [torch.randn(1, 16, 1, 8, 8)]})
 
 
 def test_too_few_poses_are_refused(comfy, wan_model):
