@@ -6,7 +6,9 @@ each caption's, from whichever text encoder the caller has loaded, top k kept. E
 disk, keyed by the file's identity and the encoding settings, so a bank is encoded once.
 
 A bank folder is always inside one root folder (ComfyUI's input folder): ``confined_folder`` refuses absolute
-paths, ``..`` and links that lead out of it, and the files of a bank that link outside it are skipped.
+paths, ``..`` and links that lead out of it, and the files of a bank that link outside it are skipped. Its files
+are read through ``confined_files``, checked on the opened descriptor, so a link swapped in after these checks
+is refused too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .confined_files import ConfinedFileError, is_inside, read_confined
 
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
 CAPTIONS_FILE = "captions.json"
@@ -37,12 +41,6 @@ class BankEntry:
     caption: str
 
 
-def is_inside(path: str | Path, root: str | Path) -> bool:
-    """Whether ``path``, links resolved, is ``root`` (links resolved) or inside it."""
-    real, base = os.path.realpath(path), os.path.realpath(root)
-    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
-
-
 def confined_folder(text: str, root: str | Path, what: str = "folder") -> Path:
     """``root / text`` when that path, links resolved, stays inside ``root``; anything else (an absolute path,
     ``..``, a link leading out) is a ``MemoryBankError`` that says nothing about the path outside."""
@@ -57,9 +55,13 @@ def confined_folder(text: str, root: str | Path, what: str = "folder") -> Path:
     return path
 
 
-def _read_text(path: Path, what: str) -> str:
+def _read_text(path: Path, what: str, root: str | Path | None = None) -> str:
+    """UTF-8 text of ``path``; with ``root``, read through ``read_confined`` (exactly the file checked)."""
     try:
-        return path.read_text(encoding="utf-8")
+        data = path.read_bytes() if root is None else read_confined(path, root, what)
+        return data.decode("utf-8")
+    except ConfinedFileError as e:
+        raise MemoryBankError(str(e)) from None
     except UnicodeDecodeError as e:
         raise MemoryBankError(f"{what} {path.name} is not UTF-8 text ({e.reason} at byte {e.start}); save it "
                               "as UTF-8") from None
@@ -79,7 +81,7 @@ def read_captioned_folder(folder: str | Path, root: str | Path | None = None) ->
     index = folder / CAPTIONS_FILE
     if readable(index):
         try:
-            captions = json.loads(_read_text(index, "the captions file"))
+            captions = json.loads(_read_text(index, "the captions file", root))
         except (ValueError, RecursionError) as e:
             if isinstance(e, MemoryBankError):
                 raise
@@ -92,7 +94,7 @@ def read_captioned_folder(folder: str | Path, root: str | Path | None = None) ->
             outside.append(path.name)
             continue
         side = path.with_suffix(".txt")
-        caption = captions.get(path.name) or (_read_text(side, "the caption").strip() if readable(side) else "")
+        caption = captions.get(path.name) or (_read_text(side, "the caption", root).strip() if readable(side) else "")
         if caption.strip():
             entries.append(BankEntry(path, caption.strip()))
         else:

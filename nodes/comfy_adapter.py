@@ -306,11 +306,14 @@ def resize_frames(frames: torch.Tensor, width: int, height: int, crop: str = "ce
     return comfy.utils.common_upscale(frames.movedim(-1, 1), width, height, "bilinear", crop).movedim(1, -1)
 
 
-def read_video(path) -> torch.Tensor:
-    """A video file decoded by ComfyUI's own reader (PyAV): IMAGE frames ``[F, H, W, 3]`` in [0, 1]."""
+def read_video(source) -> torch.Tensor:
+    """A video decoded by ComfyUI's own reader (PyAV): IMAGE frames ``[F, H, W, 3]`` in [0, 1]. ``source`` is a
+    path or an ``io.BytesIO`` of the file's bytes (a file read through ``confined_files``)."""
+    import io
+
     from comfy_api.latest import InputImpl
 
-    return InputImpl.VideoFromFile(str(path)).get_components().images
+    return InputImpl.VideoFromFile(source if isinstance(source, io.BytesIO) else str(source)).get_components().images
 
 
 def text_embedding(clip, text: str) -> torch.Tensor:

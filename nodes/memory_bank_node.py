@@ -10,7 +10,14 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from memlearner_core.memory_bank import CACHE_DIR, confined_folder, rank_by_text, read_captioned_folder
+from memlearner_core.confined_files import ConfinedFileError, confined_buffer
+from memlearner_core.memory_bank import (
+    CACHE_DIR,
+    MemoryBankError,
+    confined_folder,
+    rank_by_text,
+    read_captioned_folder,
+)
 from memlearner_core.training.dataset import LatentCache
 
 from . import comfy_adapter as ca
@@ -41,7 +48,11 @@ def cached_latent(vae, video: Path, shape: tuple[int, int, int], resize: str = S
                     "again", cache.path(video, settings), tuple(latent.shape), ", ".join(map(str, shape)))
         latent = None
     if latent is None:
-        latent = encode_frames(vae, ca.read_video(video), shape, resize)
+        try:
+            frames = ca.read_video(confined_buffer(video, ca.input_directory(), "memory bank video"))
+        except ConfinedFileError as e:
+            raise MemoryBankError(f"Reference Memory Bank: {e}") from None
+        latent = encode_frames(vae, frames, shape, resize)
         try:
             cache.put(video, settings, latent)
         except OSError as e:

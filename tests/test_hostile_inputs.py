@@ -122,6 +122,71 @@ def test_a_linked_captions_file_outside_the_input_folder_is_never_read(folders):
         read_captioned_folder(bank, folders["input"])
 
 
+# --- Links and FIFOs swapped in after the checks: what is opened is what is checked ------------------------------
+
+def swap_video_for_outside_link(folders, video):
+    video.unlink()
+    os.symlink(folders["outside"] / "secret.mp4", video)
+
+
+def swap_video_for_fifo(folders, video):
+    video.unlink()
+    os.mkfifo(video)
+
+
+def swap_video_for_outside_fifo(folders, video):
+    os.mkfifo(folders["outside"] / "pipe")
+    video.unlink()
+    os.symlink(folders["outside"] / "pipe", video)
+
+
+def swap_video_for_device(folders, video):
+    video.unlink()
+    os.symlink("/dev/zero", video)
+
+
+def swap_bank_folder_for_outside_link(folders, video):
+    bank = video.parent
+    bank.rename(bank.with_name("moved"))
+    tiny_models.write_video(folders["outside"] / video.name, 9)
+    os.symlink(folders["outside"], bank)
+
+
+@pytest.mark.parametrize("swap, message", [
+    (swap_video_for_outside_link, "leads outside its folder"),
+    (swap_video_for_fifo, "not a regular file"),
+    (swap_video_for_outside_fifo, "not a regular file"),
+    (swap_video_for_device, "not a regular file"),
+    (swap_bank_folder_for_outside_link, "leads outside its folder"),
+])
+def test_a_bank_video_swapped_after_the_folder_check_is_refused_without_reading_it(
+        comfy, encoder, tiny_clip, wan_vae, folders, monkeypatch, swap, message):
+    """The swap happens between listing the bank (links checked) and opening the chosen video."""
+    bank = make_bank(folders["input"] / "bank", {"cat.mp4": "a cat sleeps on a sofa"})
+    node = host.pack("nodes.memory_bank_node")
+    listed = node.read_captioned_folder
+
+    def list_then_swap(folder, root):
+        entries = listed(folder, root)
+        swap(folders, bank / "cat.mp4")
+        return entries
+
+    monkeypatch.setattr(node, "read_captioned_folder", list_then_swap)
+    with pytest.raises(MemoryBankError, match=f"memory bank video cat.mp4 .*{message}") as e:
+        rank(comfy, encoder, tiny_clip, wan_vae, "bank")
+    assert str(folders["outside"]) not in str(e.value) and "\n" not in str(e.value)
+    assert cache_files(folders) == []  # nothing encoded, nothing cached
+
+
+def test_a_bank_video_linked_to_a_file_inside_the_input_folder_is_read(comfy, encoder, tiny_clip, wan_vae, folders):
+    bank = make_bank(folders["input"] / "bank", {"cat.mp4": "a cat sleeps on a sofa"})
+    tiny_models.write_video(folders["input"] / "real.mp4", 0)
+    (bank / "cat.mp4").unlink()
+    os.symlink(folders["input"] / "real.mp4", bank / "cat.mp4")
+    memory, chosen = rank(comfy, encoder, tiny_clip, wan_vae, "bank")
+    assert "cat.mp4" in chosen and memory.latents.shape[1] == 1
+
+
 # --- Nothing lost: the bank's latent cache ----------------------------------------------------------------------
 
 def cache_files(folders) -> list[Path]:
@@ -159,6 +224,22 @@ def test_a_bad_bank_cache_entry_is_rebuilt_with_a_warning_naming_it(
     assert entry.name in caplog.text
     torch.testing.assert_close(again.latents, good.latents)
     torch.testing.assert_close(load_file(str(entry))["latent"], latent)  # the entry is whole again
+
+
+def test_a_bank_cache_entry_linked_outside_the_user_folder_is_never_read(
+        comfy, encoder, tiny_clip, wan_vae, folders, caplog):
+    make_bank(folders["input"] / "bank", {"cat.mp4": "a cat sleeps on a sofa"})
+    good, _ = rank(comfy, encoder, tiny_clip, wan_vae, "bank")
+    (entry,) = cache_files(folders)
+    planted = folders["outside"] / "planted.safetensors"
+    save_file({"latent": torch.full_like(load_file(str(entry))["latent"], 0.5)}, str(planted))
+    entry.unlink()
+    os.symlink(planted, entry)
+    with caplog.at_level(logging.WARNING, logger="memlearner"):
+        again, _ = rank(comfy, encoder, tiny_clip, wan_vae, "bank")
+    assert entry.name in caplog.text and "leads outside" in caplog.text
+    torch.testing.assert_close(again.latents, good.latents)
+    assert not entry.is_symlink() and load_file(str(planted))["latent"].eq(0.5).all()  # replaced, not written through
 
 
 # --- Wrong results reported as success --------------------------------------------------------------------------

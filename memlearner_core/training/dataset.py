@@ -12,17 +12,20 @@ worse than no run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ..confined_files import read_confined
 from ..memory_bank import latent_cache_path, read_captioned_folder
 from ..reference_video import sample_indices
 from ..trajectory import TrajectoryError, parse_trajectory, validate_poses
@@ -141,10 +144,10 @@ class LatentCache:
         path = self.path(video, settings)
         if not path.is_file():
             return None
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return f.get_tensor("latent"), f.metadata() or {}
-        except Exception as e:  # a truncated or garbled cache file is a miss, not a failure
+        try:  # exactly the file checked to be a regular file inside the cache folder, never a link out of it
+            data = read_confined(path, self.dir, "latent cache entry")
+            return safetensors.torch.load(data)["latent"], safetensors_metadata(data)
+        except Exception as e:  # a truncated, garbled or linked-out cache file is a miss, not a failure
             log.warning("latent cache: %s is unreadable (%s); encoding again", path, e)
             return None
 
@@ -161,11 +164,26 @@ class LatentCache:
                                {"settings": settings, **(meta or {})})
 
 
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes (an 8-byte little-endian header length, then JSON)."""
+    size = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + size]).get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """``save_file`` to a temporary name beside ``path``, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    """The safetensors bytes written to a new temporary file beside ``path`` (created exclusively, so a link
+    planted under its name is never written through), then renamed over ``path``: a crash never leaves a
+    half-written file, and a link at ``path`` is replaced, not followed."""
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a cache or export file from the user's other tools
+        with os.fdopen(fd, "wb") as f:
+            f.write(safetensors.torch.save(tensors, metadata=metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
