@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .bounded_text import bounded, listed, shown
 from .camera import CameraEmbedding
 from .memory_encoder import KNOWN_LATENT_SHAPES, EncoderConfig, MemoryEncoder, cnn_output_shape
 
@@ -28,7 +29,10 @@ CONVERT_HINT = (
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used as it is; the message says why and what to do."""
+    """A checkpoint file that cannot be used as it is; the message says why and what to do, ``bounded``."""
+
+    def __init__(self, message: str):
+        super().__init__(bounded(str(message)))
 
 
 def looks_pickled(path: Path) -> bool:
@@ -85,14 +89,14 @@ def _meta_value(meta: dict[str, str], name: str, default, file: str):
     try:
         value = json.loads(raw)
     except (ValueError, RecursionError):
-        raise CheckpointError(f"{file}: metadata memlearner.encoder.{name} is not valid JSON: {raw[:60]!r}") from None
+        raise CheckpointError(f"{file}: metadata memlearner.encoder.{name} is not valid JSON: {shown(raw, 60)}") from None
     return tuple(value) if isinstance(value, list) else value
 
 
 def _whole(value, file: str, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CheckpointError(f"{file}: metadata memlearner.encoder.{name} must be a whole number >= 1, "
-                              f"got {value!r}")
+                              f"got {shown(value)}")
     return value
 
 
@@ -126,7 +130,7 @@ def infer_encoder_config(sd: dict[str, torch.Tensor], meta: dict[str, str] | Non
             f"positions, not a released config); save it with metadata 'memlearner.encoder.latent_shape'")
     if not isinstance(latent_shape, tuple) or len(latent_shape) != 3:
         raise CheckpointError(f"{file}: metadata memlearner.encoder.latent_shape must be [T, H, W], "
-                              f"got {latent_shape!r}")
+                              f"got {shown(latent_shape)}")
     latent_shape = tuple(_whole(n, file, "latent_shape") for n in latent_shape)
     tokens = _whole(_meta_value(meta, "tokens_per_video", 100, file), file, "tokens_per_video")
     heads = _whole(_meta_value(meta, "heads", 8, file), file, "heads")
@@ -161,9 +165,9 @@ def load_memory_encoder(path: str | os.PathLike) -> MemoryEncoder:
                    for k, p in {**params, **buffers}.items() if k in sd and tuple(sd[k].shape) != tuple(p.shape))
     problems = []
     if missing:
-        problems.append(f"missing parameters: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        problems.append(f"missing parameters: {listed(missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        problems.append(f"unexpected tensors: {listed(unexpected)}")
     if wrong:
         problems.append(f"wrong shapes: {'; '.join(wrong[:4])}")
     if problems:
@@ -233,13 +237,13 @@ def load_query_weights(path) -> QueryWeights:
     name = Path(path).name
     fmt, version = meta.get("memlearner.format"), meta.get("memlearner.version")
     if fmt != QUERY_FORMAT:
-        raise CheckpointError(f"{name}: not a query-memory weights file (format {fmt!r}, expected {QUERY_FORMAT!r})")
+        raise CheckpointError(f"{name}: not a query-memory weights file (format {shown(fmt)}, expected {QUERY_FORMAT!r})")
     if version not in QUERY_VERSIONS:
-        raise CheckpointError(f"{name}: query-memory weights version {version!r} is not supported "
+        raise CheckpointError(f"{name}: query-memory weights version {shown(version)} is not supported "
                               f"(this pack reads versions {sorted(QUERY_VERSIONS)}); update the pack")
     camera = {k[len("camera."):]: v for k, v in sd.items() if k.startswith("camera.")}
     if set(camera) != {"proj.weight", "proj.bias"}:
-        raise CheckpointError(f"{name}: expected camera.proj.weight and camera.proj.bias, found {sorted(sd)}")
+        raise CheckpointError(f"{name}: expected camera.proj.weight and camera.proj.bias, found {listed(sorted(sd))}")
     weight, bias = camera["proj.weight"], camera["proj.bias"]
     if weight.ndim != 2 or weight.shape[1] != 12 or tuple(bias.shape) != (weight.shape[0],):
         raise CheckpointError(f"{name}: camera.proj.weight must be [dim, 12] and camera.proj.bias [dim], got "
@@ -249,6 +253,6 @@ def load_query_weights(path) -> QueryWeights:
     for key, default in (("query_layers", "5"), ("query_pool", None)):
         raw = meta.get(f"memlearner.{key}", default)
         if raw is not None and not (raw.isascii() and raw.isdigit() and int(raw) >= 1):
-            raise CheckpointError(f"{name}: metadata memlearner.{key} must be a whole number >= 1, got {raw!r}")
+            raise CheckpointError(f"{name}: metadata memlearner.{key} must be a whole number >= 1, got {shown(raw)}")
         numbers[key] = None if raw is None else int(raw)
     return QueryWeights(camera, numbers["query_layers"], numbers["query_pool"], camera_on_query=version != "1")

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from memlearner_core.bounded_text import MESSAGE_LIMIT, bounded, listed, shown
+
 
 def _tensor(v) -> bool:
     return isinstance(v, torch.Tensor)
@@ -35,8 +37,7 @@ SOCKETS = {
 
 
 def _shown(v) -> str:
-    text = repr(v) if isinstance(v, (str, int, float, bool)) else type(v).__name__
-    return text if len(text) <= 60 else text[:60] + "..."
+    return shown(v, 60) if isinstance(v, (str, int, float, bool)) else type(v).__name__
 
 
 def problem(kind: str, spec: dict, v) -> str | None:
@@ -58,8 +59,7 @@ def problem(kind: str, spec: dict, v) -> str | None:
     elif kind == "COMBO":
         options = spec.get("options")
         if isinstance(options, (list, tuple)) and options and v not in options:
-            listed = ", ".join(map(repr, options[:12])) + (f" ... ({len(options)} in all)" if len(options) > 12 else "")
-            return f"is {_shown(v)}, not one of {listed}"
+            return f"is {_shown(v)}, not one of {listed(options, 12)}"
     elif kind in SOCKETS and not SOCKETS[kind][1](v):
         return f"takes {SOCKETS[kind][0]}, not {_shown(v)}: connect the right output to it"
     return None
@@ -79,13 +79,25 @@ def check_inputs(node_cls, values: dict) -> None:
 
 
 def checked(node_cls):
-    """The node class with its ``execute`` checking every input first (``check_inputs``); returns the class."""
+    """The node class with its ``execute`` checking every input first (``check_inputs``) and every error's
+    message ``bounded``; returns the class."""
     execute = node_cls.execute.__func__
 
     @functools.wraps(execute)
     def run(cls, **values):
         check_inputs(cls, values)
-        return execute(cls, **values)
+        try:
+            return execute(cls, **values)
+        except Exception as e:
+            message = str(e)
+            if len(message) <= MESSAGE_LIMIT:
+                raise
+            # ComfyUI keeps the message with the prompt's history and sends it to every client: never megabytes
+            try:
+                error = (e.__class__ if isinstance(e, ValueError) else RuntimeError)(bounded(message))
+            except Exception:  # an error class that takes other arguments
+                error = RuntimeError(bounded(message))
+            raise error from None
 
     node_cls.execute = classmethod(run)
     return node_cls

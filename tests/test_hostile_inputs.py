@@ -323,6 +323,58 @@ def test_non_finite_non_float_or_misshaped_query_weights_are_refused(tmp_path, w
         load_query_weights(query_file(tmp_path / "q.safetensors", weight, bias))
 
 
+# --- Errors of bounded size: ComfyUI stores a node's message and sends it to every client -------------------------
+
+HUGE = "x" * 10_000_000
+HUGE_JSON = json.dumps(list(range(1_000_000)))
+QUERY_KEYS = ["format", "version", "query_layers", "query_pool"]
+ENCODER_KEYS = ["latent_shape", "tokens_per_video", "heads"]
+
+
+def query_file_with(path: Path, key: str, value: str) -> Path:
+    save_query_weights(path, {"proj.weight": torch.randn(256, 12), "proj.bias": torch.zeros(256)}, 2)
+    sd, meta = read_safetensors(path)
+    save_file(sd, str(path), metadata={**meta, key: value})
+    return path
+
+
+def extra_tensors(sd):
+    sd.update({f"extra.{'y' * 200}.{i}": torch.zeros(1) for i in range(50_000)})
+
+
+@pytest.mark.parametrize("load, make", [
+    *[(load_query_weights, lambda p, k=k, v=v: query_file_with(p, f"memlearner.{k}", v))
+      for k in QUERY_KEYS for v in (HUGE, HUGE_JSON)],
+    *[(load_memory_encoder, lambda p, k=k, v=v: encoder_file(p, meta_edit=lambda m: m.update(
+        {f"memlearner.encoder.{k}": v}))) for k in ENCODER_KEYS for v in (HUGE, HUGE_JSON)],
+    (load_query_weights, lambda p: query_file_with(p, "memlearner.format", "memlearner-query-weights")
+     and save_file({f"camera.{i}": torch.zeros(1) for i in range(50_000)}, str(p),
+                   metadata=read_safetensors(p)[1]) or p),
+    (load_memory_encoder, lambda p: encoder_file(p, extra_tensors)),
+    (load_memory_encoder, lambda p: encoder_file(p, lambda sd: sd.update(
+        {"high_pass_module.conv_block1.conv.weight": torch.zeros([1] * 5), "y" * 10_000_000: torch.zeros(1)}))),
+], ids=lambda v: getattr(v, "__name__", "file"))
+def test_a_file_that_quotes_megabytes_gives_a_message_of_bounded_size(tmp_path, load, make):
+    path = make(tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load(path)
+    message = str(e.value)
+    assert len(message) <= 1100 and "\n" not in message, (len(message), message[:200])
+    assert "w.safetensors" in message or "not a DiT-Mem memory encoder" in message
+
+
+def test_a_pack_node_never_raises_a_message_of_megabytes(comfy, encoder, monkeypatch):
+    nodes = host.pack("nodes.memory_nodes")
+
+    def huge(*args, **kwargs):
+        raise ValueError("Encode Reference Video: " + HUGE)
+
+    monkeypatch.setattr(nodes.ReferenceMemory, "from_latents", huge)
+    with pytest.raises(ValueError, match="^Encode Reference Video: x+\\.\\.\\. \\(message cut, 10000024 characters\\)$"):
+        comfy.run("MemLearnerEncodeReferenceVideo", memory_encoder=encoder,
+                  latent={"samples": torch.randn(1, 16, 3, 8, 8)})
+
+
 @pytest.mark.parametrize("samples, message", [
     (torch.randn(2, 16, 2, 8, 8), "a batch of 1"),
     (torch.randn(1, 4, 2, 8, 8), "16 channels"),

@@ -1,0 +1,29 @@
+"""Bounded quotes of what a file or a request holds, for error messages.
+
+ComfyUI stores a node's error message with the prompt's history and sends it to every connected client, so a
+10 MB metadata string quoted whole is a 10 MB message to each of them. Every value a message quotes goes through
+``shown``; every message of the pack is at most ``MESSAGE_LIMIT`` characters.
+"""
+
+from __future__ import annotations
+
+QUOTE_LIMIT = 80
+MESSAGE_LIMIT = 1000
+
+
+def shown(value, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` on one line, cut to ``limit`` characters with the full length said."""
+    text = repr(value).replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def listed(names, limit: int = 8) -> str:
+    """The first ``limit`` of ``names`` (each ``shown``), and how many there are in all."""
+    names = list(names)
+    head = ", ".join(shown(n, 40) for n in names[:limit])
+    return head + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def bounded(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    """``message`` cut to ``limit`` characters, the cut said."""
+    return message if len(message) <= limit else f"{message[:limit]}... (message cut, {len(message)} characters)"
