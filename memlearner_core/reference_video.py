@@ -25,8 +25,8 @@ def sample_indices(n_in: int, n_out: int, official: bool = False) -> torch.Tenso
     than ``n_out`` frames getting its repeats spread over it. ``official=True`` (reference videos, as DiT-Mem's
     own preprocessing picks them): ``np.linspace(0, n_in - 1, n_out, dtype=int)``, i.e. rounded down, and a clip
     shorter than ``n_out`` frames kept whole with its last frame repeated at the end."""
-    if n_in < 2:
-        raise ReferenceVideoError(f"a reference video needs at least 2 frames, got {n_in}")
+    if n_in < 1:
+        raise ReferenceVideoError("a reference video needs at least 1 frame, got 0")
     if not official:
         return torch.linspace(0, n_in - 1, n_out).round().long()
     if n_in < n_out:

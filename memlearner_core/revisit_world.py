@@ -400,10 +400,13 @@ def squared_error(prediction: torch.Tensor, case: RevisitCase) -> torch.Tensor:
 
 def psnr(error_sum: float, count: int, cap: float = PSNR_CAP) -> float | None:
     """``10 log10(1 / MSE)`` (the world has unit variance: 0 dB is predicting the mean), capped so an exact copy
-    has a number; None when no pixel counted."""
+    has a number, and floored at -300 dB so an error that overflows (a latent of 3e38) still has one; None when
+    no pixel counted."""
     if count == 0:
         return None
-    return round(min(cap, 10 * math.log10(1 / max(error_sum / count, 1e-30))), 2)
+    mse = error_sum / count
+    mse = min(max(mse, 1e-30), 1e30) if math.isfinite(mse) else 1e30
+    return round(min(cap, 10 * math.log10(1 / mse)), 2)
 
 
 def side_by_side(latents: list[torch.Tensor], factors: torch.Tensor, bias: torch.Tensor, gap: int = 4) -> torch.Tensor:

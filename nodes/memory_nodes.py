@@ -133,14 +133,18 @@ class EncodeReferenceVideo(io.ComfyNode):
             if vae is None:
                 raise ValueError("Encode Reference Video: connect the Wan2.1 VAE to encode images")
             ca.check_wan21_vae(vae)
+            if images.ndim != 4 or images.shape[-1] not in (3, 4) or 0 in images.shape:
+                raise ReferenceVideoError(f"Encode Reference Video: images must be an IMAGE batch [F, H, W, 3] with "
+                                          f"at least one frame and pixel, got {list(images.shape)}")
             if not torch.isfinite(images).all():
                 raise ReferenceVideoError("Encode Reference Video: the images have NaN or infinite values")
             videos.extend(encode_frames(vae, frames, shape, resize)
                           for frames in split_videos(images, frames_per_video))
         if latent is not None:
             samples = latent["samples"]
-            if samples.ndim != 5 or samples.shape[1] != 16:
-                raise ReferenceVideoError(f"expected Wan2.1 video latents [B, 16, T, H, W], got {tuple(samples.shape)}")
+            if samples.ndim != 5 or samples.shape[1] != 16 or 0 in samples.shape:
+                raise ReferenceVideoError(f"Encode Reference Video: latent must be Wan2.1 video latents [B, 16, T, H, "
+                                          f"W] with T, H, W at least 1, got {list(samples.shape)}")
             if not torch.isfinite(samples).all():
                 raise ReferenceVideoError("Encode Reference Video: the latent has NaN or infinite values")
             videos.extend(resample_latent(v, shape) for v in samples.cpu())

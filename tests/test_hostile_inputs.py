@@ -264,6 +264,41 @@ def test_non_finite_reference_latents_or_images_are_refused(comfy, encoder, wan_
         comfy.run("MemLearnerEncodeReferenceVideo", memory_encoder=encoder, images=images, vae=wan_vae)
 
 
+@pytest.mark.parametrize("inputs", [
+    {"images": torch.rand(1, 32, 32, 3)},  # one frame is a video (a still)
+    {"latent": {"samples": torch.randn(1, 16, 1, 8, 8)}},
+    {"images": torch.rand(1, 8, 8, 4)},  # RGBA: the alpha channel is dropped
+    {"latent": {"samples": torch.randn(2, 16, 1, 3, 5)}},
+], ids=["one_frame_image", "one_frame_latent", "rgba_pixel_image", "two_tiny_latents"])
+def test_the_smallest_valid_reference_videos_are_encoded(comfy, encoder, wan_vae, inputs):
+    memory = comfy.run("MemLearnerEncodeReferenceVideo", memory_encoder=encoder, vae=wan_vae, **inputs)[0]
+    assert memory.latents.shape[2:] == (16, *encoder.model.cfg.latent_shape)
+    assert torch.isfinite(memory.tokens().tokens).all()
+
+
+@pytest.mark.parametrize("inputs, name", [
+    ({"images": torch.rand(0, 32, 32, 3)}, "images"), ({"images": torch.rand(5, 0, 32, 3)}, "images"),
+    ({"images": torch.rand(5, 32, 0, 3)}, "images"), ({"images": torch.rand(5, 32, 32)}, "images"),
+    ({"images": torch.rand(5, 32, 32, 2)}, "images"),
+    ({"latent": {"samples": torch.randn(1, 16, 0, 8, 8)}}, "latent"),
+    ({"latent": {"samples": torch.randn(1, 16, 2, 0, 8)}}, "latent"),
+    ({"latent": {"samples": torch.randn(0, 16, 2, 8, 8)}}, "latent"),
+    ({"latent": {"samples": torch.randn(1, 16, 2, 8)}}, "latent"),
+])
+def test_a_reference_video_with_an_empty_dimension_is_one_line_naming_the_input(comfy, encoder, wan_vae, inputs,
+                                                                                name):
+    with pytest.raises(ValueError, match=f"^Encode Reference Video: {name} must be .* got \\[[0-9, ]+\\]$"):
+        comfy.run("MemLearnerEncodeReferenceVideo", memory_encoder=encoder, vae=wan_vae, **inputs)
+
+
+@pytest.mark.parametrize("value", [3e38, -3e38, 1e20, 1e-30])
+def test_revisit_score_reports_a_finite_psnr_for_any_finite_latent(comfy, value):
+    case = comfy.run("MemLearnerRevisitWorld", seed=1, path="pan_and_return")[0]
+    samples = torch.full((1, 16, *case.truth.shape[1:]), value)
+    report = json.loads(comfy.run("MemLearnerRevisitScore", world=case, latent={"samples": samples})[0])
+    assert all(math.isfinite(report[k]) and -300 <= report[k] <= 40 for k in ("revisit_psnr", "new_psnr"))
+
+
 def encoder_file(path: Path, edit=None, meta_edit=None) -> Path:
     """The tiny encoder saved with its metadata, its tensors changed by ``edit(sd)``, its metadata by
     ``meta_edit(meta)``."""

@@ -226,11 +226,9 @@ def test_reference_images_are_encoded_through_the_wan_vae(comfy, encoder, wan_va
     assert torch.isfinite(memory.tokens().tokens).all()
 
 
-def test_empty_and_one_frame_videos_are_refused(comfy, encoder, wan_vae):
-    with pytest.raises(ValueError, match="empty"):
+def test_empty_videos_are_refused(comfy, encoder, wan_vae):
+    with pytest.raises(ValueError, match="at least one frame"):
         comfy.run("MemLearnerEncodeReferenceVideo", memory_encoder=encoder, images=torch.rand(0, 32, 32, 3), vae=wan_vae)
-    with pytest.raises(ValueError, match="at least 2 frames"):
-        comfy.run("MemLearnerEncodeReferenceVideo", memory_encoder=encoder, images=torch.rand(1, 32, 32, 3), vae=wan_vae)
 
 
 def test_non_wan21_vae_is_refused(comfy, encoder):
