@@ -248,12 +248,22 @@ def refusal(body: dict, graph: dict) -> str:
             return quoted(e, 500) if e not in (None, "", [], {}) else ""
         return ": ".join(quoted(e[k], 500) for k in ("message", "details") if e.get(k) not in (None, ""))
 
+    def once(e) -> str:
+        """ComfyUI repeats a node's own validation message under each input its check reads
+        (``"<input> - <message>"``): the message, said once."""
+        if isinstance(e, dict) and e.get("type") == "custom_validation_failed" and " - " in str(e.get("details")):
+            return quoted(str(e["details"]).split(" - ", 1)[1], 500)
+        return text(e)
+
     lines = ["ComfyUI refused the workflow: " + text(body.get("error"))]
     node_errors = body.get("node_errors")
     for node_id, info in node_errors.items() if isinstance(node_errors, dict) else ():
         errors = info.get("errors") if isinstance(info, dict) else [info]
+        said = []
         for e in errors if isinstance(errors, list) else [errors]:
-            lines.append(f"  node {describe(graph, str(node_id))}: {text(e)}")
+            if once(e) not in said:
+                said.append(once(e))
+        lines.extend(f"  node {describe(graph, str(node_id))}: {message}" for message in said)
     return "\n".join(lines)
 
 

@@ -421,6 +421,22 @@ def wan21_preview_factors() -> tuple[torch.Tensor, torch.Tensor]:
 
 # --- the pack's own folders ------------------------------------------------------------------------------------
 
+def model_file(folder: str, name: str, what: str) -> str:
+    """The path of ``name`` in ComfyUI's model folder ``folder`` (``models/<folder>`` and extra paths); a missing
+    file is one ``ValueError`` naming ``what`` and listing the files that are there."""
+    import folder_paths
+
+    from memlearner_core.bounded_text import listed
+
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        there = folder_paths.get_filename_list(folder)
+        raise ValueError(f"{what}: no file {name!r} in ComfyUI's models/{folder} folder; "
+                         + (f"the files there: {listed(there, 12)}" if there else "it has no files")
+                         + "; put the file there, then refresh (R) or restart ComfyUI")
+    return path
+
+
 def input_directory() -> str:
     """ComfyUI's input folder: the only place user-given folders (a memory bank) are read from."""
     import folder_paths

@@ -90,7 +90,7 @@ class LoadMemoryEncoder(io.ComfyNode):
         elif encoder_name == FROM_HUB:
             raise ValueError("Load Memory Encoder: choose an encoder file or fill in hf_repo")
         else:
-            path = folder_paths.get_full_path_or_raise(ENCODER_FOLDER, encoder_name)
+            path = ca.model_file(ENCODER_FOLDER, encoder_name, "Load Memory Encoder: encoder_name")
         encoder = load_memory_encoder(path).to(ca.default_dtype(dtype))
         return io.NodeOutput(ca.managed_module(encoder))
 

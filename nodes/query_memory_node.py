@@ -11,6 +11,7 @@ from memlearner_core.checkpoint_io import load_query_weights
 from memlearner_core.context_tokens import ContextSpec
 from memlearner_core.trajectory import parse_trajectory
 
+from . import comfy_adapter as ca
 from .comfy_types import MEMORY, QUERY_WEIGHTS_FOLDER
 from .memory_patch import QueryMemory, apply_memory, context_in_model_space
 
@@ -22,7 +23,7 @@ def load_camera(query_weights: str | None, query_layers: int, query_pool: int) -
     with other ``query_layers`` or ``query_pool`` than the node's is refused: the model would run untrained."""
     if not query_weights or query_weights == NO_WEIGHTS:
         return None
-    weights = load_query_weights(folder_paths.get_full_path_or_raise(QUERY_WEIGHTS_FOLDER, query_weights))
+    weights = load_query_weights(ca.model_file(QUERY_WEIGHTS_FOLDER, query_weights, "query_weights"))
     wrong = weights.mismatch(query_layers, query_pool)
     if wrong is not None:
         key, recorded, given = wrong

@@ -173,6 +173,16 @@ def test_a_widget_mistake_is_refused_when_queued(server, tmp_path, capsys):
 
 
 @pytest.mark.server
+def test_a_mistake_that_comfyui_repeats_under_each_input_is_said_once(server, tmp_path, capsys):
+    rc = main(run_client(server, tmp_path, build.memory_rollout(tiny=True), "--set", "rollout.policy=recent",
+                         "--set", "rollout.context_frames=0"))
+    err = capsys.readouterr().err
+    assert rc == 1 and "ComfyUI refused the workflow" in err
+    lines = [line for line in err.splitlines() if line.startswith("  node rollout")]
+    assert len(lines) == 1 and "context_frames" in lines[0] and "input_types" not in err, err
+
+
+@pytest.mark.server
 @pytest.mark.parametrize("sigint", ["default", "ignored"])  # ignored: started in the background of a script
 def test_sigterm_cancels_the_running_prompt_like_ctrl_c(server, tmp_path, sigint):
     import signal

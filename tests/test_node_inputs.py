@@ -72,3 +72,14 @@ def test_an_api_prompt_that_skips_the_frontend_is_refused_naming_the_input(serve
     with pytest.raises(AssertionError) as failed:
         server.run_prompt(graph)
     assert name in str(failed.value), str(failed.value)[:2000]
+
+
+@pytest.mark.parametrize("folder, what", [("memory_encoders", "encoder_name"), ("memlearner", "query_weights")])
+def test_a_model_file_gone_when_the_node_runs_is_one_line_listing_the_files_there(comfy, folder, what):
+    ca = host.pack("nodes.comfy_adapter")
+    there = comfy.folder_paths.get_filename_list(folder)
+    with pytest.raises(ValueError) as e:
+        ca.model_file(folder, "typo.safetensors", what)
+    message = str(e.value)
+    assert message.startswith(f"{what}: no file 'typo.safetensors' in ComfyUI's models/{folder} folder")
+    assert there and all(repr(name) in message for name in there[:12]) and "\n" not in message
