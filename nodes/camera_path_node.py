@@ -12,6 +12,8 @@ from comfy_api.latest import io
 
 from memlearner_core.trajectory import parse_trajectory, preset_names
 
+from . import comfy_adapter as ca
+
 CUSTOM = "custom JSON"
 CAMERA_PATH = io.Custom("MEMLEARNER_CAMERA_PATH")
 PREVIEW_FRAMES, PREVIEW_SIZE = 32, 256  # a preset is drawn with 32 poses (its shape does not depend on the count)
@@ -101,7 +103,7 @@ class CameraPath(io.ComfyNode):
                         "frame, OpenCV axes (x right, y down, z forward). A preset that comes back to where it has "
                         "been (its length follows the video), or custom JSON.",
             inputs=[
-                io.Combo.Input("camera", options=[*preset_names(), CUSTOM], default="walk_and_revisit",
+                ca.combo_input("camera", options=[*preset_names(), CUSTOM], default="walk_and_revisit",
                                tooltip="orbit (radius, center, degrees), pan_and_return (degrees), walk_and_revisit "
                                        "(distance), or custom JSON poses."),
                 io.String.Input("trajectory", default="", multiline=True,

@@ -8,6 +8,7 @@ so ComfyUI's ``comfy.ops`` casting and low-VRAM weight streaming keep working.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 
@@ -16,6 +17,7 @@ import comfy.ldm.wan.model as wan
 import comfy.model_management
 import torch
 from comfy.ldm.flux.math import apply_rope1
+from comfy_api.latest import io
 
 from memlearner_core.attention import MemoryKV
 from memlearner_core.query_layers import ContextKV
@@ -37,6 +39,28 @@ def _host_source_has(obj, text: str) -> bool:
 HOST_SETS_BLOCK_INDEX = _host_source_has(wan.WanModel.forward_orig, '"block_index"')
 # ComfyUI 0.8+ calls ``attn1_patch`` / ``attn2_patch`` in Wan's self-attention and block; 0.3.75 never does.
 HOST_CALLS_ATTN_PATCHES = _host_source_has(wan.WanSelfAttention.forward, "attn1_patch")
+
+
+@functools.cache
+def host_checks_v3_combos() -> bool:
+    """Whether ComfyUI checks a V3 combo's value when a prompt is queued (0.12.1 and later do); 0.3.75 checks only
+    combos whose type is their list of choices, the V1 form."""
+    import execution
+
+    return _host_source_has(execution.validate_inputs, "Combo.io_type")
+
+
+class _ListedCombo(io.Combo.Input):
+    """A combo declared in the V1 form (its type is its list of choices), which every host checks at queue time."""
+
+    def get_io_type(self):
+        return list(self.options)
+
+
+def combo_input(id: str, options: list, **kwargs) -> io.Combo.Input:
+    """A COMBO input that ComfyUI itself refuses a wrong value of when the prompt is queued, on every host, once
+    and under its own name, listing the choices: the V3 form where the host checks it, else the V1 form."""
+    return (io.Combo.Input if host_checks_v3_combos() else _ListedCombo)(id, options=list(options), **kwargs)
 
 
 class UnsupportedModel(ValueError):

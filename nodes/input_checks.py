@@ -65,6 +65,12 @@ def problem(kind: str, spec: dict, v) -> str | None:
     return None
 
 
+def input_kind(inp) -> str:
+    """An input's type name: ``"COMBO"`` for a combo in either form (``comfy_adapter.combo_input``)."""
+    kind = inp.get_io_type()
+    return "COMBO" if isinstance(kind, list) else str(kind)
+
+
 def check_inputs(node_cls, values: dict) -> None:
     """``ValueError`` for the first of ``values`` that the node's schema does not admit (absent or None: the
     node's default)."""
@@ -73,7 +79,7 @@ def check_inputs(node_cls, values: dict) -> None:
         v = values.get(inp.id)
         if v is None:
             continue
-        found = problem(str(inp.get_io_type()), inp.as_dict(), v)
+        found = problem(input_kind(inp), inp.as_dict(), v)
         if found:
             raise ValueError(f"{schema.display_name or schema.node_id}: input {inp.id} {found}")
 

@@ -71,9 +71,9 @@ class LoadMemoryEncoder(io.ComfyNode):
             description="Loads a DiT-Mem memory encoder (safetensors) from models/memory_encoders. The official "
                         "Thrcle/DiT-Mem-1.3B file loads as it is.",
             inputs=[
-                io.Combo.Input("encoder_name", options=folder_paths.get_filename_list(ENCODER_FOLDER) + [FROM_HUB],
+                ca.combo_input("encoder_name", options=folder_paths.get_filename_list(ENCODER_FOLDER) + [FROM_HUB],
                                tooltip="A file in models/memory_encoders (or a folder from extra_model_paths.yaml)."),
-                io.Combo.Input("dtype", options=["default", "fp32", "fp16", "bf16"], default="default",
+                ca.combo_input("dtype", options=["default", "fp32", "fp16", "bf16"], default="default",
                                tooltip="Weights dtype; default follows ComfyUI's choice for diffusion models."),
                 io.String.Input("hf_repo", default="", optional=True,
                                 tooltip="Optional Hugging Face repo id (e.g. Thrcle/DiT-Mem-1.3B): its safetensors file "
@@ -113,7 +113,7 @@ class EncodeReferenceVideo(io.ComfyNode):
                                 tooltip="Already-encoded Wan2.1 video latents; each batch item is one video."),
                 io.Int.Input("frames_per_video", default=0, min=0, max=100000,
                              tooltip="Split the image batch into videos of this many frames; 0 = one video."),
-                io.Combo.Input("resize", options=list(RESIZE_MODES), default=STRETCH, optional=True,
+                ca.combo_input("resize", options=list(RESIZE_MODES), default=STRETCH, optional=True,
                                tooltip="How images reach the encoder's size (832x480 for the released encoder): "
                                        "stretched whole, as DiT-Mem's own preprocessing does, or scaled and "
                                        "center-cropped to keep their aspect. Frames are picked as DiT-Mem picks "

@@ -33,7 +33,7 @@ def load_camera(query_weights: str | None, query_layers: int, query_pool: int) -
 
 
 def query_weights_input(**kw):
-    return io.Combo.Input("query_weights", options=[NO_WEIGHTS] + folder_paths.get_filename_list(QUERY_WEIGHTS_FOLDER),
+    return ca.combo_input("query_weights", options=[NO_WEIGHTS] + folder_paths.get_filename_list(QUERY_WEIGHTS_FOLDER),
                           default=NO_WEIGHTS, tooltip="The pack's tensors of a query-memory fine-tune (camera MLP), "
                                                       "from models/memlearner.", **kw)
 

@@ -38,7 +38,7 @@ class RevisitWorld(io.ComfyNode):
             inputs=[
                 io.Int.Input("seed", default=10_000_000, min=0, max=2**31 - 1,
                              tooltip="Which world. The toy models were trained on seeds below 10,000,000."),
-                io.Combo.Input("path", options=list(rw.EVALUATION_PATHS), default="pan_and_return",
+                wa.combo_input("path", options=list(rw.EVALUATION_PATHS), default="pan_and_return",
                                tooltip="pan_and_return: turn 180 degrees and back; walk_and_revisit: walk towards "
                                        "the wall and back; occluder: a wall hides part of the world on two legs; "
                                        "moving_object: a block moves along the world."),

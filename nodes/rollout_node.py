@@ -150,7 +150,7 @@ def generate_chunk(plan: RolloutPlan, sampling: Sampling, bank: MemoryBank, k: i
 def memory_inputs() -> list:
     """The inputs that say how each chunk remembers the ones before it (shared with the legacy node)."""
     return [
-        io.Combo.Input("policy", options=list(POLICIES), default="all",
+        wa.combo_input("policy", options=list(POLICIES), default="all",
                        tooltip="all: all history (newest first) within the budget; recent: a sliding window; "
                                "fov: the past frames whose view overlaps the next chunk's camera most; "
                                "framepack: recent frames sharp, older ones pooled coarser."),

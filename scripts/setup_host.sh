@@ -20,6 +20,9 @@ TORCH="torch==2.14.1 torchvision==0.29.1"
 # torchaudio: ComfyUI 0.20+ imports it from comfy.sd (so the host does not start without it); every host's
 # requirements.txt names it. 2.11.1 (pure Python, torch>=2.11) imports beside torch 2.14.1 and pulls no other torch.
 TORCHAUDIO="torchaudio==2.11.1"
+# MEMLEARNER_TORCH_INDEX=https://download.pytorch.org/whl/cpu: the same versions from that index first (PyTorch's
+# CPU-only builds, without the CUDA libraries), for a machine without a GPU; unset: the registry's default builds.
+TORCH_INDEX=${MEMLEARNER_TORCH_INDEX:-}
 
 log() { echo "[setup] $*" >&2; }
 
@@ -69,7 +72,11 @@ stamp=$VENV/.memlearner-deps
 want=$(cat "$COMFY/requirements.txt" pyproject.toml scripts/setup_host.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing torch and ComfyUI's requirements (first run only)"
-  $PIP install $TORCH $TORCHAUDIO
+  if [ -n "$TORCH_INDEX" ]; then
+    $PIP install --index-url "$TORCH_INDEX" $TORCH $TORCHAUDIO
+  else
+    $PIP install $TORCH $TORCHAUDIO
+  fi
   # Everything else the host's requirements.txt names, with torch, torchvision and torchaudio held at the above.
   grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$VENV/comfy-requirements.txt"
   $PIP install -r "$VENV/comfy-requirements.txt" requests $TORCH $TORCHAUDIO

@@ -38,7 +38,7 @@ def wrong_values(kind: str, spec: dict) -> list:
 def cases(comfy):
     for name, cls in sorted(pack_nodes(comfy).items()):
         for inp in cls.define_schema().inputs:
-            kind, spec = str(inp.get_io_type()), inp.as_dict()
+            kind, spec = host.pack("nodes.input_checks").input_kind(inp), inp.as_dict()
             if kind == "COMBO" and not spec.get("options"):
                 continue  # a file list that is empty in the test folders: nothing to choose from
             for value in wrong_values(kind, spec):
@@ -83,3 +83,24 @@ def test_a_model_file_gone_when_the_node_runs_is_one_line_listing_the_files_ther
     message = str(e.value)
     assert message.startswith(f"{what}: no file 'typo.safetensors' in ComfyUI's models/{folder} folder")
     assert there and all(repr(name) in message for name in there[:12]) and "\n" not in message
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("workflow, node, name", [
+    (build.dit_mem_reference, "encoder", "encoder_name"), (build.dit_mem_reference, "encoder", "dtype"),
+    (build.revisit_world, "world", "path"), (build.dit_mem_reference, "memory", "resize"),
+])
+def test_a_wrong_choice_is_refused_when_queued_once_under_its_own_name_listing_the_choices(server, workflow, node,
+                                                                                          name):
+    """On every host, 0.3.75 included (it checks only combos declared as their list of choices)."""
+    graph = workflow(tiny=True)
+    graph[node]["inputs"][name] = "typo.safetensors"
+    status, body = server.post("/prompt", {"prompt": graph})
+    assert status == 400, body
+    errors = body["node_errors"][node]["errors"]
+    assert len(errors) == 1 and errors[0]["extra_info"]["input_name"] == name, errors
+    assert errors[0]["type"] == "value_not_in_list" and "typo.safetensors" in errors[0]["details"]
+    info = server.get("/object_info")[graph[node]["class_type"]]["input"]
+    spec = {**info["required"], **info.get("optional", {})}[name]
+    choices = spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+    assert all(str(c) in errors[0]["details"] for c in choices[:20]), errors[0]["details"]

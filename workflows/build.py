@@ -49,8 +49,9 @@ MODEL_NOTE = """Model files (ComfyUI's repackaged Wan2.1 release):
 ENCODER_NOTE = """DiT-Mem encoder: the safetensors file of Thrcle/DiT-Mem-1.3B
 -> models/memory_encoders/dit_mem_1.3b.safetensors
 (or type Thrcle/DiT-Mem-1.3B into hf_repo to download it once)."""
-QUERY_NOTE = """Query memory needs a Wan2.1 fine-tuned for it (train it with memlearner-train query; see README).
-On the stock model the query layers run untrained."""
+QUERY_NOTE = """Meaningful only with a query-memory fine-tune: the Wan2.1 weights memlearner-train query writes
+(models/diffusion_models/, in Load Diffusion Model) and its query-weights file (models/memlearner/, in query_weights).
+On the stock Wan2.1 the query layers run untrained: the graph runs, but what it makes shows no memory."""
 
 TOY_NOTE = """A toy model trained with memlearner-train on the revisit world (CPU, minutes), shipped with the pack:
 - memlearner_host/revisit_model/diffusion_models/revisit_query.safetensors -> models/diffusion_models/
