@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -477,15 +478,24 @@ class Client:
                 dest = self.out.joinpath(*parts)
                 async with http.get(f"{self.base}/view", params=params) as r:
                     r.raise_for_status()
-                    try:
+                    tmp = None
+                    try:  # a new temporary file, renamed into place once whole: never a half-written file, and a
+                        # link already at ``dest`` is replaced, not written through
                         dest.parent.mkdir(parents=True, exist_ok=True)
-                        with dest.open("wb") as fh:
+                        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+                        with os.fdopen(fd, "wb") as fh:
                             async for chunk in r.content.iter_chunked(1 << 20):
                                 fh.write(chunk)
+                        os.chmod(tmp, 0o644)
+                        os.replace(tmp, dest)
+                        tmp = None
                     except aiohttp.ClientError:
                         raise
                     except OSError as e:
                         raise Fail(f"cannot write {dest}: {e.strerror or e}") from None
+                    finally:
+                        if tmp is not None:
+                            Path(tmp).unlink(missing_ok=True)
                 print(dest, flush=True)
                 saved.append(dest)
         if not saved:

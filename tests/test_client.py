@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -367,8 +368,8 @@ class FakeServer:
 
 def fake_server(answers: dict, status: int = 200) -> tuple[FakeServer, list]:
     """``answers``: ``object_info`` (its /object_info, default ``FAKE_INFO``); to make it lie or report more, the
-    body of ``/history`` and ``(status, body)`` of ``/prompt`` under those keys, and ``ws``, websocket messages sent
-    before the done message. Runs any prompt at once; every request is recorded as (path, headers)."""
+    body of ``/history`` and ``(status, body)`` of ``/prompt`` under those keys, ``/view`` (a handler), and ``ws``,
+    websocket messages sent before the done message. Runs any prompt at once; every request is recorded as (path, headers)."""
     requests, queued = [], {}
     done = asyncio.Event()
 
@@ -401,6 +402,8 @@ def fake_server(answers: dict, status: int = 200) -> tuple[FakeServer, list]:
                                                                  "outputs": {"9": {"latents": files}}}}))
 
     async def view(request):
+        if "/view" in answers:
+            return await answers["/view"](request)
         return web.Response(body=b"latent bytes")
 
     async def object_info(request):
@@ -603,3 +606,36 @@ def test_object_info_of_the_wrong_shape_gets_one_line(tmp_path, capsys, info):
     assert "Traceback" not in err and rc in (0, 1), err
     if rc == 1:  # one line, or a refusal's listed lines after it
         assert any(line.startswith("memlearner-client: ") for line in err.splitlines()), err
+
+
+# --- downloads: whole files only, never through a link -------------------------------------------------------
+
+async def cut_off_view(request):
+    """Promises 1000 bytes, sends 12, drops the connection."""
+    response = web.StreamResponse(headers={"Content-Length": "1000"})
+    await response.prepare(request)
+    await response.write(b"latent bytes")
+    request.transport.close()
+    return response
+
+
+def test_a_download_cut_off_leaves_no_file_and_exits_with_one_line(tmp_path, capsys):
+    server, _ = fake_server({"/view": cut_off_view})
+    with server:
+        rc = main([write(tmp_path, FAKE_UI), "--server", server.url, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "Traceback" not in err
+    assert [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()] == []  # no half file, no .part left
+
+
+def test_a_link_planted_at_a_downloads_name_is_replaced_not_written_through(tmp_path, capsys):
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"untouched")
+    (tmp_path / "out" / "latents").mkdir(parents=True)
+    os.symlink(outside, tmp_path / "out" / "latents" / "a.latent")
+    server, _ = fake_server({})
+    with server:
+        rc = main([write(tmp_path, FAKE_UI), "--server", server.url, "--out", str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    dest = tmp_path / "out" / "latents" / "a.latent"
+    assert not dest.is_symlink() and dest.read_bytes() == b"latent bytes" and outside.read_bytes() == b"untouched"
