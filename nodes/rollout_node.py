@@ -219,10 +219,12 @@ class MemoryRollout(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, chunks=None, policy=None, context_frames=None, query_layers=None, query_weights=None,
+    def validate_inputs(cls, policy=None, context_frames=None, query_layers=None, query_weights=None,
                         query_pool=None, input_types=None):
+        """Names only the inputs whose checks read another input (ComfyUI skips its own checks of a named input and
+        says the message under each): ``chunks`` is left to ComfyUI's range check, said once under its name."""
         has_camera = None if input_types is None else "camera_path" in input_types  # linked inputs' types
-        return settings_error(chunks, policy, context_frames, query_layers, query_weights, query_pool,
+        return settings_error(None, policy, context_frames, query_layers, query_weights, query_pool,
                               has_camera) or True
 
     @classmethod

@@ -85,6 +85,14 @@ def test_a_model_file_gone_when_the_node_runs_is_one_line_listing_the_files_ther
     assert there and all(repr(name) in message for name in there[:12]) and "\n" not in message
 
 
+def queued_errors(server, workflow, node: str, name: str, value) -> list:
+    graph = workflow(tiny=True)
+    graph[node]["inputs"][name] = value
+    status, body = server.post("/prompt", {"prompt": graph})
+    assert status == 400, body
+    return body["node_errors"][node]["errors"]
+
+
 @pytest.mark.server
 @pytest.mark.parametrize("workflow, node, name", [
     (build.dit_mem_reference, "encoder", "encoder_name"), (build.dit_mem_reference, "encoder", "dtype"),
@@ -94,13 +102,17 @@ def test_a_wrong_choice_is_refused_when_queued_once_under_its_own_name_listing_t
                                                                                           name):
     """On every host, 0.3.75 included (it checks only combos declared as their list of choices)."""
     graph = workflow(tiny=True)
-    graph[node]["inputs"][name] = "typo.safetensors"
-    status, body = server.post("/prompt", {"prompt": graph})
-    assert status == 400, body
-    errors = body["node_errors"][node]["errors"]
+    errors = queued_errors(server, workflow, node, name, "typo.safetensors")
     assert len(errors) == 1 and errors[0]["extra_info"]["input_name"] == name, errors
     assert errors[0]["type"] == "value_not_in_list" and "typo.safetensors" in errors[0]["details"]
     info = server.get("/object_info")[graph[node]["class_type"]]["input"]
     spec = {**info["required"], **info.get("optional", {})}[name]
     choices = spec[0] if isinstance(spec[0], list) else spec[1]["options"]
     assert all(str(c) in errors[0]["details"] for c in choices[:20]), errors[0]["details"]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("value, kind", [(5000, "value_bigger_than_max"), (0, "value_smaller_than_min")])
+def test_chunks_out_of_range_is_refused_when_queued_once_under_its_name(server, value, kind):
+    errors = queued_errors(server, build.memory_rollout, "rollout", "chunks", value)
+    assert [(e["type"], e["extra_info"]["input_name"]) for e in errors] == [(kind, "chunks")], errors

@@ -119,7 +119,6 @@ def test_camera_path_preview_draws_the_path_from_above(comfy):
     ("MemLearnerRollout", dict(policy="recent", context_frames=0, query_layers=2), "needs a budget"),
     ("MemLearnerRollout", dict(policy="sideways"), "unknown policy 'sideways'"),
     ("MemLearnerRollout", dict(query_pool=0), "query_pool must be a whole number from 1 to 8"),
-    ("MemLearnerRollout", dict(chunks=0), "chunks must be a whole number 1 or more"),
 ])
 def test_validate_inputs_names_the_mistake(comfy, node, values, message):
     result = comfy.node(node).validate_inputs(**values)
@@ -130,7 +129,7 @@ def test_validate_inputs_passes_what_runs(comfy):
     assert comfy.node("MemLearnerCameraPath").validate_inputs(camera="walk_and_revisit", trajectory="") is True
     assert comfy.node("MemLearnerCameraPath").validate_inputs(camera="custom JSON") is True  # trajectory linked
     assert comfy.node("MemLearnerRollout").validate_inputs(
-        chunks=3, policy="fov", context_frames=3, query_layers=2, query_weights="none", query_pool=1,
+        policy="fov", context_frames=3, query_layers=2, query_weights="none", query_pool=1,
         input_types={"camera_path": "MEMLEARNER_CAMERA_PATH"}) is True
     assert comfy.node("MemLearnerRollout").validate_inputs(policy="recent", context_frames=0, query_layers=0) is True
 
