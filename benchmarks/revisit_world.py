@@ -18,12 +18,24 @@ Metrics, in the model's latent space: ``PSNR = 10 log10(1 / MSE)`` (the world ha
 - ``moving_object_psnr``: ``pan_and_return`` with a block moving at a steady speed: every generated pixel whose place
   was shown before (the object is elsewhere now);
 - ``step_cost_x_plain``: median seconds per denoising step on the pan path over the no-memory model's.
-``oracle`` copies the world wherever the history saw it and predicts the mean elsewhere: a check of the metric.
+Baselines beside the trained configurations: ``oracle`` copies the world wherever the history saw it and predicts
+the mean elsewhere (a check of the metric); ``copy_nearest`` copies, for each generated frame, the history frame of
+highest view overlap, unshifted (a rule with no learning); ``query_no_context`` is the query model with its query
+layers off, so no context reaches it (same weights, no memory); ``no_memory`` a plain model trained alike.
+
+The offset sweep (``offset-sweep``) measures revisit PSNR against how far a revisit's pose is from the nearest
+history pose (``memlearner_core.revisit_world.offset_revisit_path``: yaw offsets 0 to 22.5 degrees, the last midway
+between two history poses), for the same configurations; it writes ``offset_sweep.{json,md,png}``.
 
     python benchmarks/revisit_world.py all            # data, training (20-30 min per model, 2 at once), evaluation
     python benchmarks/revisit_world.py train-longer   # diagnosis: the query run resumed to twice its steps
-    python benchmarks/revisit_world.py eval           # evaluation only, on the trained models in the work folder
+    python benchmarks/revisit_world.py eval           # evaluation only: the work folder's models, else the shipped one
+    python benchmarks/revisit_world.py offset-sweep   # revisit PSNR over the pose offset (benchmarks/revisit/results)
     python benchmarks/revisit_world.py all --quick --work /tmp/rw --out /tmp/rw/out   # a minute-long smoke run
+
+``eval`` and ``offset-sweep`` run on whatever weights are present: the work folder's, and for ``query`` the toy model
+shipped in ``memlearner_host/revisit_model`` (the 10,000-step query run, fp16) when the work folder has none. A
+configuration whose weights are not present is skipped, and the results say which and the command that trains it.
 """
 
 from __future__ import annotations
@@ -53,24 +65,38 @@ from memlearner_core.trajectory import trajectory_json  # noqa: E402
 CONFIGS = PACK / "benchmarks" / "revisit"
 WORK = PACK / "benchmarks" / "results" / "tmp" / "revisit"
 OUT = PACK / "benchmarks" / "results" / "revisit"
+SWEEP_OUT = CONFIGS / "results"  # the offset sweep's table and plot
+TOY = PACK / "memlearner_host" / "revisit_model"  # the shipped toy model: diffusion_models/, memlearner/
 MODELS = ("query", "query_pool2", "no_memory")  # the equal-budget runs
 LONGER = "query_10k"  # diagnosis: the query run resumed to twice its steps
+SHIPPED = {"query": "the toy model shipped in memlearner_host/revisit_model/ (the 10,000-step query run, fp16), "
+                    "the work folder having no revisit_query.safetensors"}
+TRAIN_COMMAND = {  # how to get each model's weights into the work folder
+    "query": "python benchmarks/revisit_world.py data && python benchmarks/revisit_world.py train",
+    "query_pool2": "python benchmarks/revisit_world.py data && python benchmarks/revisit_world.py train",
+    "no_memory": "python benchmarks/revisit_world.py data && python benchmarks/revisit_world.py train",
+    LONGER: "python benchmarks/revisit_world.py train-longer (after train: it resumes the query run)",
+}
 LATENT = 8  # latent frame side (64 x 64 pixels)
 CHUNK = 2  # latent frames per rollout chunk (5 video frames)
 BUDGET = 4  # context_frames of the bounded policies (recent, fov, framepack)
 STEPS, QUERY_LAYERS = 10, 2
 TRAIN_SEED, EVAL_SEED = 0, 10_000_000
 P_OCCLUDER = P_MOVING = 0.25
-# configuration -> (model, policy, context_frames, query_pool); context_frames 0 = all history
+# configuration -> (model, policy, context_frames, query_pool, query_layers); context_frames 0 = all history
 CONFIGURATIONS = {
-    "all": ("query", "all", 0, 1),
-    "recent": ("query", "recent", BUDGET, 1),
-    "fov": ("query", "fov", BUDGET, 1),
-    "framepack": ("query", "framepack", BUDGET, 1),
-    "all_pool2": ("query_pool2", "all", 0, 2),
-    "no_memory": ("no_memory", "all", 0, 1),
-    "all_10k": (LONGER, "all", 0, 1),  # evaluated when train-longer has run
+    "all": ("query", "all", 0, 1, QUERY_LAYERS),
+    "recent": ("query", "recent", BUDGET, 1, QUERY_LAYERS),
+    "fov": ("query", "fov", BUDGET, 1, QUERY_LAYERS),
+    "framepack": ("query", "framepack", BUDGET, 1, QUERY_LAYERS),
+    "query_no_context": ("query", "all", 0, 1, 0),  # the same weights, query layers off: no context reaches it
+    "all_pool2": ("query_pool2", "all", 0, 2, QUERY_LAYERS),
+    "no_memory": ("no_memory", "all", 0, 1, 0),
+    "all_10k": (LONGER, "all", 0, 1, QUERY_LAYERS),  # evaluated when train-longer has run
 }
+RULES = ("oracle", "copy_nearest")  # predictions by rule from the ground truth, no model
+SWEEP_CONFIGURATIONS = ("all", "fov", "query_no_context", "no_memory", "all_10k")  # the offset sweep's rollouts
+SWEEP_WORLDS = 20  # the offset sweep's default: 7 offsets x 20 worlds x 3 rollouts of 3 chunks, ~6 CPU minutes
 
 
 # --- the world's data --------------------------------------------------------------------------------------------
@@ -88,12 +114,18 @@ def training_example(seed: int, n_frames: int) -> tuple[rw.World, torch.Tensor]:
 
 # --- steps ------------------------------------------------------------------------------------------------------
 
-def boot(work: Path):
-    """ComfyUI in-process (CPU unless MEMLEARNER_TEST_GPU=1) with the work folder's models."""
+def boot(work: Path, shipped: bool = False):
+    """ComfyUI in-process (CPU unless MEMLEARNER_TEST_GPU=1) with the work folder's models, and with ``shipped`` the
+    toy model's folder after them (a file of the same name in the work folder is found first)."""
     from memlearner_host import server
 
     (work / "models").mkdir(parents=True, exist_ok=True)
-    nodes, _ = server.boot_in_process(server.write_extra_paths(work / "models", work / "extra_model_paths.yaml"))
+    extra = server.write_extra_paths(work / "models", work / "extra_model_paths.yaml")
+    if shipped:
+        with extra.open("a") as f:
+            f.write(f"memlearner_toy_model:\n  base_path: {TOY}\n  diffusion_models: diffusion_models/\n"
+                    "  memlearner: memlearner/\n")
+    nodes, _ = server.boot_in_process(extra)
     import comfy.utils
 
     comfy.utils.PROGRESS_BAR_ENABLED = False  # hundreds of short samplings: no bar each
@@ -197,19 +229,85 @@ def train_longer(work: Path, steps: int | None) -> dict:
     return train_all(work, None if steps is None else 2 * steps, 1, (LONGER,))
 
 
-def evaluate(work: Path, worlds: int, steps: int = STEPS) -> tuple[dict, dict, object]:
-    """Every configuration on ``worlds`` held-out worlds x 4 paths: the figures per configuration, the first pan's
-    rollouts (for the video) and the adapter."""
-    nodes, server = boot(work)
-    if not torch.cuda.is_available():  # a 4.8M-parameter model: threads cost more per op than they save
-        torch.set_num_threads(1)
-    wa = server.pack("nodes.comfy_adapter")
-    rollout = nodes.NODE_CLASS_MAPPINGS["MemLearnerMemoryRollout"]
-    loader = nodes.NODE_CLASS_MAPPINGS["UNETLoader"]
-    names = [n for n in (*MODELS, LONGER)
-             if (work / "models" / "diffusion_models" / f"revisit_{n}.safetensors").is_file()]
-    models = {name: server.run_node(loader, unet_name=f"revisit_{name}.safetensors", weight_dtype="default")[0]
-              for name in names}
+def model_sources(work: Path) -> dict:
+    """Each model whose weights are present -> where they are: the work folder's export, else (``query`` only) the
+    shipped toy model."""
+    out = {}
+    for name in (*MODELS, LONGER):
+        file = f"revisit_{name}.safetensors"
+        if (work / "models" / "diffusion_models" / file).is_file():
+            out[name] = f"work folder: {_shown(work / 'models' / 'diffusion_models' / file)}"
+        elif name in SHIPPED and (TOY / "diffusion_models" / file).is_file():
+            out[name] = f"shipped: {SHIPPED[name]}"
+    return out
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the pack when inside it (results read the same on every checkout), else absolute."""
+    try:
+        return str(path.resolve().relative_to(PACK))
+    except ValueError:
+        return str(path)
+
+
+def skipped_configurations(work: Path, present, configurations=CONFIGURATIONS) -> dict:
+    """Each configuration whose model's weights are not present (``present``: ``model_sources``) -> why, and the
+    command that trains them."""
+    out = {}
+    for c in configurations:
+        m = CONFIGURATIONS[c][0]
+        if m in present:
+            continue
+        out[c] = (f"weights revisit_{m}.safetensors not in {_shown(work / 'models' / 'diffusion_models')}; train "
+                  f"them with: {TRAIN_COMMAND[m]}")
+        if m == LONGER and str(present.get("query", "")).startswith("shipped"):
+            out[c] += " (the shipped model that stands in for query is this run, in fp16: its figures are `all`'s)"
+    return out
+
+
+class Evaluator:
+    """Memory Rollout of any case with any configuration whose weights are present, through the nodes in an
+    in-process ComfyUI."""
+
+    def __init__(self, work: Path, steps: int = STEPS):
+        self.nodes, self.server = boot(work, shipped=True)
+        if not torch.cuda.is_available():  # a 4.8M-parameter model: threads cost more per op than they save
+            torch.set_num_threads(1)
+        self.steps = steps
+        self.wa = self.server.pack("nodes.comfy_adapter")
+        self.rollout = self.nodes.NODE_CLASS_MAPPINGS["MemLearnerMemoryRollout"]
+        loader = self.nodes.NODE_CLASS_MAPPINGS["UNETLoader"]
+        self.sources = model_sources(work)
+        self.models = {name: self.server.run_node(loader, unet_name=f"revisit_{name}.safetensors",
+                                                  weight_dtype="default")[0] for name in self.sources}
+
+    def available(self, configurations) -> list[str]:
+        return [c for c in configurations if CONFIGURATIONS[c][0] in self.models]
+
+    def predict(self, cname: str, case: rw.RevisitCase, seed: int) -> tuple[torch.Tensor, list]:
+        """Configuration ``cname``'s generated frames ``[16, T - history, h, w]`` (model space) and chunk
+        reports."""
+        mname, policy, budget, pool, layers = CONFIGURATIONS[cname]
+        latent, report = rollout_case(self.server, self.rollout, self.models[mname], case, seed, self.steps, policy,
+                                      budget, layers, f"revisit_{mname}_query.safetensors" if layers else "none",
+                                      pool, self.wa)
+        return self.wa.wan21_latent_in(latent["samples"][0].float())[:, case.history:], json.loads(report)
+
+
+def rule_predictions(case: rw.RevisitCase) -> dict:
+    """The baselines by rule: ``oracle`` and ``copy_nearest``."""
+    return {"oracle": rw.oracle_prediction(case), "copy_nearest": rw.copy_nearest_prediction(case)}
+
+
+def evaluate(work: Path, worlds: int, steps: int = STEPS) -> tuple[dict, dict, object, dict]:
+    """Every configuration whose weights are present on ``worlds`` held-out worlds x 4 paths: the figures per
+    configuration, the first pan's rollouts (for the video), the adapter, and ``info`` (where each model came from,
+    the configurations skipped and why, the step-cost reference)."""
+    ev = Evaluator(work, steps)
+    names = ev.available(CONFIGURATIONS)
+    skipped = skipped_configurations(work, ev.sources)
+    for cname, why in skipped.items():
+        print(f"[revisit] skipping {cname}: {why}", flush=True)
     sums: dict = {}
     seconds: dict = {}
     examples = {}
@@ -218,21 +316,16 @@ def evaluate(work: Path, worlds: int, steps: int = STEPS) -> tuple[dict, dict, o
         print(f"[revisit] evaluating world {wi + 1} of {worlds} ({time.time() - began:.0f}s)", flush=True)
         for path in rw.EVALUATION_PATHS:
             case = rw.evaluation_case(path, EVAL_SEED + wi, LATENT, LATENT)
-            preds = {"oracle": rw.oracle_prediction(case)}
-            for cname, (mname, policy, budget, pool) in CONFIGURATIONS.items():
-                if mname not in models:
-                    continue
-                latent, report = rollout_case(server, rollout, models[mname], case, wi, steps, policy, budget,
-                                              0 if mname == "no_memory" else QUERY_LAYERS,
-                                              "none" if mname == "no_memory" else f"revisit_{mname}_query.safetensors",
-                                              pool, wa)
+            preds = rule_predictions(case)
+            for cname in names:
+                preds[cname], report = ev.predict(cname, case, wi)
                 if path == "pan_and_return":
-                    seconds.setdefault(cname, []).extend(r["seconds"] / steps for r in json.loads(report))
-                preds[cname] = wa.wan21_latent_in(latent["samples"][0].float())[:, case.history:]
+                    seconds.setdefault(cname, []).extend(r["seconds"] / steps for r in report)
             if path == "pan_and_return" and wi == 0:
                 examples = whole_videos(preds, case)
             add_errors(sums, preds, case, wi, _metric_masks(case))
-    plain = statistics.median(seconds["no_memory"]) if "no_memory" in seconds else None
+    reference = next((c for c in ("no_memory", "query_no_context") if c in seconds), None)
+    plain = statistics.median(seconds[reference]) if reference else None
     results = {}
     for cname, metrics in sums.items():
         row = {m: rw.psnr(*metrics.get(m, (0.0, 0))) for m in
@@ -242,7 +335,128 @@ def evaluate(work: Path, worlds: int, steps: int = STEPS) -> tuple[dict, dict, o
         row["by_path_psnr"] = {m: rw.psnr(*v) for m, v in metrics.items() if "@" in m}
         row["pixels"] = {m: c for m, (_, c) in metrics.items() if "@" not in m}
         results[cname] = row
-    return results, examples, wa
+    info = {"models": ev.sources, "skipped": skipped, "step_cost_reference": reference}
+    return results, examples, ev.wa, info
+
+
+def offset_sweep(work: Path, worlds: int, steps: int = STEPS, offsets=rw.SWEEP_OFFSETS) -> dict:
+    """Revisit PSNR over the pose offset from the nearest history pose (``rw.offset_case``): per offset, on
+    ``worlds`` held-out worlds, the rules and every ``SWEEP_CONFIGURATIONS`` whose weights are present. The same
+    worlds and rollout seeds at every offset, so the curve compares like with like."""
+    ev = Evaluator(work, steps)
+    names = ev.available(SWEEP_CONFIGURATIONS)
+    skipped = skipped_configurations(work, ev.sources, SWEEP_CONFIGURATIONS)
+    for cname, why in skipped.items():
+        print(f"[revisit] offset sweep: skipping {cname}: {why}", flush=True)
+    rows, began = [], time.time()
+    for offset in offsets:
+        print(f"[revisit] offset sweep: {offset:g} degrees ({time.time() - began:.0f}s)", flush=True)
+        sums: dict = {}
+        per_world: dict = {}
+        nearest = []
+        for wi in range(worlds):
+            case = rw.offset_case(EVAL_SEED + wi, offset, LATENT, LATENT)
+            nearest.append(float(rw.nearest_history_offset(case).max()))
+            preds = rule_predictions(case)
+            for cname in names:
+                preds[cname] = ev.predict(cname, case, wi)[0]
+            mask = case.labels["revisit"]
+            for cname, pred in preds.items():
+                if not torch.isfinite(pred).all():
+                    raise RuntimeError(f"{cname} produced a non-finite latent on the offset sweep, world {wi}")
+                err, count = float(rw.squared_error(pred, case)[mask].sum()), int(mask.sum())
+                total = sums.setdefault(cname, [0.0, 0])
+                total[0] += err
+                total[1] += count
+                per_world.setdefault(cname, []).append(rw.psnr(err, count))
+        rows.append({"offset_deg": offset, "between_two_history_poses": offset == rw.BETWEEN_OFFSET,
+                     "nearest_history_offset_deg": round(max(nearest), 3),
+                     "revisit_pixels": sums["oracle"][1],
+                     "revisit_psnr": {c: rw.psnr(*v) for c, v in sums.items()},
+                     "per_world_revisit_psnr": per_world})
+    return {"configurations": [*RULES, *names], "rows": rows, "seconds": round(time.time() - began, 1),
+            "models": ev.sources, "skipped": skipped}
+
+
+def write_sweep(out: Path, sweep: dict, meta: dict) -> None:
+    """``offset_sweep.json``, ``offset_sweep.md`` and, with matplotlib, ``offset_sweep.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    plot = _sweep_plot(out, sweep)
+    doc = {**meta, **sweep, "plot": plot}
+    (out / "offset_sweep.json").write_text(json.dumps(doc, indent=1) + "\n")
+    names = sweep["configurations"]
+    yaws = ", ".join(f"{y:g}" for y in rw.OFFSET_HISTORY_YAWS)
+    lines = [f"# Revisit world, offset sweep: `{meta['command']}`", "",
+             f"{meta['date']}, commit {meta['commit']}, {meta['machine']}; {meta['worlds']} held-out worlds (seeds "
+             f"{EVAL_SEED} to {EVAL_SEED + meta['worlds'] - 1}), {meta['steps']} euler steps, chunks of {CHUNK} "
+             f"latent frames; {sweep['seconds']:.0f} s.", "",
+             f"Path (`offset_revisit_path`): 4 given frames at yaw {yaws} degrees (45 degrees apart, a view's width), "
+             "then 6 generated frames at the history's poses turned by the offset (135 - o, 90 + o, 90 - o, 45 + o, "
+             "45 - o, o); every generated pixel is a revisit. Revisit PSNR = 10 log10(1/MSE) in latent space over "
+             f"those pixels, pooled over the worlds, capped at {rw.PSNR_CAP:g} dB.", ""]
+    lines += _model_lines(meta | sweep)
+    lines += ["| offset (deg) | nearest history pose (deg) | revisit pixels | " + " | ".join(names) + " |",
+              "|---" * (len(names) + 3) + "|"]
+    for row in sweep["rows"]:
+        what = f"{row['offset_deg']:g}" + (" (between two history poses)" if row["between_two_history_poses"] else "")
+        cells = ["-" if row["revisit_psnr"][n] is None else f"{row['revisit_psnr'][n]:g}" for n in names]
+        lines.append(f"| {what} | {row['nearest_history_offset_deg']:g} | {row['revisit_pixels']} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "Per world (the same worlds and rollout seeds at every offset): revisit PSNR median [min, max]:", "",
+              "| offset (deg) | " + " | ".join(names[1:]) + " |", "|---" * len(names) + "|"]
+    for row in sweep["rows"]:
+        cells = []
+        for n in names[1:]:
+            v = [x for x in row["per_world_revisit_psnr"].get(n, []) if x is not None]
+            cells.append(f"{statistics.median(v):g} [{min(v):g}, {max(v):g}]" if v else "-")
+        lines.append(f"| {row['offset_deg']:g} | " + " | ".join(cells) + " |")
+    lines += ["", "Configurations: " + "; ".join(f"`{n}`: {SWEEP_WHAT[n]}" for n in names if n in SWEEP_WHAT) + ".",
+              "", f"Plot: {plot}."]
+    (out / "offset_sweep.md").write_text("\n".join(lines) + "\n")
+
+
+SWEEP_WHAT = {
+    "oracle": "the world wherever the history saw it (a check of the metric)",
+    "copy_nearest": "the history frame of highest view overlap, unshifted (no learning)",
+    "all": "query model, all history as context",
+    "fov": f"query model, the {BUDGET} history frames of highest view overlap",
+    "query_no_context": "query model's weights, query layers off (no context)",
+    "no_memory": "plain model trained alike",
+    "all_10k": "query run resumed to 10,000 steps, all history",
+}
+
+
+def _sweep_plot(out: Path, sweep: dict) -> str:
+    """``offset_sweep.png``: revisit PSNR against the offset, a line per configuration; what was written, or why
+    not."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "not drawn: matplotlib is not installed"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["offset_deg"] for r in sweep["rows"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = ["-o", "--s", "-.^", ":v", "-D", "--x"]
+    for i, name in enumerate(sweep["configurations"]):
+        ys = [r["revisit_psnr"][name] for r in sweep["rows"]]
+        ys = [float("nan") if y is None else y for y in ys]
+        if name == "oracle":
+            ax.plot(xs, ys, color="grey", ls="--", lw=1, label="oracle (the cap)")
+        else:
+            ax.plot(xs, ys, styles[i % len(styles)], label=name, markersize=5)
+    if rw.BETWEEN_OFFSET in xs:
+        ax.axvline(rw.BETWEEN_OFFSET, color="grey", lw=0.8, ls=":")
+        ax.annotate("between two\nhistory poses", (rw.BETWEEN_OFFSET, 0.5), xycoords=("data", "axes fraction"),
+                    ha="right", va="center", fontsize=8, color="grey")
+    ax.set_xlabel("yaw offset of the revisit from the nearest history pose (degrees)")
+    ax.set_ylabel("revisit PSNR (dB, latent space)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "offset_sweep.png", dpi=100)
+    plt.close(fig)
+    return "offset_sweep.png"
 
 
 def rollout_case(server, rollout, model, case: rw.RevisitCase, seed: int, steps: int, policy: str, budget: int,
@@ -292,35 +506,77 @@ def _metric_masks(case: rw.RevisitCase) -> dict:
 
 # --- results -------------------------------------------------------------------------------------------------------
 
+def _m(c: dict, name: str, metric: str) -> float:
+    """``c[name][metric]``; a KeyError when the configuration or its figure is missing (the target is then not
+    measured)."""
+    v = c[name][metric]
+    if v is None:
+        raise KeyError(f"{name}.{metric}")
+    return v
+
+
 TARGETS = (
-    ("all >= recent + 6 dB on revisits", lambda c: c["all"]["revisit_psnr"] >= c["recent"]["revisit_psnr"] + 6),
-    ("all >= no_memory + 6 dB on revisits", lambda c: c["all"]["revisit_psnr"] >= c["no_memory"]["revisit_psnr"] + 6),
-    ("all >= no_memory - 0.5 dB on new places", lambda c: c["all"]["new_psnr"] >= c["no_memory"]["new_psnr"] - 0.5),
-    ("occluder: all > fov", lambda c: c["all"]["occluder_revisit_psnr"] > c["fov"]["occluder_revisit_psnr"]),
-    ("moving object: all > fov", lambda c: c["all"]["moving_object_psnr"] > c["fov"]["moving_object_psnr"]),
-    ("moving object: all > recent", lambda c: c["all"]["moving_object_psnr"] > c["recent"]["moving_object_psnr"]),
-    ("oracle highest on revisits", lambda c: c["oracle"]["revisit_psnr"] >= max(v["revisit_psnr"] for v in c.values())),
+    ("all >= recent + 6 dB on revisits", lambda c: _m(c, "all", "revisit_psnr") >= _m(c, "recent", "revisit_psnr") + 6),
+    ("all >= no_memory + 6 dB on revisits",
+     lambda c: _m(c, "all", "revisit_psnr") >= _m(c, "no_memory", "revisit_psnr") + 6),
+    ("all >= no_memory - 0.5 dB on new places",
+     lambda c: _m(c, "all", "new_psnr") >= _m(c, "no_memory", "new_psnr") - 0.5),
+    ("occluder: all > fov", lambda c: _m(c, "all", "occluder_revisit_psnr") > _m(c, "fov", "occluder_revisit_psnr")),
+    ("moving object: all > fov", lambda c: _m(c, "all", "moving_object_psnr") > _m(c, "fov", "moving_object_psnr")),
+    ("moving object: all > recent",
+     lambda c: _m(c, "all", "moving_object_psnr") > _m(c, "recent", "moving_object_psnr")),
+    ("oracle highest on revisits", lambda c: _m(c, "oracle", "revisit_psnr") >= max(
+        v["revisit_psnr"] for v in c.values() if v["revisit_psnr"] is not None)),
 )
+
+
+def check_targets(results: dict) -> dict:
+    """Each target -> True (met), False (missed) or None (not measured: a configuration it compares is missing)."""
+    out = {}
+    for name, check in TARGETS:
+        try:
+            out[name] = bool(check(results))
+        except KeyError:
+            out[name] = None
+    return out
 
 
 def write_results(out: Path, results: dict, examples: dict, wa, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    targets = {name: bool(check(results)) for name, check in TARGETS}
+    targets = check_targets(results)
     doc = {**meta, "configurations": results, "targets": targets}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     cols = ("revisit_psnr", "new_psnr", "occluder_revisit_psnr", "moving_object_psnr", "step_cost_x_plain")
     lines = [f"# Revisit world: {meta['command']}", "",
              f"{meta['date']}, commit {meta['commit']}, {meta['machine']}; {meta['worlds']} held-out worlds, "
-             f"PSNR = 10 log10(1/MSE) in latent space, capped at {rw.PSNR_CAP:g} dB.", "",
-             "| configuration | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+             f"PSNR = 10 log10(1/MSE) in latent space, capped at {rw.PSNR_CAP:g} dB; step cost relative to "
+             f"{meta.get('step_cost_reference') or 'no plain model (none evaluated)'}.", ""]
+    lines += _model_lines(meta)
+    lines += ["| configuration | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in results.items():
         lines.append(f"| {name} | " + " | ".join("-" if row[c] is None else f"{row[c]:g}" for c in cols) + " |")
-    lines += ["", "| target | met |", "|---|---|"] + [f"| {k} | {'yes' if v else 'NO'} |" for k, v in targets.items()]
-    lines += ["", "Training (memlearner-train, " + meta["training_note"] + "):", ""]
-    lines += [f"- {k}: {v['seconds']:.0f} s; {v['result']}" for k, v in meta["training"].items()]
+    said = {True: "yes", False: "NO", None: "not measured"}
+    lines += ["", "| target | met |", "|---|---|"] + [f"| {k} | {said[v]} |" for k, v in targets.items()]
+    if meta["training"]:
+        lines += ["", "Training (memlearner-train, " + meta["training_note"] + "):", ""]
+        lines += [f"- {k}: {v['seconds']:.0f} s; {v['result']}" for k, v in meta["training"].items()]
+    else:
+        lines += ["", "Training: none in this work folder (no training.json)."]
+    shipped = [k for k, v in meta.get("models", {}).items() if v.startswith("shipped") and k not in meta["training"]]
+    lines += [""] * (bool(shipped) and not meta["training"])
+    lines += [f"- {k}: not trained here; {meta['models'][k].removeprefix('shipped: ')}" for k in shipped]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(out, results)
     _video(out, examples, wa)
+
+
+def _model_lines(meta: dict) -> list[str]:
+    """Markdown: the weights each model came from, and the configurations skipped for want of weights."""
+    lines = [f"- model `{k}`: {v}" for k, v in meta.get("models", {}).items()]
+    if meta.get("skipped"):
+        lines += ["", "Skipped (their weights are not present):", ""]
+        lines += [f"- `{k}`: {v}" for k, v in meta["skipped"].items()]
+    return lines + [""] if lines else []
 
 
 def _plot(out: Path, results: dict) -> None:
@@ -356,11 +612,13 @@ def _plot(out: Path, results: dict) -> None:
 
 def _video(out: Path, examples: dict, wa) -> None:
     """ground truth | no memory | recent | all, side by side per frame, through ComfyUI's Wan2.1 preview factors:
-    an animated GIF and a PNG sheet (a row per frame)."""
+    an animated GIF and a PNG sheet (a row per frame). Without the plain model, the query model with no context
+    stands for no memory; a configuration not evaluated is left out."""
     from PIL import Image
 
     factors, bias = wa.wan21_preview_factors()
-    panels = ["ground_truth", "no_memory", "recent", "all"]
+    plain = next((p for p in ("no_memory", "query_no_context") if p in examples), None)
+    panels = [p for p in ("ground_truth", plain, "recent", "all") if p in examples]
     frames = rw.side_by_side([examples[p] for p in panels], factors, bias)  # [T, 64, W, 3]
     images = [Image.fromarray((f.numpy() * 255).round().astype("uint8")) for f in frames]
     images[0].save(out / "revisit_side_by_side.gif", save_all=True, append_images=images[1:], duration=400, loop=0)
@@ -384,26 +642,33 @@ def run_meta(script: str, argv) -> dict:
 
 
 def _commit() -> str:
+    """The short HEAD commit, with ``+modified`` when the working tree differs from it."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PACK, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PACK, capture_output=True, text=True,
                               check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PACK,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+modified" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", choices=["data", "train", "train-longer", "eval", "all"])
+    ap.add_argument("stage", choices=["data", "train", "train-longer", "eval", "offset-sweep", "all"])
     ap.add_argument("--work", type=Path, default=WORK, help="data, runs and models (not committed)")
     ap.add_argument("--out", type=Path, default=OUT, help="results.json, results.md, plots, video")
+    ap.add_argument("--sweep-out", type=Path, default=SWEEP_OUT, help="offset_sweep.json, .md, .png")
     ap.add_argument("--clips", type=int, default=2000, help="training clips (one world each)")
-    ap.add_argument("--worlds", type=int, default=6, help="held-out worlds")
+    ap.add_argument("--worlds", type=int, default=None, help=f"held-out worlds (default 6; offset-sweep "
+                                                               f"{SWEEP_WORLDS})")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the configs')")
     ap.add_argument("--parallel", type=int, default=2, help="trainings at once")
     ap.add_argument("--quick", action="store_true", help="smoke run: 16 clips, 3 steps, 1 world")
     args = ap.parse_args(argv)
     if args.quick:
         args.clips, args.steps, args.worlds = 16, 3, 1
+    worlds = args.worlds or (SWEEP_WORLDS if args.stage == "offset-sweep" else 6)
     args.work.mkdir(parents=True, exist_ok=True)
     n_frames = load_config(CONFIGS / "query.toml").latent_frames
     if args.stage in ("data", "all"):
@@ -413,14 +678,29 @@ def main(argv=None) -> int:
     if args.stage == "train-longer":
         train_longer(args.work, args.steps)
     if args.stage in ("eval", "all"):
-        results, examples, wa = evaluate(args.work, args.worlds, 2 if args.quick else STEPS)
-        training = json.loads((args.work / "training.json").read_text())
+        results, examples, wa, info = evaluate(args.work, worlds, 2 if args.quick else STEPS)
+        record = args.work / "training.json"
+        training = json.loads(record.read_text()) if record.exists() else {}
         steps = args.steps or load_config(CONFIGS / "query.toml").steps
-        meta = {**run_meta("revisit_world.py", argv), "worlds": args.worlds, "clips": args.clips, "training_steps": steps, "training": training,
+        meta = {**run_meta("revisit_world.py", argv), "worlds": worlds, "clips": args.clips, "training_steps": steps,
+                "training": training, **info,
                 "training_note": f"{args.clips} clips, {steps} steps each, batch 4, CPU, one thread per run"}
         write_results(args.out, results, examples, wa, meta)
         print((args.out / "results.md").read_text())
+        _say_skipped(info["skipped"])
+    if args.stage == "offset-sweep":
+        steps = 2 if args.quick else STEPS
+        sweep = offset_sweep(args.work, worlds, steps)
+        write_sweep(args.sweep_out, sweep, {**run_meta("revisit_world.py", argv), "worlds": worlds, "steps": steps})
+        print((args.sweep_out / "offset_sweep.md").read_text())
+        _say_skipped(sweep["skipped"])
     return 0
+
+
+def _say_skipped(skipped: dict) -> None:
+    if skipped:
+        print(f"[revisit] skipped {len(skipped)} configuration(s), their weights not present: "
+              + "; ".join(f"{k} ({v})" for k, v in skipped.items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ Two switchable hard cases of rule-based retrieval:
   elsewhere.
 
 ``render`` gives each frame's latent and, per latent pixel, where on the panorama it looked and whether the world
-was visible there; ``seen_before`` labels which pixels of later frames show places visible in earlier ones.
+was visible there; ``labels`` sorts every generated pixel into exactly one of revisit (its place was visible in the
+history), new (no earlier frame showed it) and unlabelled (neither).
 
 Worlds can come in families (``Family``): each family has its own palette (a mean colour and a mixing of the
 channels, so its own channel correlations) and texture scale, and every world of a family is a fresh panorama with
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .context_policy import overlap_matrix
 from .trajectory import pose_from_position
 
 CHANNELS = 16
@@ -232,9 +234,13 @@ def _bilinear(pano: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Ten
 
 
 def _footprint(u: float, v: float, s: float, rows: int, cols: int) -> tuple[range, list[int]]:
-    """Fine coverage cells a pixel at ``(u, v)`` of zoom ``s`` looks at: a row range and wrapped column list."""
+    """Fine coverage cells a pixel at ``(u, v)`` of zoom ``s`` looks at: a row range and wrapped column list.
+
+    Never empty. The panorama's rows span ``[-0.5, rows - 0.5]``; a view taller than that (an orbit looks across
+    the cylinder, zoom > 1) has pixels whose rows lie wholly beyond an edge. Rendering clamps them to the edge row
+    (``_bilinear``), so their footprint is the fine row at that edge, as for a pixel that overlaps the edge."""
     k = COVERAGE_SUBDIV
-    r_lo = max(0, math.floor((v - s / 2 + 0.5) * k))
+    r_lo = min(max(0, math.floor((v - s / 2 + 0.5) * k)), rows * k - 1)
     r_hi = min(rows * k, max(r_lo + 1, math.ceil((v + s / 2 + 0.5) * k)))
     c_lo = math.floor((u - s / 2 + 0.5) * k)
     c_hi = max(c_lo + 1, math.ceil((u + s / 2 + 0.5) * k))
@@ -265,19 +271,47 @@ def seen_before(world: World, rendering: Rendering, history: int) -> torch.Tenso
                 covered[rr.start:rr.stop, cc] = True
     out = torch.zeros(rendering.visible.shape, dtype=torch.bool)
     for f in range(history, len(cells)):
-        out[f] = torch.tensor([bool(covered[rr.start:rr.stop, cc].all()) for rr, cc in cells[f]]).view(out.shape[1:])
+        out[f] = torch.tensor([_all(covered[rr.start:rr.stop, cc]) for rr, cc in cells[f]]).view(out.shape[1:])
     return out
+
+
+def _all(cells: torch.Tensor) -> bool:
+    """Every cell set, and at least one cell: an empty footprint is never a revisit (``labels``)."""
+    return bool(cells.numel()) and bool(cells.all())
+
+
+def _none(cells: torch.Tensor) -> bool:
+    """No cell set, and at least one cell: an empty footprint is never new (``labels``)."""
+    return bool(cells.numel()) and not bool(cells.any())
 
 
 def first_sight(world: World, rendering: Rendering) -> torch.Tensor:
-    """``[T, h, w]`` bool: pixels whose place no earlier frame showed at all (seen or hidden): new places."""
+    """``[T, h, w]`` bool: pixels whose place no earlier frame showed at all (seen or hidden): new places. An empty
+    footprint is never new (``labels``)."""
     covered = _coverage_grid(world)
     out = torch.zeros(rendering.visible.shape, dtype=torch.bool)
     for f, frame in enumerate(_footprints(world, rendering)):
-        out[f] = torch.tensor([not bool(covered[rr.start:rr.stop, cc].any()) for rr, cc in frame]).view(out.shape[1:])
+        out[f] = torch.tensor([_none(covered[rr.start:rr.stop, cc]) for rr, cc in frame]).view(out.shape[1:])
         for rr, cc in frame:
             covered[rr.start:rr.stop, cc] = True
     return out
+
+
+LABELS = ("revisit", "new", "unlabelled")  # a partition of the generated pixels
+
+
+def labels(world: World, rendering: Rendering, history: int) -> dict:
+    """Per generated pixel ``[T - history, h, w]`` bool, a partition (every pixel in exactly one of ``LABELS``):
+
+    - ``revisit``: its whole footprint was visible in the history (``seen_before``);
+    - ``new``: no earlier frame showed any of its place, seen or hidden (``first_sight``);
+    - ``unlabelled``: neither: part of its place was shown before, but not all of it visible in the history
+      (partly seen, seen by generated frames only, or only behind the wall); and any pixel without a footprint.
+
+    Also ``shown`` = not ``new`` (the moving object's metric: the place was shown before, whatever by)."""
+    revisit = seen_before(world, rendering, history)[history:]
+    new = first_sight(world, rendering)[history:] & ~revisit
+    return {"revisit": revisit, "new": new, "unlabelled": ~(revisit | new), "shown": ~new}
 
 
 # --- trajectories for training -------------------------------------------------------------------------------
@@ -331,8 +365,9 @@ PSNR_CAP = 40.0
 class RevisitCase:
     """A path through a world for evaluation: the first ``history`` frames are given (ground truth), the rest is
     generated. ``truth [16, T, h, w]`` (model space); ``labels``: per generated pixel ``[T - history, h, w]``,
-    ``revisit`` (its whole place was visible in the history), ``new`` (no earlier frame showed its place),
-    ``shown`` (not new), and for the occluder ``band`` (revisited places the wall hid on the later legs)."""
+    the partition ``revisit`` (its whole place was visible in the history), ``new`` (no earlier frame showed its
+    place) and ``unlabelled`` (neither), ``shown`` (not new), and for the occluder ``band`` (revisited places the
+    wall hid on the later legs). See ``labels``."""
 
     path: str
     world: World
@@ -368,13 +403,54 @@ def evaluation_case(path: str, seed: int, h: int = 8, w: int = 8, family: Family
         poses, history = preset("pan_and_return", 16, degrees=180.0), 8
     else:
         raise ValueError(f"unknown evaluation path {path!r}; known: {', '.join(EVALUATION_PATHS)}")
-    r = render(world, poses, h, w)
-    seen = seen_before(world, r, history)[history:]
-    new = first_sight(world, r)[history:]
-    labels = {"revisit": seen, "new": new, "shown": ~new}
+    case = revisit_case(path, world, poses, history, h, w)
     if band is not None:
-        labels["band"] = seen & (torch.remainder(r.u[history:] - band[0], world.columns) < band[1])
-    return RevisitCase(path, world, poses, history, r.latent, labels, r)
+        case.labels["band"] = case.labels["revisit"] & (
+            torch.remainder(case.rendering.u[history:] - band[0], world.columns) < band[1])
+    return case
+
+
+def revisit_case(path: str, world: World, poses: torch.Tensor, history: int, h: int = 8, w: int = 8) -> RevisitCase:
+    """Any camera path ``poses [T, 3, 4]`` through ``world`` as a case: the first ``history`` frames given, the
+    rest to generate, each generated pixel labelled (``labels``)."""
+    r = render(world, poses, h, w)
+    return RevisitCase(path, world, poses, history, r.latent, labels(world, r, history), r)
+
+
+# --- the offset sweep: revisits from viewpoints the history did not have exactly -----------------------------
+
+OFFSET_HISTORY_YAWS = (0.0, 45.0, 90.0, 135.0)  # 45 degrees apart: a view's width (8 columns), so they tile
+BETWEEN_OFFSET = 22.5  # midway between two history poses: the farthest any revisit of the covered band can be
+SWEEP_OFFSETS = (0.0, 2.0, 4.0, 8.0, 13.0, 20.0, BETWEEN_OFFSET)
+
+
+def offset_revisit_path(offset: float) -> tuple[torch.Tensor, int]:
+    """The offset sweep's path: 4 given frames pan 0 -> 135 degrees in 45-degree steps (``OFFSET_HISTORY_YAWS``,
+    columns -4 .. 28 of a 64-column panorama seen once each), then 6 generated frames come back to the history's
+    poses turned by ``offset`` degrees (0 <= offset <= 22.5): 135 - o, 90 + o, 90 - o, 45 + o, 45 - o, o. Every
+    generated frame is ``offset`` degrees from its nearest history pose and, at 8 x 8 and zoom 1, sees only places
+    the history saw (straddling two history frames once offset > 0). Returns the poses ``[10, 3, 4]`` and the
+    number of given frames (4)."""
+    if not 0 <= offset <= BETWEEN_OFFSET:
+        raise ValueError(f"offset must be in [0, {BETWEEN_OFFSET}] degrees (beyond, another history pose is nearer),"
+                         f" got {offset}")
+    a, b, c, d = OFFSET_HISTORY_YAWS
+    later = [d - offset, c + offset, c - offset, b + offset, b - offset, a + offset]
+    return yaw_path([*OFFSET_HISTORY_YAWS, *later]), len(OFFSET_HISTORY_YAWS)
+
+
+def offset_case(seed: int, offset: float, h: int = 8, w: int = 8) -> RevisitCase:
+    """The offset sweep's case (``offset_revisit_path``) through the world of ``seed`` (path ``offset_sweep``)."""
+    poses, history = offset_revisit_path(offset)
+    return revisit_case("offset_sweep", make_world(seed), poses, history, h, w)
+
+
+def nearest_history_offset(case: RevisitCase) -> torch.Tensor:
+    """``[T - history]``: degrees between each generated frame's viewing direction and the nearest history
+    frame's."""
+    d = F.normalize(case.poses[:, :, 2].double(), dim=-1)
+    cos = (d[case.history:] @ d[:case.history].T).clamp(-1.0, 1.0)
+    return torch.rad2deg(torch.arccos(cos)).amin(1)
 
 
 def oracle_prediction(case: RevisitCase) -> torch.Tensor:
@@ -384,6 +460,19 @@ def oracle_prediction(case: RevisitCase) -> torch.Tensor:
     r, k = case.rendering, case.history
     world = _bilinear(case.world.panorama, r.u[k:], r.v[k:])
     return torch.where(case.labels["revisit"][None], world, torch.zeros_like(world))
+
+
+def copy_nearest_prediction(case: RevisitCase) -> torch.Tensor:
+    """``[16, T - history, h, w]``: each generated frame is a copy of the history frame whose view overlaps its
+    pose most (``context_policy.overlap_matrix``, the ``fov`` policy's measure; ties: the newest), unshifted. A
+    rule with no learning: exact on a revisit of a history pose, and no better than what overlaps by chance once
+    the pose moves."""
+    k = case.history
+    if k == 0:
+        raise ValueError("copy_nearest needs at least one history frame")
+    score = overlap_matrix(case.poses[:k], case.poses[k:]).round(decimals=6)  # [k, T - k]; equal poses tie exactly
+    newest_first = score.flip(0).argmax(0)  # argmax takes the first of equal maxima: the newest
+    return case.truth[:, (k - 1 - newest_first).tolist()].clone()
 
 
 def family_mean_prediction(case: RevisitCase, family: Family) -> torch.Tensor:

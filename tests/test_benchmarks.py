@@ -1,5 +1,6 @@
 """The memory-cost benchmark (``benchmarks/memory_cost.py``): its CPU smoke run on the tiny model writes every
-figure, and its FLOP counter gives the cost ratios the issue states for the 1.3B shape."""
+figure, and its FLOP counter gives the cost ratios the issue states for the 1.3B shape. The revisit world's
+benchmark (``benchmarks/revisit_world.py``): evaluation on a clean checkout, its targets, the offset sweep's files."""
 
 import importlib.util
 import json
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from memlearner_core import revisit_world as rw
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "memory_cost.py"
@@ -84,3 +87,85 @@ def test_plots_are_skipped_and_said_so_without_matplotlib(tmp_path, monkeypatch)
     res = {"configurations": []}
     assert bench.plots(res, tmp_path) == []
     assert "matplotlib" in res["plot_note"]
+
+
+# --- the revisit world's benchmark (benchmarks/revisit_world.py) -------------------------------------------------
+
+REVISIT = ROOT / "benchmarks" / "revisit_world.py"
+
+
+def load_revisit_benchmark():
+    """The revisit benchmark as a module; it puts the repository root on ``sys.path`` to import the pack, which is
+    undone here, so ComfyUI's ``nodes`` stays the one later tests import."""
+    saved = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location("memlearner_benchmark_revisit_world", REVISIT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module
+
+
+revisit = load_revisit_benchmark()
+
+
+def test_revisit_eval_with_only_the_shipped_model_scores_what_is_there_and_names_what_it_skipped(tmp_path):
+    """A clean checkout: no work folder, only the toy model shipped in memlearner_host/revisit_model."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REVISIT), "eval", "--quick", "--work", str(tmp_path / "work"), "--out",
+           str(tmp_path / "out")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(res["configurations"]) == {"oracle", "copy_nearest", "all", "recent", "fov", "framepack",
+                                          "query_no_context"}
+    assert set(res["skipped"]) == {"all_pool2", "no_memory", "all_10k"}
+    assert all("train them with: python benchmarks/revisit_world.py" in why for why in res["skipped"].values())
+    assert res["models"]["query"].startswith("shipped") and res["step_cost_reference"] == "query_no_context"
+    assert res["targets"]["all >= no_memory + 6 dB on revisits"] is None  # not measured, not failed
+    assert res["targets"]["oracle highest on revisits"] is True
+    assert res["configurations"]["oracle"]["revisit_psnr"] == rw.PSNR_CAP
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "Skipped (their weights are not present)" in md and "| not measured |" in md
+    assert "skipped 3 configuration(s)" in r.stdout
+    for name in ("psnr.png", "revisit_side_by_side.gif", "revisit_side_by_side.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+def test_revisit_targets_without_their_configurations_are_not_measured():
+    rows = {"oracle": {"revisit_psnr": 40.0}, "all": {"revisit_psnr": 6.0, "new_psnr": -1.0},
+            "recent": {"revisit_psnr": None}}
+    targets = revisit.check_targets(rows)
+    assert targets["oracle highest on revisits"] is True
+    assert targets["all >= recent + 6 dB on revisits"] is None  # recent has no figure
+    assert targets["all >= no_memory + 6 dB on revisits"] is None  # no_memory not evaluated
+    assert revisit.skipped_configurations(Path("/w"), {"query": "shipped: x"})["all_10k"].endswith("`all`'s)")
+
+
+def sweep_doc():
+    names = ["oracle", "copy_nearest", "all"]
+    rows = [{"offset_deg": o, "between_two_history_poses": o == 22.5, "nearest_history_offset_deg": o,
+             "revisit_pixels": 384, "revisit_psnr": {"oracle": 40.0, "copy_nearest": 40.0 - o, "all": None},
+             "per_world_revisit_psnr": {}} for o in (0.0, 8.0, 22.5)]
+    return {"configurations": names, "rows": rows, "seconds": 1.0, "models": {"query": "shipped: the toy model"},
+            "skipped": {"no_memory": "weights not present; train them with: python benchmarks/revisit_world.py x"}}
+
+
+def test_the_offset_sweep_writes_its_table_json_and_plot(tmp_path):
+    meta = {**revisit.run_meta("revisit_world.py", ["offset-sweep"]), "worlds": 2, "steps": 10}
+    revisit.write_sweep(tmp_path, sweep_doc(), meta)
+    doc = json.loads((tmp_path / "offset_sweep.json").read_text())
+    assert doc["command"] == "python benchmarks/revisit_world.py offset-sweep" and doc["plot"] == "offset_sweep.png"
+    md = (tmp_path / "offset_sweep.md").read_text()
+    assert "| 22.5 (between two history poses) | 22.5 | 384 | 40 | 17.5 | - |" in md
+    assert "cores" in md and "`no_memory`: weights not present" in md
+    assert (tmp_path / "offset_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_offset_sweep_says_so_when_matplotlib_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    revisit.write_sweep(tmp_path, sweep_doc(), {**revisit.run_meta("revisit_world.py", []), "worlds": 2, "steps": 1})
+    assert not (tmp_path / "offset_sweep.png").exists()
+    assert "matplotlib is not installed" in json.loads((tmp_path / "offset_sweep.json").read_text())["plot"]

@@ -67,7 +67,8 @@ def test_the_revisit_benchmark_trains_exports_and_rolls_out_end_to_end(tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     configs = results["configurations"]
-    assert set(configs) == {"all", "recent", "fov", "framepack", "no_memory", "oracle", "all_pool2"}
+    assert set(configs) == {"all", "recent", "fov", "framepack", "no_memory", "oracle", "all_pool2", "copy_nearest",
+                            "query_no_context"}
     for row in configs.values():
         assert {"revisit_psnr", "new_psnr", "occluder_revisit_psnr", "moving_object_psnr",
                 "step_cost_x_plain"} <= set(row)

@@ -6,7 +6,7 @@ import torch
 
 from memlearner_core import revisit_world as rw
 from memlearner_core.context_policy import frame_cost, select_context
-from memlearner_core.trajectory import parse_trajectory, preset, trajectory_json, validate_poses
+from memlearner_core.trajectory import parse_trajectory, preset, preset_names, trajectory_json, validate_poses
 
 
 @pytest.fixture
@@ -134,3 +134,87 @@ def test_the_family_mean_scores_the_family_prior_on_new_places():
     err_family = rw.squared_error(rw.family_mean_prediction(case, fam), case)[new].mean()
     err_zero = rw.squared_error(torch.zeros_like(case.truth[:, case.history:]), case)[new].mean()
     assert err_family < 0.6 < 1.0 < err_zero
+
+
+# --- labels: a partition, whatever the view ---------------------------------------------------------------------
+
+PRESET_CASES = [  # every trajectory preset, with views wider than the panorama (an orbit looks across the cylinder)
+    ("orbit", {}), ("orbit", {"radius": 6.0, "degrees": 270.0}), ("orbit", {"radius": 1.0, "degrees": 90.0}),
+    ("pan_and_return", {}), ("pan_and_return", {"degrees": 180.0}),
+    ("walk_and_revisit", {}), ("walk_and_revisit", {"distance": 7.0}),
+]
+
+
+def assert_partition(case: rw.RevisitCase) -> None:
+    lab = case.labels
+    shape = (case.generated_frames, *case.truth.shape[2:])
+    assert all(lab[k].shape == shape and lab[k].dtype == torch.bool for k in rw.LABELS)
+    assert not (lab["revisit"] & lab["new"]).any()  # no pixel is both remembered and never seen
+    assert torch.equal(sum(lab[k].int() for k in rw.LABELS), torch.ones(shape, dtype=torch.int))  # exactly one
+    assert torch.equal(lab["shown"], ~lab["new"])
+
+
+def test_the_partition_test_covers_every_preset():
+    assert {name for name, _ in PRESET_CASES} == set(preset_names())
+
+
+@pytest.mark.parametrize("history", [1, 4, 9])
+@pytest.mark.parametrize(("name", "params"), PRESET_CASES)
+def test_revisit_new_and_unlabelled_partition_every_pixel_of_every_preset(world, name, params, history):
+    assert_partition(rw.revisit_case(name, world, preset(name, 16, **params), history))
+
+
+@pytest.mark.parametrize("path", rw.EVALUATION_PATHS)
+def test_revisit_new_and_unlabelled_partition_every_pixel_of_every_evaluation_path(path):
+    assert_partition(rw.evaluation_case(path, 10_000_001))
+
+
+def test_an_orbit_sees_past_the_panoramas_edges_and_its_return_is_a_revisit_in_every_row(world):
+    poses = preset("orbit", 9)  # 360 degrees: the last frame has the first frame's pose
+    case = rw.revisit_case("orbit", world, poses, 1)
+    r = case.rendering
+    assert r.scale[0] > 1 and r.v.min() < -0.5 and r.v.max() > world.rows - 0.5  # rows beyond both edges
+    assert case.labels["revisit"][-1].all() and not case.labels["new"][-1].any()  # the bottom row included
+    new = case.labels["new"]
+    assert new.any() and not rw.oracle_prediction(case)[:, new].any()  # the oracle guesses the mean on new places
+
+
+@pytest.mark.parametrize("v", [-5.0, -0.6, 0.0, 3.5, 7.0, 7.6, 8.3125, 20.0])
+@pytest.mark.parametrize("s", [0.25, 1.0, 1.375, 3.0])
+def test_every_pixels_footprint_is_a_nonempty_part_of_the_panorama(v, s):
+    rows, cols = rw._footprint(10.0, v, s, 8, 64)
+    assert 0 <= rows.start < rows.stop <= 8 * rw.COVERAGE_SUBDIV and cols
+
+
+# --- the offset sweep and the copy_nearest baseline -------------------------------------------------------------
+
+def test_the_offset_sweep_revisits_from_the_offset_and_only_places_the_history_saw():
+    for offset in rw.SWEEP_OFFSETS:
+        case = rw.offset_case(10_000_002, offset)
+        assert case.history == 4 and case.generated_frames % 2 == 0  # whole chunks of 2 latent frames
+        gap = rw.nearest_history_offset(case)
+        assert torch.allclose(gap, torch.full_like(gap, offset), atol=1e-4)
+        assert case.labels["revisit"].all()
+    assert rw.SWEEP_OFFSETS[-1] == rw.BETWEEN_OFFSET == (rw.OFFSET_HISTORY_YAWS[1] - rw.OFFSET_HISTORY_YAWS[0]) / 2
+    with pytest.raises(ValueError, match="another history pose is nearer"):
+        rw.offset_revisit_path(30.0)
+
+
+def test_copy_nearest_copies_the_history_frame_of_highest_view_overlap_unshifted():
+    exact = rw.offset_case(10_000_002, 0.0)
+    assert torch.equal(rw.copy_nearest_prediction(exact), exact.truth[:, exact.history:])
+    off = rw.offset_case(10_000_002, 13.0)  # generated yaws 122, 103, 77, 58, 32, 13
+    assert torch.equal(rw.copy_nearest_prediction(off), off.truth[:, [3, 2, 2, 1, 1, 0]])
+    between = rw.offset_case(10_000_002, rw.BETWEEN_OFFSET)  # 112.5, 112.5, 67.5, ...: two history poses tie
+    assert torch.equal(rw.copy_nearest_prediction(between), between.truth[:, [3, 3, 2, 2, 1, 1]])  # the newer
+    walled = rw.evaluation_case("occluder", 10_000_002)  # each revisited pose is in the history 2-3 times
+    assert torch.equal(rw.copy_nearest_prediction(walled), walled.truth[:, [11, 10, 9, 8]])  # the newest: walled
+
+
+def test_copy_nearest_is_exact_at_offset_0_and_falls_off_as_the_pose_moves():
+    scores = []
+    for offset in (0.0, 2.0, 8.0, 20.0):
+        case = rw.offset_case(10_000_003, offset)
+        err = rw.squared_error(rw.copy_nearest_prediction(case), case)
+        scores.append(rw.psnr(float(err.sum()), err.numel()))
+    assert scores[0] == rw.PSNR_CAP and scores == sorted(scores, reverse=True) and scores[-1] < 0
