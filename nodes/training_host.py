@@ -140,16 +140,19 @@ def run_training(cfg: TrainConfig, text_fn=None):
 
     from memlearner_core.training.dataset import ClipFolder, LatentCache, encode_all, read_latent_folder
     from memlearner_core.training.distributed import Processes
-    from memlearner_core.training.trainer import require_data
+    from memlearner_core.training.trainer import preflight, require_data
 
     procs = Processes.from_env()
     device = procs.device() if procs.world > 1 else training_device(cfg.device)
     check_files(cfg, text_fn)  # everything cheap is checked before a model is loaded
+    preflight(cfg, procs.world)  # data_dir, output_dir, and the checkpoint it would resume
     if cfg.data_format == "latents":
         encoded, skipped = read_latent_folder(cfg.data_dir, cfg.latent_frames, cfg.width, cfg.height)
-        require_data(encoded)
+        require_data(encoded, skipped)
     else:  # reads the captions and every poses file, checked
         clips = ClipFolder(cfg.data_dir, cfg.clip_frames, cfg.width, cfg.height)
+        if not clips.entries:  # every video a FIFO, a device, ...: nothing to load a model for
+            require_data([], clips.skipped)
     model = comfy.sd.load_diffusion_model(str(cfg.model_file))
     if text_fn is None and cfg.text == "none":
         def text_fn(caption):
@@ -174,7 +177,7 @@ def run_training(cfg: TrainConfig, text_fn=None):
     texts = {e.caption: text_fn(e.caption).detach().float().cpu() for e, _, _ in encoded}
     if procs.is_main:
         print(f"training data: {len(encoded)} clips, {len(skipped)} skipped", file=sys.stderr)
-    require_data(encoded)
+    require_data(encoded, skipped)
     items, reference_shape = core.recipe_items(cfg, encoded, texts)
     recipe = QueryRecipe(model, cfg, device) if cfg.recipe == "query" else EncoderRecipe(model, cfg, reference_shape,
                                                                                         device)

@@ -9,9 +9,12 @@ that they exist.
 from __future__ import annotations
 
 import difflib
+import errno
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+from ..bounded_text import shown
 
 try:
     import tomllib
@@ -36,8 +39,24 @@ CHOICES = {"recipe": RECIPES, "mixed_precision": PRECISIONS, "data_format": DATA
            "camera_init": CAMERA_INITS, "context_policies": CONTEXT_POLICIES, "host": HOSTS}
 
 
+QUOTE = 200  # characters of a value or path a message quotes: a 10 MB string is never echoed back
+
+
 class ConfigError(ValueError):
     """A training config that cannot be used; the message names the key and what it must be."""
+
+
+def cut(text, limit: int = QUOTE) -> str:
+    """``text`` (an error's message) on one line, cut to ``limit`` characters, the cut said."""
+    text = str(text).replace("\r", " ").replace("\n", " ")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def shown_path(path, limit: int = QUOTE) -> str:
+    """A path for a one-line message: whole when short, else its last ``limit`` characters (the file's own name
+    is at the end), line breaks escaped."""
+    text = str(path).replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= limit else f"...{text[-limit:]}"
 
 
 @dataclass(frozen=True)
@@ -122,40 +141,51 @@ def _check(key: str, value, base: Path):
     kind = KINDS[key]
     if kind.startswith("Path"):
         if not isinstance(value, str) or not value.strip():
-            raise ConfigError(f"'{key}' must be a path (a non-empty string), got {value!r}")
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else (base / path).resolve()
+            raise ConfigError(f"'{key}' must be a path (a non-empty string), got {shown(value, QUOTE)}")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):  # the OS refuses NUL; the rest are typos
+            raise ConfigError(f"'{key}' holds a NUL or control character ({shown(value, QUOTE)}); write the path "
+                              "without it")
+        try:
+            path = Path(value).expanduser()
+            return path if path.is_absolute() else (base / path).resolve()
+        except RuntimeError:  # Path.resolve's "Symlink loop" (Python < 3.13)
+            raise ConfigError(f"'{key}' {shown_path(value)} is a loop of symbolic links; point {key} at the file "
+                              "or folder itself") from None
+        except OSError as e:
+            why = "is a loop of symbolic links" if e.errno == errno.ELOOP else f"cannot be resolved ({e.strerror})"
+            raise ConfigError(f"'{key}' {shown_path(value)} {why}; point {key} at the file or folder itself") \
+                from None
     if kind.startswith("tuple"):
         if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
                 or any(v not in CHOICES[key] for v in value):
             raise ConfigError(f"'{key}' must be a non-empty list of {', '.join(repr(c) for c in CHOICES[key])}, "
-                              f"got {value!r}")
+                              f"got {shown(value, QUOTE)}")
         return tuple(dict.fromkeys(value))
     if kind == "bool":
         if not isinstance(value, bool):
-            raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+            raise ConfigError(f"'{key}' must be true or false, got {shown(value, QUOTE)}")
         return value
     if kind == "str":
         if key == "device":
             return _device(value)
         if value not in CHOICES[key]:
             raise ConfigError(f"'{key}' must be one of {', '.join(repr(c) for c in CHOICES[key])}, "
-                              f"got {value!r}")
+                              f"got {shown(value, QUOTE)}")
         return value
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"'{key}' must be a whole number, got {value!r}")
+            raise ConfigError(f"'{key}' must be a whole number, got {shown(value, QUOTE)}")
     elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"'{key}' must be a finite number, got {value!r}")
+        raise ConfigError(f"'{key}' must be a finite number, got {shown(value, QUOTE)}")
     if key in MINIMUM and value < MINIMUM[key]:
-        raise ConfigError(f"'{key}' must be >= {MINIMUM[key]}, got {value!r}")
+        raise ConfigError(f"'{key}' must be >= {MINIMUM[key]}, got {shown(value, QUOTE)}")
     return value if kind == "int" else float(value)
 
 
 def _device(value) -> str:
     if not isinstance(value, str) or not (value in ("auto", "cpu", "cuda", "mps")
                                           or (value.startswith("cuda:") and value[5:].isdigit())):
-        raise ConfigError(f"'device' must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {value!r}")
+        raise ConfigError(f"'device' must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {shown(value, QUOTE)}")
     return value
 
 
@@ -164,7 +194,7 @@ def config_from_dict(data: dict, base: str | Path = ".") -> TrainConfig:
     unknown = sorted(set(data) - set(KINDS))
     if unknown:
         near = difflib.get_close_matches(unknown[0], list(KINDS), n=1)
-        raise ConfigError(f"unknown key '{unknown[0]}'" + (f" (did you mean '{near[0]}'?)" if near else "")
+        raise ConfigError(f"unknown key {shown(unknown[0], QUOTE)}" + (f" (did you mean '{near[0]}'?)" if near else "")
                           + f"; known keys: {', '.join(KINDS)}")
     missing = [k for k in REQUIRED if k not in data]
     if missing:
@@ -211,16 +241,19 @@ def load_config(path: str | Path) -> TrainConfig:
     """Read and check a TOML training config; errors name the file and the key."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"training config not found: {path}")
+        raise ConfigError(f"training config not found: {shown_path(path)}")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
         return config_from_dict(data, path.resolve().parent)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        raise ConfigError(f"{shown_path(path)}: not valid TOML: {e}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the config as UTF-8") from None
+        raise ConfigError(f"{shown_path(path)}: not UTF-8 text ({e.reason} at byte {e.start}); save the config as "
+                          "UTF-8") from None
+    except RecursionError:
+        raise ConfigError(f"{shown_path(path)}: nested too deeply to read; write the config as flat keys") from None
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{shown_path(path)}: {e}") from None
 
 
 def example_config(recipe: str = "query") -> str:

@@ -6,15 +6,18 @@ per video: a JSON list of 3x4 camera-to-world matrices, one per video frame. Dec
 the host (ComfyUI's video reader and VAE), so they come in as functions; this module picks a clip's frames
 (spread evenly over the video, as reference videos are), brings them to the training size (resize to cover,
 centre crop), and keeps one bad file from ending a run: a video that cannot be decoded or is too short is
-skipped, logged and counted. A wrong poses file is an error naming it: a run trained on misread cameras is
-worse than no run.
+skipped, logged and counted, and so is a "video" that is no regular file (a FIFO, a device, a link to
+``/dev/null``: never opened, so it cannot block). A wrong poses file is an error naming it, and so is one that
+is no regular file: a run trained on misread cameras is worse than no run.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +32,10 @@ from ..confined_files import read_confined
 from ..memory_bank import latent_cache_path, read_captioned_folder
 from ..reference_video import sample_indices
 from ..trajectory import TrajectoryError, parse_trajectory, validate_poses
+from .config import cut, shown_path
 
 POSES_SUFFIX = ".poses.json"
+POSES_LIMIT = 64 * 2**20  # a poses file is ~140 bytes a frame: 64 MB is hours of video
 RESIZE_CHUNK = 16  # frames resized at once
 log = logging.getLogger("memlearner")
 
@@ -52,14 +57,44 @@ class ClipEntry:
         return self.path.with_suffix(POSES_SUFFIX)
 
 
+def not_regular(path: str | Path) -> str:
+    """Why ``path`` is no regular file to read (links followed), or "" when it is one. Nothing is opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return "a loop of symbolic links" if e.errno == errno.ELOOP else f"unreadable ({e.strerror})"
+    return "" if stat.S_ISREG(mode) else "not a regular file (a FIFO, device, folder or a link to one)"
+
+
+def read_regular(path: str | Path, limit: int) -> bytes:
+    """The bytes of ``path``, opened without blocking and checked on the descriptor to be a regular file of at
+    most ``limit`` bytes (a FIFO swapped in after a check is refused, never waited on); ``OSError`` otherwise."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device, folder or a link to one)")
+        if info.st_size > limit:
+            raise OSError(errno.EFBIG, f"{info.st_size} bytes, more than a poses file holds ({limit})")
+        os.set_blocking(fd, True)
+        return f.read(limit + 1)
+
+
 def load_poses(path: str | Path) -> torch.Tensor:
     """Poses ``[F, 3, 4]`` float32 from a JSON list of 3x4 matrices (any form ``parse_trajectory`` reads),
-    validated (finite, orthonormal rotations); any problem is a ``DatasetError`` naming the file."""
+    validated (finite, orthonormal rotations); any problem is a ``DatasetError`` naming the file (one that is no
+    regular file too: it is never opened to block)."""
     path = Path(path)
+    fix = "give a JSON list of 3x4 camera-to-world matrices, one per video frame, or remove the file"
+    why = not_regular(path)
+    if why:
+        raise DatasetError(f"poses file {shown_path(path)} is {why}; {fix}")
     try:
-        return parse_trajectory(path.read_text(encoding="utf-8"))
-    except (TrajectoryError, OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"poses file {path}: {e}") from None
+        return parse_trajectory(read_regular(path, POSES_LIMIT).decode("utf-8"))
+    except (TrajectoryError, UnicodeDecodeError, RecursionError) as e:
+        raise DatasetError(f"poses file {shown_path(path)}: {cut(e)}") from None
+    except OSError as e:
+        raise DatasetError(f"poses file {shown_path(path)}: {e.strerror}; {fix}") from None
 
 
 def latent_poses(poses: torch.Tensor) -> torch.Tensor:
@@ -93,10 +128,15 @@ class ClipFolder:
         if width < 8 or height < 8 or width % 8 or height % 8:
             raise DatasetError(f"width and height must be positive multiples of 8, got {width}x{height}")
         self.folder, self.clip_frames, self.width, self.height = Path(folder), clip_frames, width, height
-        self.entries = []
+        self.entries, self.skipped = [], []  # skipped: (path, why), videos that are no regular file
         for e in read_captioned_folder(folder):
+            why = not_regular(e.path)
+            if why:
+                log.warning("training data: skipped %s: %s", e.path.name, why)
+                self.skipped.append((e.path, why))
+                continue
             side = e.path.with_suffix(POSES_SUFFIX)
-            self.entries.append(ClipEntry(e.path, e.caption, load_poses(side) if side.is_file() else None))
+            self.entries.append(ClipEntry(e.path, e.caption, load_poses(side) if os.path.lexists(side) else None))
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -189,6 +229,9 @@ def save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
 
 def _decode(clips: ClipFolder, decode_fn, path: Path) -> tuple[torch.Tensor | None, str]:
     """Decoded frames ``[F, H, W, 3]``, or None and why the video is skipped."""
+    why = not_regular(path)  # again: the listing was a while ago, and a reader would block on a FIFO
+    if why:
+        return None, why
     try:
         frames = decode_fn(path)
     except Exception as e:  # any reader failure (corrupt file, unknown codec) skips the video
@@ -214,7 +257,7 @@ def encode_all(clips: ClipFolder, decode_fn: Callable[[Path], torch.Tensor],
     ``[(path, why)]``: videos that fail to decode, are empty, or are shorter than a clip are logged and
     skipped, never raised.
     """
-    settings, items, skipped = clips.settings_key(vae_id), [], []
+    settings, items, skipped = clips.settings_key(vae_id), [], list(getattr(clips, "skipped", []))
     for entry in clips:
         hit = cache.read(entry.path, settings) if cache is not None else None
         if hit is not None:
@@ -236,7 +279,8 @@ def encode_all(clips: ClipFolder, decode_fn: Callable[[Path], torch.Tensor],
                 cache.put(entry.path, settings, latent, {"frames": str(n_frames)})
         items.append((entry, latent, poses))
     if skipped:
-        log.warning("training data %s: %d of %d video(s) skipped", clips.folder, len(skipped), len(clips))
+        log.warning("training data %s: %d of %d video(s) skipped", clips.folder, len(skipped),
+                    len(clips) + len(getattr(clips, "skipped", [])))
     return items, skipped
 
 
@@ -245,6 +289,9 @@ LATENT_SUFFIX = ".safetensors"
 
 def _latent_clip(path: Path, latent_frames: int, hw: tuple[int, int]) -> tuple[torch.Tensor | None, str, dict]:
     """A pre-encoded clip's first ``latent_frames`` frames ``[16, T, h, w]``, or None and why it is skipped."""
+    why = not_regular(path)  # safetensors would block opening a FIFO
+    if why:
+        return None, why, {}
     try:
         with safe_open(str(path), "pt") as f:
             meta, names = f.metadata() or {}, set(f.keys())
