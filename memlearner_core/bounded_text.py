@@ -13,14 +13,19 @@ MESSAGE_LIMIT = 1000
 
 def shown(value, limit: int = QUOTE_LIMIT) -> str:
     """``repr(value)`` on one line, cut to ``limit`` characters with the full length said."""
-    text = repr(value).replace("\n", "\\n").replace("\r", "\\r")
+    return _plain(repr(value), limit)
+
+
+def _plain(text: str, limit: int) -> str:
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def listed(names, limit: int = 8) -> str:
-    """The first ``limit`` of ``names`` (each ``shown``), and how many there are in all."""
+def listed(names, limit: int = 8, quote: bool = True) -> str:
+    """The first ``limit`` of ``names`` (each ``shown``, or without quotes: names a file holds), and how many there
+    are in all."""
     names = list(names)
-    head = ", ".join(shown(n, 40) for n in names[:limit])
+    head = ", ".join(shown(n, 40) if quote else _plain(str(n), 40) for n in names[:limit])
     return head + (f" ... ({len(names)} in all)" if len(names) > limit else "")
 
 

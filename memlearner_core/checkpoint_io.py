@@ -165,9 +165,9 @@ def load_memory_encoder(path: str | os.PathLike) -> MemoryEncoder:
                    for k, p in {**params, **buffers}.items() if k in sd and tuple(sd[k].shape) != tuple(p.shape))
     problems = []
     if missing:
-        problems.append(f"missing parameters: {listed(missing)}")
+        problems.append(f"missing parameters: {listed(missing, quote=False)}")
     if unexpected:
-        problems.append(f"unexpected tensors: {listed(unexpected)}")
+        problems.append(f"unexpected tensors: {listed(unexpected, quote=False)}")
     if wrong:
         problems.append(f"wrong shapes: {'; '.join(wrong[:4])}")
     if problems:
@@ -243,7 +243,7 @@ def load_query_weights(path) -> QueryWeights:
                               f"(this pack reads versions {sorted(QUERY_VERSIONS)}); update the pack")
     camera = {k[len("camera."):]: v for k, v in sd.items() if k.startswith("camera.")}
     if set(camera) != {"proj.weight", "proj.bias"}:
-        raise CheckpointError(f"{name}: expected camera.proj.weight and camera.proj.bias, found {listed(sorted(sd))}")
+        raise CheckpointError(f"{name}: expected camera.proj.weight and camera.proj.bias, found {listed(sorted(sd), quote=False)}")
     weight, bias = camera["proj.weight"], camera["proj.bias"]
     if weight.ndim != 2 or weight.shape[1] != 12 or tuple(bias.shape) != (weight.shape[0],):
         raise CheckpointError(f"{name}: camera.proj.weight must be [dim, 12] and camera.proj.bias [dim], got "
