@@ -8,6 +8,7 @@ ComfyUI stores a node's error message with the prompt's history and sends it to 
 from __future__ import annotations
 
 QUOTE_LIMIT = 80
+QUOTE_LONG = 200  # a value or path the trainer's one-line messages quote
 MESSAGE_LIMIT = 1000
 
 
@@ -16,9 +17,25 @@ def shown(value, limit: int = QUOTE_LIMIT) -> str:
     return _plain(repr(value), limit)
 
 
-def _plain(text: str, limit: int) -> str:
-    text = text.replace("\n", "\\n").replace("\r", "\\r")
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _plain(text: str, limit: int) -> str:
+    return _cut(text.replace("\n", "\\n").replace("\r", "\\r"), limit)
+
+
+def cut(text, limit: int = QUOTE_LONG) -> str:
+    """``text`` (an error's message) on one line, line breaks as spaces, cut to ``limit`` characters, the cut
+    said."""
+    return _cut(str(text).replace("\r", " ").replace("\n", " "), limit)
+
+
+def shown_path(path, limit: int = QUOTE_LONG) -> str:
+    """A path for a one-line message: whole when short, else its last ``limit`` characters (the file's own name
+    is at the end), line breaks escaped."""
+    text = str(path).replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= limit else f"...{text[-limit:]}"
 
 
 def listed(names, limit: int = 8, quote: bool = True) -> str:

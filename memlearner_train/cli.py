@@ -16,8 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from memlearner_core.bounded_text import MESSAGE_LIMIT
-from memlearner_core.training.config import cut, example_config, load_config, shown_path
+from memlearner_core.bounded_text import MESSAGE_LIMIT, cut, shown_path
+from memlearner_core.training.config import example_config, load_config
 
 PACK = Path(__file__).resolve().parents[1]
 log = logging.getLogger("memlearner")

@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..bounded_text import listed, shown
+from ..bounded_text import cut, listed, shown, shown_path
 from ..confined_files import is_inside, open_confined
-from .config import cut, shown_path
 
 FORMAT, VERSION = "memlearner-train-checkpoint", 1
 STEP_DIR = re.compile(r"step-(\d{8,12})")  # at most 10^12 steps: a longer number is no checkpoint of ours

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..bounded_text import shown
+from ..bounded_text import QUOTE_LONG, shown, shown_path
 
 try:
     import tomllib
@@ -39,24 +39,8 @@ CHOICES = {"recipe": RECIPES, "mixed_precision": PRECISIONS, "data_format": DATA
            "camera_init": CAMERA_INITS, "context_policies": CONTEXT_POLICIES, "host": HOSTS}
 
 
-QUOTE = 200  # characters of a value or path a message quotes: a 10 MB string is never echoed back
-
-
 class ConfigError(ValueError):
     """A training config that cannot be used; the message names the key and what it must be."""
-
-
-def cut(text, limit: int = QUOTE) -> str:
-    """``text`` (an error's message) on one line, cut to ``limit`` characters, the cut said."""
-    text = str(text).replace("\r", " ").replace("\n", " ")
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def shown_path(path, limit: int = QUOTE) -> str:
-    """A path for a one-line message: whole when short, else its last ``limit`` characters (the file's own name
-    is at the end), line breaks escaped."""
-    text = str(path).replace("\n", "\\n").replace("\r", "\\r")
-    return text if len(text) <= limit else f"...{text[-limit:]}"
 
 
 @dataclass(frozen=True)
@@ -141,9 +125,9 @@ def _check(key: str, value, base: Path):
     kind = KINDS[key]
     if kind.startswith("Path"):
         if not isinstance(value, str) or not value.strip():
-            raise ConfigError(f"'{key}' must be a path (a non-empty string), got {shown(value, QUOTE)}")
+            raise ConfigError(f"'{key}' must be a path (a non-empty string), got {shown(value, QUOTE_LONG)}")
         if any(ord(c) < 32 or ord(c) == 127 for c in value):  # the OS refuses NUL; the rest are typos
-            raise ConfigError(f"'{key}' holds a NUL or control character ({shown(value, QUOTE)}); write the path "
+            raise ConfigError(f"'{key}' holds a NUL or control character ({shown(value, QUOTE_LONG)}); write the path "
                               "without it")
         try:
             path = Path(value).expanduser()
@@ -159,33 +143,33 @@ def _check(key: str, value, base: Path):
         if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
                 or any(v not in CHOICES[key] for v in value):
             raise ConfigError(f"'{key}' must be a non-empty list of {', '.join(repr(c) for c in CHOICES[key])}, "
-                              f"got {shown(value, QUOTE)}")
+                              f"got {shown(value, QUOTE_LONG)}")
         return tuple(dict.fromkeys(value))
     if kind == "bool":
         if not isinstance(value, bool):
-            raise ConfigError(f"'{key}' must be true or false, got {shown(value, QUOTE)}")
+            raise ConfigError(f"'{key}' must be true or false, got {shown(value, QUOTE_LONG)}")
         return value
     if kind == "str":
         if key == "device":
             return _device(value)
         if value not in CHOICES[key]:
             raise ConfigError(f"'{key}' must be one of {', '.join(repr(c) for c in CHOICES[key])}, "
-                              f"got {shown(value, QUOTE)}")
+                              f"got {shown(value, QUOTE_LONG)}")
         return value
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"'{key}' must be a whole number, got {shown(value, QUOTE)}")
+            raise ConfigError(f"'{key}' must be a whole number, got {shown(value, QUOTE_LONG)}")
     elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"'{key}' must be a finite number, got {shown(value, QUOTE)}")
+        raise ConfigError(f"'{key}' must be a finite number, got {shown(value, QUOTE_LONG)}")
     if key in MINIMUM and value < MINIMUM[key]:
-        raise ConfigError(f"'{key}' must be >= {MINIMUM[key]}, got {shown(value, QUOTE)}")
+        raise ConfigError(f"'{key}' must be >= {MINIMUM[key]}, got {shown(value, QUOTE_LONG)}")
     return value if kind == "int" else float(value)
 
 
 def _device(value) -> str:
     if not isinstance(value, str) or not (value in ("auto", "cpu", "cuda", "mps")
                                           or (value.startswith("cuda:") and value[5:].isdigit())):
-        raise ConfigError(f"'device' must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {shown(value, QUOTE)}")
+        raise ConfigError(f"'device' must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {shown(value, QUOTE_LONG)}")
     return value
 
 
@@ -194,7 +178,7 @@ def config_from_dict(data: dict, base: str | Path = ".") -> TrainConfig:
     unknown = sorted(set(data) - set(KINDS))
     if unknown:
         near = difflib.get_close_matches(unknown[0], list(KINDS), n=1)
-        raise ConfigError(f"unknown key {shown(unknown[0], QUOTE)}" + (f" (did you mean '{near[0]}'?)" if near else "")
+        raise ConfigError(f"unknown key {shown(unknown[0], QUOTE_LONG)}" + (f" (did you mean '{near[0]}'?)" if near else "")
                           + f"; known keys: {', '.join(KINDS)}")
     missing = [k for k in REQUIRED if k not in data]
     if missing:

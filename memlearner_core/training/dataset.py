@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from ..bounded_text import cut, shown_path
 from ..confined_files import read_confined
 from ..memory_bank import latent_cache_path, read_captioned_folder
 from ..reference_video import sample_indices
 from ..trajectory import TrajectoryError, parse_trajectory, validate_poses
-from .config import cut, shown_path
 
 POSES_SUFFIX = ".poses.json"
 POSES_LIMIT = 64 * 2**20  # a poses file is ~140 bytes a frame: 64 MB is hours of video

@@ -35,6 +35,7 @@ from typing import Protocol
 
 import torch
 
+from ..bounded_text import cut, shown_path
 from ..confined_files import is_inside
 from .checkpointing import (
     TORCH_STATE,
@@ -50,7 +51,7 @@ from .checkpointing import (
     rng_snapshot,
     save_checkpoint,
 )
-from .config import TrainConfig, cut, shown_path
+from .config import TrainConfig
 from .distributed import Processes
 
 log = logging.getLogger("memlearner")
