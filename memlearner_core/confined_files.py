@@ -8,6 +8,7 @@ swapped in after it is not read.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -19,6 +20,26 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXE
 
 class ConfinedFileError(ValueError):
     """A file that is not a regular file inside its root folder; the message names the file, never the outside."""
+
+
+class NotRegularFileError(OSError):
+    """What was opened is a FIFO, device or folder (or a link to one), not a file to read."""
+
+
+def open_regular(path: str | Path) -> int:
+    """A descriptor of ``path`` (links followed), opened for reading without blocking, when what was opened is a
+    regular file; else ``NotRegularFileError``, so a FIFO swapped in is refused, never waited on. The caller
+    closes the descriptor."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFileError(errno.EINVAL, "not a regular file (a FIFO, device, folder or a link to one)")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def is_inside(path: str | Path, root: str | Path) -> bool:
@@ -50,20 +71,16 @@ def open_confined(path: str | Path, root: str | Path, what: str = "file") -> int
     ``ConfinedFileError`` (an ``OSError`` when it cannot be opened at all). FIFOs and devices are refused
     without blocking. The caller closes the descriptor."""
     name = Path(path).name
-    fd = os.open(path, _OPEN_FLAGS)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfinedFileError(f"{what} {name} is not a regular file (a FIFO, device or folder); "
-                                    "replace it with the file itself")
-        if not is_inside(descriptor_path(fd, path), root):
-            raise ConfinedFileError(f"{what} {name} leads outside its folder (a link, or swapped for one); "
-                                    "put the file itself inside the folder")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return fd
-    except BaseException:
+        fd = open_regular(path)
+    except NotRegularFileError:
+        raise ConfinedFileError(f"{what} {name} is not a regular file (a FIFO, device or folder); "
+                                "replace it with the file itself") from None
+    if not is_inside(descriptor_path(fd, path), root):
         os.close(fd)
-        raise
+        raise ConfinedFileError(f"{what} {name} leads outside its folder (a link, or swapped for one); "
+                                "put the file itself inside the folder")
+    return fd
 
 
 def read_confined(path: str | Path, root: str | Path, what: str = "file") -> bytes:

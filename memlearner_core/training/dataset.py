@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from ..bounded_text import cut, shown_path
-from ..confined_files import read_confined
+from ..confined_files import open_regular, read_confined
 from ..memory_bank import latent_cache_path, read_captioned_folder
 from ..reference_video import sample_indices
 from ..trajectory import TrajectoryError, parse_trajectory, validate_poses
@@ -69,14 +69,10 @@ def not_regular(path: str | Path) -> str:
 def read_regular(path: str | Path, limit: int) -> bytes:
     """The bytes of ``path``, opened without blocking and checked on the descriptor to be a regular file of at
     most ``limit`` bytes (a FIFO swapped in after a check is refused, never waited on); ``OSError`` otherwise."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device, folder or a link to one)")
-        if info.st_size > limit:
-            raise OSError(errno.EFBIG, f"{info.st_size} bytes, more than a poses file holds ({limit})")
-        os.set_blocking(fd, True)
+    with os.fdopen(open_regular(path), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise OSError(errno.EFBIG, f"{size} bytes, more than a poses file holds ({limit})")
         return f.read(limit + 1)
 
 
