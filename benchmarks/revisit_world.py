@@ -68,14 +68,23 @@ OUT = PACK / "benchmarks" / "results" / "revisit"
 SWEEP_OUT = CONFIGS / "results"  # the offset sweep's table and plot
 TOY = PACK / "memlearner_host" / "revisit_model"  # the shipped toy model: diffusion_models/, memlearner/
 MODELS = ("query", "query_pool2", "no_memory")  # the equal-budget runs
+# the new-viewpoint recipe: the shipped model fine-tuned on returns that miss the poses of the way out, with the
+# camera signal as it was, and with view-aligned RoPE (memlearner_core/view_rope.py); the same budget each
+VIEWPOINT_MODELS = ("query_new_viewpoints", "query_view_rope", "query_view_rope_scratch")
+DATA_FOLDERS = {"data": False, "data_new_viewpoints": True}  # folder -> random_trajectory(new_viewpoints=)
 LONGER = "query_10k"  # diagnosis: the query run resumed to twice its steps
-SHIPPED = {"query": "the toy model shipped in memlearner_host/revisit_model/ (the 10,000-step query run, fp16), "
-                    "the work folder having no revisit_query.safetensors"}
+SHIPPED_MODEL = "query_view_rope"  # the toy model shipped in memlearner_host/revisit_model/ (stage ship)
+SHIPPED_FILES = ("revisit_query.safetensors", "revisit_query_query.safetensors")  # the names the workflows load
+SHIPPED = {"query": "the toy model shipped in memlearner_host/revisit_model/ (query_view_rope: the 10,000-step query "
+                    "run fine-tuned 3,000 steps with view-aligned RoPE on new-viewpoint returns; fp16), the work "
+                    "folder having no revisit_query.safetensors"}
 TRAIN_COMMAND = {  # how to get each model's weights into the work folder
     "query": "python benchmarks/revisit_world.py data && python benchmarks/revisit_world.py train",
     "query_pool2": "python benchmarks/revisit_world.py data && python benchmarks/revisit_world.py train",
     "no_memory": "python benchmarks/revisit_world.py data && python benchmarks/revisit_world.py train",
     LONGER: "python benchmarks/revisit_world.py train-longer (after train: it resumes the query run)",
+    **{m: "python benchmarks/revisit_world.py data && python benchmarks/revisit_world.py train-viewpoints"
+       for m in VIEWPOINT_MODELS},
 }
 LATENT = 8  # latent frame side (64 x 64 pixels)
 CHUNK = 2  # latent frames per rollout chunk (5 video frames)
@@ -93,19 +102,25 @@ CONFIGURATIONS = {
     "all_pool2": ("query_pool2", "all", 0, 2, QUERY_LAYERS),
     "no_memory": ("no_memory", "all", 0, 1, 0),
     "all_10k": (LONGER, "all", 0, 1, QUERY_LAYERS),  # evaluated when train-longer has run
+    "all_new_viewpoints": ("query_new_viewpoints", "all", 0, 1, QUERY_LAYERS),  # when train-viewpoints has run
+    "all_view_rope": ("query_view_rope", "all", 0, 1, QUERY_LAYERS),
+    "view_rope_no_context": ("query_view_rope", "all", 0, 1, 0),
+    "all_view_rope_scratch": ("query_view_rope_scratch", "all", 0, 1, QUERY_LAYERS),
 }
 RULES = ("oracle", "copy_nearest")  # predictions by rule from the ground truth, no model
-SWEEP_CONFIGURATIONS = ("all", "fov", "query_no_context", "no_memory", "all_10k")  # the offset sweep's rollouts
+SWEEP_CONFIGURATIONS = ("all", "fov", "query_no_context", "no_memory", "all_10k", "all_new_viewpoints",
+                        "all_view_rope", "view_rope_no_context", "all_view_rope_scratch")  # the sweep's rollouts
 SWEEP_WORLDS = 20  # the offset sweep's default: 7 offsets x 20 worlds x 3 rollouts of 3 chunks, ~6 CPU minutes
 
 
 # --- the world's data --------------------------------------------------------------------------------------------
 
-def training_example(seed: int, n_frames: int) -> tuple[rw.World, torch.Tensor]:
+def training_example(seed: int, n_frames: int, new_viewpoints: bool = False) -> tuple[rw.World, torch.Tensor]:
     """A training world and a random trajectory through it; a quarter of the worlds have a wall that stands during a
-    random stretch of the path, a quarter a moving object."""
+    random stretch of the path, a quarter a moving object. ``new_viewpoints``: the returns miss the poses of the
+    way out (``rw.random_trajectory``)."""
     g = torch.Generator().manual_seed(seed)
-    poses = rw.random_trajectory(n_frames, g)
+    poses = rw.random_trajectory(n_frames, g, new_viewpoints=new_viewpoints)
     occluder, moving = bool(torch.rand((), generator=g) < P_OCCLUDER), bool(torch.rand((), generator=g) < P_MOVING)
     first = int(torch.randint(0, n_frames - 1, (), generator=g))
     last = int(torch.randint(first, n_frames, (), generator=g))
@@ -133,27 +148,29 @@ def boot(work: Path, shipped: bool = False):
 
 
 def make_data(work: Path, clips: int, n_frames: int) -> None:
-    """Training clips (LATENT samples + poses) and the shared random initial model."""
+    """Training clips (LATENT samples + poses) and the shared random initial model: ``data/`` (returns to the poses
+    of the way out) and ``data_new_viewpoints/`` (returns that miss them), from the same training seeds."""
     from safetensors.torch import save_file
 
     from memlearner_host.tiny_models import tiny_wan
 
     _, server = boot(work)
     wa = server.pack("nodes.comfy_adapter")
-    data = work / "data"
-    data.mkdir(parents=True, exist_ok=True)
     began = time.time()
-    for i in range(clips):
-        path = data / f"clip_{i:06d}.safetensors"
-        if not path.exists():
-            world, poses = training_example(TRAIN_SEED + i, n_frames)
-            latent = rw.render(world, poses, LATENT, LATENT).latent
-            write_latent_clip(path, wa.wan21_latent_out(latent), poses)
+    for folder, new_viewpoints in DATA_FOLDERS.items():
+        (work / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(clips):
+            path = work / folder / f"clip_{i:06d}.safetensors"
+            if not path.exists():
+                world, poses = training_example(TRAIN_SEED + i, n_frames, new_viewpoints)
+                latent = rw.render(world, poses, LATENT, LATENT).latent
+                write_latent_clip(path, wa.wan21_latent_out(latent), poses)
     init = work / "models" / "diffusion_models" / "revisit_init.safetensors"
     init.parent.mkdir(parents=True, exist_ok=True)
     if not init.exists():
         save_file({k: v.contiguous() for k, v in tiny_wan(seed=TRAIN_SEED).state_dict().items()}, str(init))
-    print(f"[revisit] {clips} training clips in {data} ({time.time() - began:.0f}s)", flush=True)
+    print(f"[revisit] {clips} training clips in each of {', '.join(DATA_FOLDERS)} in {work} "
+          f"({time.time() - began:.0f}s)", flush=True)
 
 
 def train_config(work: Path, name: str, steps: int | None, configs: Path = CONFIGS,
@@ -161,12 +178,15 @@ def train_config(work: Path, name: str, steps: int | None, configs: Path = CONFI
     """The committed config ``configs/<name>.toml`` with the work folder's ``paths`` (default: this benchmark's data,
     run folder and initial model) and ``steps``, for a smoke run."""
     text = (configs / f"{name}.toml").read_text()
-    subs = paths or {"data_dir": work / "data", "output_dir": work / "runs" / name,
+    committed = load_config(configs / f"{name}.toml")
+    subs = paths or {"data_dir": work / committed.data_dir.name, "output_dir": work / "runs" / name,
                      "model_file": work / "models" / "diffusion_models" / "revisit_init.safetensors"}
     lines = []
     for line in text.splitlines():
         key = line.split("=")[0].strip()
-        if key in subs:
+        if key in ("model_file", "query_file") and WORK not in getattr(committed, key).parents:
+            line = f'{key} = "{getattr(committed, key)}"'  # the shipped model: resolved, the config moves
+        elif key in subs:
             line = f'{key} = "{subs[key]}"'
         elif key == "steps" and steps is not None:
             line = f"steps = {steps}"
@@ -229,11 +249,31 @@ def train_longer(work: Path, steps: int | None) -> dict:
     return train_all(work, None if steps is None else 2 * steps, 1, (LONGER,))
 
 
+def ship(work: Path, name: str) -> None:
+    """The work folder's model ``name`` as the toy model shipped in ``memlearner_host/revisit_model/``, under the
+    names the shipped workflows load: the diffusion model in fp16 (half the size), the query weights as trained.
+    Each file is written beside its place and moved in, so a failure leaves the shipped model whole."""
+    from safetensors.torch import load_file, save_file
+
+    dit = work / "models" / "diffusion_models" / f"revisit_{name}.safetensors"
+    query = work / "models" / "memlearner" / f"revisit_{name}_query.safetensors"
+    for src in (dit, query):
+        if not src.is_file():
+            raise SystemExit(f"ship: {_shown(src)} is not there; train {name} first ({TRAIN_COMMAND[name]})")
+    half = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(dit)).items()}
+    dit_dst, query_dst = TOY / "diffusion_models" / SHIPPED_FILES[0], TOY / "memlearner" / SHIPPED_FILES[1]
+    save_file(half, str(dit_dst.with_suffix(".tmp")))
+    shutil.copyfile(query, query_dst.with_suffix(".tmp"))
+    for src, dst in ((dit, dit_dst), (query, query_dst)):
+        os.replace(dst.with_suffix(".tmp"), dst)
+        print(f"[revisit] shipped {_shown(src)} as {_shown(dst)}", flush=True)
+
+
 def model_sources(work: Path) -> dict:
     """Each model whose weights are present -> where they are: the work folder's export, else (``query`` only) the
     shipped toy model."""
     out = {}
-    for name in (*MODELS, LONGER):
+    for name in (*MODELS, LONGER, *VIEWPOINT_MODELS):
         file = f"revisit_{name}.safetensors"
         if (work / "models" / "diffusion_models" / file).is_file():
             out[name] = f"work folder: {_shown(work / 'models' / 'diffusion_models' / file)}"
@@ -260,8 +300,6 @@ def skipped_configurations(work: Path, present, configurations=CONFIGURATIONS) -
             continue
         out[c] = (f"weights revisit_{m}.safetensors not in {_shown(work / 'models' / 'diffusion_models')}; train "
                   f"them with: {TRAIN_COMMAND[m]}")
-        if m == LONGER and str(present.get("query", "")).startswith("shipped"):
-            out[c] += " (the shipped model that stands in for query is this run, in fp16: its figures are `all`'s)"
     return out
 
 
@@ -655,7 +693,10 @@ def _commit() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", choices=["data", "train", "train-longer", "eval", "offset-sweep", "all"])
+    ap.add_argument("stage", choices=["data", "train", "train-longer", "train-viewpoints", "eval", "offset-sweep",
+                                      "all", "ship"])
+    ap.add_argument("--model", default=SHIPPED_MODEL, choices=[*MODELS, LONGER, *VIEWPOINT_MODELS],
+                    help="ship: the work folder's model to ship as the toy model")
     ap.add_argument("--work", type=Path, default=WORK, help="data, runs and models (not committed)")
     ap.add_argument("--out", type=Path, default=OUT, help="results.json, results.md, plots, video")
     ap.add_argument("--sweep-out", type=Path, default=SWEEP_OUT, help="offset_sweep.json, .md, .png")
@@ -677,6 +718,8 @@ def main(argv=None) -> int:
         train_all(args.work, args.steps, args.parallel)
     if args.stage == "train-longer":
         train_longer(args.work, args.steps)
+    if args.stage in ("train-viewpoints", "all"):
+        train_all(args.work, args.steps, args.parallel, VIEWPOINT_MODELS)
     if args.stage in ("eval", "all"):
         results, examples, wa, info = evaluate(args.work, worlds, 2 if args.quick else STEPS)
         record = args.work / "training.json"
@@ -688,6 +731,8 @@ def main(argv=None) -> int:
         write_results(args.out, results, examples, wa, meta)
         print((args.out / "results.md").read_text())
         _say_skipped(info["skipped"])
+    if args.stage == "ship":
+        ship(args.work, args.model)
     if args.stage == "offset-sweep":
         steps = 2 if args.quick else STEPS
         sweep = offset_sweep(args.work, worlds, steps)

@@ -193,10 +193,13 @@ def save_memory_encoder(enc: MemoryEncoder, path: str | os.PathLike, prefix: str
 #             memlearner.query_pool = "<query pool it was fine-tuned with>"  (version 2)
 #   tensors   camera.proj.weight [dim, 12], camera.proj.bias [dim]
 # Version 1 (camera MLP on the history C and the predicted tokens P) still loads; version 2 also adds it to the
-# query tokens Q, as the published method does.
+# query tokens Q, as the published method does; version 3 is version 2 with view-aligned RoPE
+# (``memlearner.view_rope_fov``, degrees), written only for weights trained with it, so older packs refuse those
+# instead of running them with the wrong positions.
 QUERY_FORMAT = "query-memory"
-QUERY_VERSIONS = {"1", "2"}
+QUERY_VERSIONS = {"1", "2", "3"}
 QUERY_VERSION = "2"
+VIEW_ROPE_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,7 @@ class QueryWeights:
     query_layers: int
     query_pool: int | None  # None: not recorded (version 1)
     camera_on_query: bool
+    view_rope_fov: float | None = None  # degrees; None: stock positions (versions 1 and 2)
 
     def mismatch(self, query_layers: int | None, query_pool: int | None) -> tuple[str, int, int] | None:
         """The first of ``query_layers``, ``query_pool`` (None: not checked) that differs from what these weights
@@ -219,16 +223,20 @@ class QueryWeights:
 
     def camera_embedding(self) -> CameraEmbedding:
         """The camera MLP these weights hold (on the CPU)."""
-        camera = CameraEmbedding(self.camera["proj.weight"].shape[0], on_query=self.camera_on_query)
+        camera = CameraEmbedding(self.camera["proj.weight"].shape[0], on_query=self.camera_on_query,
+                                 view_rope_fov=self.view_rope_fov)
         camera.load_state_dict(self.camera)
         return camera
 
 
-def save_query_weights(path, camera_state: dict[str, torch.Tensor], query_layers: int, query_pool: int = 1) -> None:
+def save_query_weights(path, camera_state: dict[str, torch.Tensor], query_layers: int, query_pool: int = 1,
+                       view_rope_fov: float | None = None) -> None:
     sd = {f"camera.{k}": v.detach().contiguous().cpu() for k, v in camera_state.items()}
-    save_file(sd, str(path), metadata={"memlearner.format": QUERY_FORMAT, "memlearner.version": QUERY_VERSION,
-                                       "memlearner.query_layers": str(query_layers),
-                                       "memlearner.query_pool": str(query_pool)})
+    meta = {"memlearner.format": QUERY_FORMAT, "memlearner.version": QUERY_VERSION,
+            "memlearner.query_layers": str(query_layers), "memlearner.query_pool": str(query_pool)}
+    if view_rope_fov is not None:
+        meta |= {"memlearner.version": VIEW_ROPE_VERSION, "memlearner.view_rope_fov": repr(float(view_rope_fov))}
+    save_file(sd, str(path), metadata=meta)
 
 
 def load_query_weights(path) -> QueryWeights:
@@ -255,4 +263,23 @@ def load_query_weights(path) -> QueryWeights:
         if raw is not None and not (raw.isascii() and raw.isdigit() and int(raw) >= 1):
             raise CheckpointError(f"{name}: metadata memlearner.{key} must be a whole number >= 1, got {shown(raw)}")
         numbers[key] = None if raw is None else int(raw)
-    return QueryWeights(camera, numbers["query_layers"], numbers["query_pool"], camera_on_query=version != "1")
+    return QueryWeights(camera, numbers["query_layers"], numbers["query_pool"], camera_on_query=version != "1",
+                        view_rope_fov=view_rope_fov(meta, version, name))
+
+
+def view_rope_fov(meta: dict[str, str], version: str, name: str) -> float | None:
+    """Version 3's ``memlearner.view_rope_fov``: degrees in (0, 360], required there and refused elsewhere."""
+    raw = meta.get("memlearner.view_rope_fov")
+    if version != VIEW_ROPE_VERSION:
+        if raw is not None:
+            raise CheckpointError(f"{name}: metadata memlearner.view_rope_fov needs query-weights version "
+                                  f"{VIEW_ROPE_VERSION}, the file says {shown(version)}")
+        return None
+    try:
+        fov = float(raw)
+    except (TypeError, ValueError):
+        fov = float("nan")
+    if not 0 < fov <= 360:
+        raise CheckpointError(f"{name}: metadata memlearner.view_rope_fov must be degrees in (0, 360], got "
+                              f"{shown(raw)}")
+    return fov

@@ -39,6 +39,7 @@ from .context_policy import overlap_matrix
 from .trajectory import pose_from_position
 
 CHANNELS = 16
+VIEWPOINT_JITTER = 12.0  # degrees: random_trajectory(new_viewpoints=True) turns every pose by up to this
 COVERAGE_SUBDIV = 4  # sub-cells per panorama cell when recording which places a frame saw
 
 
@@ -316,9 +317,15 @@ def labels(world: World, rendering: Rendering, history: int) -> dict:
 
 # --- trajectories for training -------------------------------------------------------------------------------
 
-def random_trajectory(n_frames: int, generator: torch.Generator, radius: float = 8.0) -> torch.Tensor:
+def random_trajectory(n_frames: int, generator: torch.Generator, radius: float = 8.0,
+                      new_viewpoints: bool = False) -> torch.Tensor:
     """``[n, 3, 4]`` yaw-only camera poses that wander and come back: a yaw that sweeps out and returns (a
-    triangle wave of random period, amplitude and start), sometimes with a walk towards the wall and back."""
+    triangle wave of random period, amplitude and start), sometimes with a walk towards the wall and back.
+
+    ``new_viewpoints``: the returns do not land on the poses of the way out. The way back takes another number of
+    frames than the way out (the rise is 25-75% of the period), every yaw is jittered by up to
+    ``VIEWPOINT_JITTER`` degrees, and a fifth of the paths instead keep turning one way through a full turn or more
+    (loop closures 360 degrees later), at a step that does not divide 360."""
     g = generator
 
     def uniform(lo, hi):
@@ -328,11 +335,18 @@ def random_trajectory(n_frames: int, generator: torch.Generator, radius: float =
     period = int(torch.randint(4, max(5, n_frames + 1), (), generator=g))
     phase = int(torch.randint(0, period, (), generator=g))
     walk = uniform(0, 0.5 * radius) if torch.rand((), generator=g) < 0.3 else 0.0
+    rise, loop_step = 0.5, None
+    if new_viewpoints:
+        rise = uniform(0.25, 0.75)
+        if torch.rand((), generator=g) < 0.2:
+            loop_step = uniform(1.0, 1.6) * 360 / n_frames * (1 if torch.rand((), generator=g) < 0.5 else -1)
     poses = []
     for f in range(n_frames):
         x = ((f + phase) % period) / period
-        tri = 2 * x if x < 0.5 else 2 - 2 * x  # 0 -> 1 -> 0 over a period
-        yaw = start + amplitude * tri
+        tri = x / rise if x < rise else (1 - x) / (1 - rise)  # 0 -> 1 -> 0 over a period
+        yaw = start + amplitude * tri if loop_step is None else start + loop_step * f
+        if new_viewpoints:
+            yaw += uniform(-VIEWPOINT_JITTER, VIEWPOINT_JITTER)
         forward = walk * tri
         y = math.radians(yaw)
         poses.append(pose_from_position([forward * math.sin(y), 0.0, forward * math.cos(y)], yaw))

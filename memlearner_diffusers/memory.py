@@ -23,6 +23,7 @@ from memlearner_core.camera import CameraEmbedding, frame_embedding_to_tokens
 from memlearner_core.checkpoint_io import load_query_weights
 from memlearner_core.context_tokens import (
     ContextSpec,
+    cell_positions,
     frame_token_counts,
     pooled_grid,
     pooled_query_positions,
@@ -34,6 +35,7 @@ from memlearner_core.memory_settings import check_memory_settings
 from memlearner_core.memory_tokens import MemoryTokens
 from memlearner_core.query_layers import ContextKV, query_memory_attention
 from memlearner_core.training.recipes import TrainableMemory
+from memlearner_core.view_rope import chunk_aligned
 
 from . import wan_host as wh
 
@@ -177,14 +179,22 @@ class MemoryAdapter:
         b, _, t, h, w = x.shape
         patch = wh.patch_size(tr)
         step = float(timestep.flatten()[0])
-        rope_p = wh.rope_for_latent(tr, x)
+        if getattr(q.camera, "view_rope_fov", None) is not None and q.chunk_poses is not None:
+            ph, pw = h // patch[1], w // patch[2]
+            ids_p = chunk_aligned(cell_positions(torch.arange(t), ph, pw, 1), q.chunk_poses, q.camera, q.chunk_poses,
+                                  pw)
+            rope_p = wh.rope_from_ids(tr, ids_p, x.device)
+        else:
+            rope_p = wh.rope_for_latent(tr, x)
         if q.query_pool == 1:  # one query token per predicted token, at the same positions
             noise, rope_q = query_noise(q.seed, x.shape, x.device, x.dtype, step), rope_p
         else:
             ph, pw = h // patch[1], w // patch[2]
             qh, qw = pooled_grid(ph, pw, q.query_pool)
             noise = query_noise(q.seed, (b, x.shape[1], t, qh * patch[1], qw * patch[2]), x.device, x.dtype, step)
-            rope_q = wh.rope_from_ids(tr, pooled_query_positions(t, ph, pw, q.query_pool), x.device)
+            ids_q = chunk_aligned(pooled_query_positions(t, ph, pw, q.query_pool), q.chunk_poses, q.camera,
+                                  q.chunk_poses, pw)
+            rope_q = wh.rope_from_ids(tr, ids_q, x.device)
         st.rope = wh.cat_rope(rope_q, rope_p)
         if q.context.segments:  # made here, outside any checkpointed block, so a recomputation finds them made
             self.history_tokens(x, q.cache_context and not torch.is_grad_enabled())
@@ -259,7 +269,8 @@ def history_tokens(transformer, q: QueryMemory, device, dtype):
             emb = q.camera(poses.to(device)).to(dtype)
             tok = tok + frame_embedding_to_tokens(emb, frame_token_counts(seg, patch)).unsqueeze(0)
         tokens.append(tok)
-        ids.append(segment_positions(seg, patch))
+        ids.append(chunk_aligned(segment_positions(seg, patch), seg.poses, q.camera, q.chunk_poses,
+                                 -(-seg.latent.shape[3] // patch[2])))
     rope = wh.rope_from_ids(transformer, torch.cat(ids, 0), device)
     temb_clean = wh.time_modulation(transformer, torch.zeros(1, device=device), dtype)
     return torch.cat(tokens, 1), rope, temb_clean

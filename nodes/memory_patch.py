@@ -26,6 +26,7 @@ from memlearner_core.attention import attention_with_memory
 from memlearner_core.camera import CameraEmbedding, frame_embedding_to_tokens
 from memlearner_core.context_tokens import (
     ContextSpec,
+    cell_positions,
     frame_token_counts,
     pooled_grid,
     pooled_query_positions,
@@ -36,6 +37,7 @@ from memlearner_core.memory_encoder import MemoryEncoder
 from memlearner_core.memory_tokens import MemoryTokens
 from memlearner_core.query_layers import ContextKV, query_memory_attention
 from memlearner_core.training.recipes import TrainableMemory
+from memlearner_core.view_rope import chunk_aligned
 
 from . import comfy_adapter as wa
 from . import memory_estimate
@@ -314,7 +316,8 @@ def context_tokens(dm, q: QueryMemory, device, dtype, transformer_options=None):
             emb = q.camera(poses.to(device)).to(dtype)
             tok = tok + frame_embedding_to_tokens(emb, frame_token_counts(seg, dm.patch_size)).unsqueeze(0)
         tokens.append(tok)
-        ids.append(segment_positions(seg, tuple(dm.patch_size)))
+        ids.append(chunk_aligned(segment_positions(seg, tuple(dm.patch_size)), seg.poses, q.camera, q.chunk_poses,
+                                 -(-seg.latent.shape[3] // dm.patch_size[2])))
     tokens = torch.cat(tokens, 1)
     freqs = wa.rope_from_ids(dm, torch.cat(ids, 0), device, dtype, transformer_options)
     e0_clean = wa.time_modulation(dm, torch.zeros(1, device=device), dtype)
@@ -374,7 +377,12 @@ def diffusion_model_wrapper(executor, x, timestep, context, clip_fea=None, time_
     ph, pw = xp.shape[-2] // dm.patch_size[1], xp.shape[-1] // dm.patch_size[2]
     groups = len(topts.get("cond_or_uncond", [])) or 1
     step = float(timestep.flatten()[0])
-    freqs_p = wa.rope_for_latent(dm, t, h, w, x.device, x.dtype, opts)
+    if getattr(query.camera, "view_rope_fov", None) is not None and query.chunk_poses is not None:
+        ids_p = chunk_aligned(cell_positions(torch.arange(t), ph, pw, 1), query.chunk_poses, query.camera,
+                              query.chunk_poses, pw)
+        freqs_p = wa.rope_from_ids(dm, ids_p, x.device, x.dtype, opts)
+    else:
+        freqs_p = wa.rope_for_latent(dm, t, h, w, x.device, x.dtype, opts)
     pool = query.query_pool
     if pool == 1:  # one query token per predicted token, at the same positions
         q_latent, freqs_q = run.query_noise(xp.shape, groups, x.device, x.dtype, step), freqs_p
@@ -384,7 +392,9 @@ def diffusion_model_wrapper(executor, x, timestep, context, clip_fea=None, time_
         shape = (b, xp.shape[1], t, qh * dm.patch_size[1], qw * dm.patch_size[2])
         q_latent, st.n_pad = tokens_as_frames(run.query_noise(shape, groups, x.device, x.dtype, step),
                                               tuple(dm.patch_size), (ph, pw))
-        freqs_q = wa.rope_from_ids(dm, pooled_query_positions(t, ph, pw, pool), x.device, x.dtype, opts)
+        ids_q = chunk_aligned(pooled_query_positions(t, ph, pw, pool), query.chunk_poses, query.camera,
+                              query.chunk_poses, pw)
+        freqs_q = wa.rope_from_ids(dm, ids_q, x.device, x.dtype, opts)
         freqs_q = torch.cat([freqs_q, freqs_q[:, :1].expand(-1, st.n_pad, *freqs_q.shape[2:])], 1)
         st.n_query = t * qh * qw
     camera = query.camera

@@ -96,10 +96,11 @@ def query_masks(nc, nq, npred, query_layer: bool):
 
 @torch.no_grad()
 def query_memory_reference(dm, x, t, txt, context_latent, context_freqs, q_noise, query_layers, q_freqs=None,
-                           camera=(0, 0, 0)):
+                           camera=(0, 0, 0), p_freqs=None):
     """MemLearner on ``[C; Q; P]`` with dense masks: C at t=0 and unchanged through the query layers, dropped
     after them; Q at P's positions (or ``q_freqs``) and timestep; only P reaches the head. ``camera``: per-token
-    camera vectors ``[N, C]`` added to the embedded C, Q and P tokens (0 for none)."""
+    camera vectors ``[N, C]`` added to the embedded C, Q and P tokens (0 for none). ``p_freqs``: P's RoPE tables
+    (default the regular grid)."""
     dm = on_cpu_float32(dm)
     grid = x.shape[2:]
     b = x.shape[0]
@@ -111,7 +112,7 @@ def query_memory_reference(dm, x, t, txt, context_latent, context_freqs, q_noise
     e, e0 = time_mod(dm, t)
     _, e0_clean = time_mod(dm, torch.zeros(1))
     ctx = dm.text_embedding(txt)
-    fp = dm.rope_encode(*grid, device=x.device, dtype=x.dtype)
+    fp = dm.rope_encode(*grid, device=x.device, dtype=x.dtype) if p_freqs is None else p_freqs
     fq = fp if q_freqs is None else q_freqs
     seq = torch.cat([c, qtok, p], 1)
     for i, block in enumerate(dm.blocks):

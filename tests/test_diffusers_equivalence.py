@@ -285,6 +285,23 @@ def test_camera_and_memory_together_agree_between_hosts(comfy, hosts, encoder, d
     assert rel_err(out_d, no_cam) > 1e-3
 
 
+@pytest.mark.parametrize("pool", [1, 2])
+def test_view_aligned_rope_agrees_between_hosts(hosts, tmp_path, pool):
+    """Version-3 weights on gapped, pooled history turned away from the chunk: both hosts place every frame alike,
+    and the positions change the output."""
+    from memlearner_core.revisit_world import yaw_path
+
+    camera, _, _ = load_camera(camera_file(tmp_path))
+    turned = CameraEmbedding(256, view_rope_fov=45.0)
+    turned.load_state_dict(camera.state_dict())
+    spec = gapped_spec(hosts[1], yaw_path([-60.0, -30.0, 15.0, 40.0]))
+    chunk_poses = yaw_path([20.0, 25.0, 50.0])
+    (out_d, out_c), = both_query_forwards(hosts, *queries(spec, camera=turned, chunk_poses=chunk_poses, pool=pool))
+    assert rel_err(out_d, out_c) < HOST_TOL
+    (stock, _), = both_query_forwards(hosts, *queries(spec, camera=camera, chunk_poses=chunk_poses, pool=pool))
+    assert rel_err(out_d, stock) > 1e-3
+
+
 def test_memories_stack_and_come_off(hosts, diffusers_encoder):
     tr, model = hosts
     x, t, txt = inputs()

@@ -358,6 +358,18 @@ def test_non_finite_non_float_or_misshaped_query_weights_are_refused(tmp_path, w
         load_query_weights(query_file(tmp_path / "q.safetensors", weight, bias))
 
 
+@pytest.mark.parametrize("meta, message", [
+    ({"version": "2", "view_rope_fov": "45.0"}, "view_rope_fov needs query-weights version 3, the file says '2'"),
+    ({"version": "3"}, "view_rope_fov must be degrees in \\(0, 360\\], got None"),
+    ({"version": "3", "view_rope_fov": "nan"}, "view_rope_fov must be degrees in .*got 'nan'"),
+    ({"version": "3", "view_rope_fov": "0"}, "view_rope_fov must be degrees in .*got '0'"),
+    ({"version": "3", "view_rope_fov": "720"}, "view_rope_fov must be degrees in .*got '720'"),
+])
+def test_a_wrong_or_missing_view_rope_field_of_view_is_refused(tmp_path, meta, message):
+    with pytest.raises(CheckpointError, match=f"q.safetensors: metadata memlearner.{message}"):
+        load_query_weights(query_file(tmp_path / "q.safetensors", **meta))
+
+
 # --- Errors of bounded size: ComfyUI stores a node's message and sends it to every client -------------------------
 
 HUGE = "x" * 10_000_000

@@ -255,6 +255,46 @@ def test_camera_goes_on_history_queries_and_video_as_the_weights_version_says(co
     assert rel_err(out, ref) < 1e-5
 
 
+def test_view_aligned_rope_places_each_frame_where_its_camera_looks(comfy, wan_model):
+    """Version-3 weights (``view_rope_fov`` 45): every frame of C, Q and P sits its yaw from the chunk's first camera
+    away, in columns of 45 / 4 degrees (P is 4 tokens wide); the reference builds those positions by hand."""
+    from memlearner_core.checkpoint_io import load_query_weights, save_query_weights
+    from memlearner_core.revisit_world import yaw_path
+    from memlearner_core.trajectory import trajectory_json
+
+    mp = host.pack("nodes.memory_patch")
+    folder = comfy.folder_paths.get_folder_paths("memlearner")[0]
+    cam = torch.nn.Linear(12, 256)
+    tiny_models.randomize(cam, 4)
+    save_query_weights(f"{folder}/view_rope.safetensors", {f"proj.{k}": v for k, v in cam.state_dict().items()}, 2,
+                       view_rope_fov=45.0)
+    assert load_query_weights(f"{folder}/view_rope.safetensors").view_rope_fov == 45.0
+    yaws = [0.0, 30.0, 10.0, 20.0, -15.0]  # 2 history frames, then the 3 being generated (the first at 10)
+    poses = yaw_path(yaws)
+    model = comfy.run("MemLearnerApplyQueryMemory", model=wan_model, context=history(2), query_layers=2,
+                      query_weights="view_rope.safetensors", camera_poses=trajectory_json(poses))[0]
+    x, t, txt = inputs(1)
+    out = model_forward(model, x, t, txt, run_seed=3)
+
+    def ids(frames, frame_yaws):
+        grid = torch.stack(torch.meshgrid(torch.tensor(frames, dtype=torch.float32), torch.arange(4.0),
+                                          torch.arange(4.0), indexing="ij"), -1)
+        grid[..., 2] += torch.tensor([(y - 10.0) / 11.25 for y in frame_yaws])[:, None, None]
+        return grid.reshape(-1, 3)
+
+    dm = wan_model.model.diffusion_model
+    rope = lambda i: dm.rope_embedder(i.unsqueeze(0)).movedim(1, 2)  # noqa: E731
+    with torch.no_grad():
+        per_token = cam(poses.reshape(5, 12)).repeat_interleave(16, 0)
+    ctx = in_model_space(wan_model, history(2)["samples"])[0]
+    q_noise = mp.RunState(3).query_noise(x.shape, 1, x.device, x.dtype, 600.0)
+    p_freqs = rope(ids([0, 1, 2], yaws[2:]))
+    ref = reference_wan.query_memory_reference(dm, x, t, txt, ctx, rope(ids([-2, -1], yaws[:2])), q_noise, 2,
+                                               camera=(per_token[:32], per_token[32:], per_token[32:]),
+                                               p_freqs=p_freqs)
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_query_weights_trained_with_other_layers_or_pool_are_refused(comfy, wan_model):
     from memlearner_core.camera import CameraEmbedding
     from memlearner_core.checkpoint_io import save_query_weights

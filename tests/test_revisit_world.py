@@ -218,3 +218,28 @@ def test_copy_nearest_is_exact_at_offset_0_and_falls_off_as_the_pose_moves():
         err = rw.squared_error(rw.copy_nearest_prediction(case), case)
         scores.append(rw.psnr(float(err.sum()), err.numel()))
     assert scores[0] == rw.PSNR_CAP and scores == sorted(scores, reverse=True) and scores[-1] < 0
+
+
+def test_new_viewpoint_trajectories_come_back_off_the_poses_of_the_way_out():
+    """``new_viewpoints``: over 50 paths, under 10% of frames look within half a degree of an earlier frame (by
+    chance); without it, over half do (the returns of a symmetric triangle wave land on the way out's poses)."""
+    def share_on_an_earlier_pose(new_viewpoints):
+        close = []
+        for seed in range(50):
+            poses = rw.random_trajectory(16, torch.Generator().manual_seed(seed), new_viewpoints=new_viewpoints)
+            d = poses[:, :, 2][:, [0, 2]].double()
+            angle = torch.rad2deg(torch.arccos((d @ d.T).clamp(-1, 1)))
+            close += [bool(angle[f, :f].min() < 0.5) for f in range(1, 16)]
+        return sum(close) / len(close)
+
+    assert share_on_an_earlier_pose(True) < 0.1 < 0.5 < share_on_an_earlier_pose(False)
+
+
+EXPECTED_YAWS_SEED_7 = [168.6559, 144.7397, 120.8235, 144.7397, 168.6559, -167.4279]  # before new_viewpoints existed
+
+
+def test_default_trajectories_are_those_of_the_committed_data():
+    """``new_viewpoints`` draws nothing when off: the training data of the committed figures stays the same."""
+    g = torch.Generator().manual_seed(7)
+    yaws = torch.rad2deg(torch.atan2(*rw.random_trajectory(6, g)[:, [0, 2], 2].T))
+    assert torch.allclose(yaws, torch.tensor(EXPECTED_YAWS_SEED_7), atol=1e-3)

@@ -259,6 +259,24 @@ def test_query_recipe_continues_from_a_query_file(comfy, tmp_path):
         th.QueryRecipe(fresh_wan(comfy), query_config(tmp_path, query_file=str(query_file), query_layers=3))
 
 
+def test_view_aligned_rope_is_trained_recorded_and_kept_when_continuing(comfy, tmp_path):
+    """A run with ``view_rope_fov`` writes version-3 query weights that record it; continuing them needs the same
+    field of view, while weights trained without it may start using it."""
+    th = host.pack("nodes.training_host")
+    cfg = query_config(tmp_path / "first", steps=2, view_rope_fov=45.0)
+    recipe = th.QueryRecipe(fresh_wan(comfy), cfg)
+    assert recipe.camera.view_rope_fov == 45.0
+    _, query_file = train(cfg, recipe, clip_items()).exported
+    assert load_query_weights(query_file).view_rope_fov == 45.0
+    with pytest.raises(ValueError, match="view_rope_fov = 45, but the config says 60: set view_rope_fov = 45"):
+        th.QueryRecipe(fresh_wan(comfy), query_config(tmp_path, query_file=str(query_file), view_rope_fov=60.0))
+    plain = query_config(tmp_path / "plain", steps=2)
+    _, plain_file = train(plain, th.QueryRecipe(fresh_wan(comfy), plain), clip_items()).exported
+    assert load_query_weights(plain_file).view_rope_fov is None
+    switched = th.QueryRecipe(fresh_wan(comfy), query_config(tmp_path, query_file=str(plain_file), view_rope_fov=45.0))
+    assert switched.camera.view_rope_fov == 45.0
+
+
 def test_encoder_trains_with_the_frozen_models_query_memory(comfy, models_dir, tmp_path, monkeypatch):
     th = host.pack("nodes.training_host")
     qcfg = query_config(tmp_path / "first", steps=2)

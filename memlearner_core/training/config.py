@@ -33,7 +33,7 @@ REQUIRED = ("recipe", "data_dir", "output_dir", "model_file")
 MINIMUM = {"steps": 1, "batch_size": 1, "weight_decay": 0.0, "checkpoint_every": 1, "keep_checkpoints": 1,
            "seed": 0, "query_layers": 0, "query_pool": 1, "predict_latent_frames": 1, "max_context_multiple": 0,
            "clip_frames": 5, "width": 16, "height": 16, "lora_rank": 0, "top_k_references": 1,
-           "warmup_steps": 0, "grad_clip": 0.0, "camera_init_std": 0.0, "reference_pool": 0,
+           "warmup_steps": 0, "grad_clip": 0.0, "camera_init_std": 0.0, "reference_pool": 0, "view_rope_fov": 0.0,
            "reference_clip_frames": 0, "reference_width": 0, "reference_height": 0, "encoder_window": 0}
 CHOICES = {"recipe": RECIPES, "mixed_precision": PRECISIONS, "data_format": DATA_FORMATS, "text": TEXT_SOURCES,
            "camera_init": CAMERA_INITS, "context_policies": CONTEXT_POLICIES, "host": HOSTS}
@@ -70,6 +70,9 @@ class TrainConfig:
     context_policies: tuple[str, ...] = CONTEXT_POLICIES
     camera_init: str = "zeros"  # camera MLP init: "zeros" (fine-tuning a pretrained Wan) or "normal" (from scratch)
     camera_init_std: float = 0.5  # the normal init's standard deviation
+    # query recipe: the clips' horizontal field of view in degrees, to place every frame's tokens by where its camera
+    # looks (view-aligned RoPE, memlearner_core/view_rope.py; recorded in the query weights); 0: stock positions
+    view_rope_fov: float = 0.0
     clip_frames: int = 81  # video frames per clip, 4k+1
     width: int = 832
     height: int = 480
@@ -191,6 +194,9 @@ def config_from_dict(data: dict, base: str | Path = ".") -> TrainConfig:
         raise ConfigError(f"'clip_frames' must be 4k+1 (Wan2.1's VAE maps 4k+1 frames to k+1 latent frames), "
                           f"got {cfg.clip_frames}; the nearest are {(cfg.clip_frames - 1) // 4 * 4 + 1} and "
                           f"{(cfg.clip_frames - 1) // 4 * 4 + 5}")
+    if cfg.view_rope_fov > 360:
+        raise ConfigError(f"'view_rope_fov' is the clips' horizontal field of view in degrees, at most 360 (0: off), "
+                          f"got {cfg.view_rope_fov:g}")
     for key in ("width", "height"):
         if getattr(cfg, key) % 16:
             raise ConfigError(f"'{key}' must be a multiple of 16 (8x VAE, 2x patch), got {getattr(cfg, key)}")
@@ -287,6 +293,7 @@ max_context_multiple = 9       # context length uniform in 0 .. 9 x P latent fra
 context_policies = ["all", "recent", "fov", "framepack"]   # how the context is picked, as Memory Rollout does
 camera_init = "zeros"          # "normal" when training a model from scratch
 camera_init_std = 0.5
+view_rope_fov = 0.0            # the clips' horizontal field of view (degrees): view-aligned RoPE; 0 = off
 
 # encoder recipe (DiT-Mem)
 top_k_references = 5           # reference videos per clip, by caption similarity (text = "none": same caption)

@@ -80,16 +80,24 @@ class QueryDraw:
 
 def camera_for(cfg: TrainConfig, dim: int, trainable: bool) -> CameraEmbedding:
     """The camera MLP: from ``cfg.query_file`` (refused in one line when fine-tuned with other query settings
-    than ``cfg``'s), else new: zeros, or normal with ``camera_init_std`` drawn from ``cfg.seed``."""
+    than ``cfg``'s), else new: zeros, or normal with ``camera_init_std`` drawn from ``cfg.seed``. Trained
+    (``trainable``), it takes ``cfg.view_rope_fov``; weights trained with view-aligned RoPE must be given the same
+    field of view, weights trained without it may start using it. Frozen (encoder recipe), it keeps what the
+    file records."""
     if cfg.query_file is not None:
         weights = load_query_weights(cfg.query_file)
         wrong = weights.mismatch(cfg.query_layers, cfg.query_pool)
+        if trainable and wrong is None and weights.view_rope_fov not in (None, cfg.view_rope_fov):
+            wrong = "view_rope_fov", f"{weights.view_rope_fov:g}", f"{cfg.view_rope_fov:g}"
         if wrong is not None:
             key, recorded, given = wrong
             raise ValueError(f"query_file {Path(cfg.query_file).name} was fine-tuned with {key} = {recorded}, "
                              f"but the config says {given}: set {key} = {recorded}")
-        return weights.camera_embedding().requires_grad_(trainable)
-    camera = CameraEmbedding(dim)
+        camera = weights.camera_embedding()
+        if trainable and cfg.view_rope_fov:  # weights trained without view-aligned RoPE may go on with it
+            camera.view_rope_fov = cfg.view_rope_fov
+        return camera.requires_grad_(trainable)
+    camera = CameraEmbedding(dim, view_rope_fov=cfg.view_rope_fov or None)
     if cfg.camera_init == "zeros":
         torch.nn.init.zeros_(camera.proj.weight)
     else:
@@ -226,7 +234,8 @@ class QueryRecipe(WanRecipe):
         if self.camera is None:
             return [wan]
         query = folder / QUERY_EXPORT
-        save_query_weights(query, self.camera.state_dict(), self.cfg.query_layers, self.cfg.query_pool)
+        save_query_weights(query, self.camera.state_dict(), self.cfg.query_layers, self.cfg.query_pool,
+                           self.camera.view_rope_fov)
         return [wan, query]
 
 
