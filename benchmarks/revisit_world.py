@@ -147,6 +147,14 @@ def boot(work: Path, shipped: bool = False):
     return nodes, server
 
 
+def check_training_seeds(clips: int) -> None:
+    """Training worlds are seeds ``TRAIN_SEED .. TRAIN_SEED + clips - 1``, held-out worlds ``EVAL_SEED`` on: refuse a
+    count that would reach them, so no evaluated world is ever trained on."""
+    if TRAIN_SEED + clips > EVAL_SEED:
+        raise SystemExit(f"--clips {clips}: training worlds would reach the held-out seeds ({EVAL_SEED} on); use at "
+                         f"most {EVAL_SEED - TRAIN_SEED} clips")
+
+
 def make_data(work: Path, clips: int, n_frames: int) -> None:
     """Training clips (LATENT samples + poses) and the shared random initial model: ``data/`` (returns to the poses
     of the way out) and ``data_new_viewpoints/`` (returns that miss them), from the same training seeds."""
@@ -154,6 +162,7 @@ def make_data(work: Path, clips: int, n_frames: int) -> None:
 
     from memlearner_host.tiny_models import tiny_wan
 
+    check_training_seeds(clips)
     _, server = boot(work)
     wa = server.pack("nodes.comfy_adapter")
     began = time.time()
@@ -377,24 +386,39 @@ def evaluate(work: Path, worlds: int, steps: int = STEPS) -> tuple[dict, dict, o
     return results, examples, ev.wa, info
 
 
-def offset_sweep(work: Path, worlds: int, steps: int = STEPS, offsets=rw.SWEEP_OFFSETS) -> dict:
-    """Revisit PSNR over the pose offset from the nearest history pose (``rw.offset_case``): per offset, on
-    ``worlds`` held-out worlds, the rules and every ``SWEEP_CONFIGURATIONS`` whose weights are present. The same
-    worlds and rollout seeds at every offset, so the curve compares like with like."""
+def sweep_cases(offsets=rw.SWEEP_OFFSETS, shifts=rw.SWEEP_SHIFTS, loop: bool = True) -> list[tuple[str, float]]:
+    """The sweep's revisits as ``(kind, value)``: ``yaw`` turned by ``value`` degrees from the history's poses,
+    ``position`` moved ``value`` units sideways from them, ``loop`` a full turn later ``value`` degrees off."""
+    return ([("yaw", o) for o in offsets] + [("position", s) for s in shifts]
+            + ([("loop", rw.LOOP_OFFSET)] if loop else []))
+
+
+def sweep_case(kind: str, value: float, seed: int) -> rw.RevisitCase:
+    if kind == "loop":
+        return rw.loop_case(seed, LATENT, LATENT)
+    return rw.offset_case(seed, value if kind == "yaw" else 0.0, LATENT, LATENT, value if kind == "position" else 0.0)
+
+
+def offset_sweep(work: Path, worlds: int, steps: int = STEPS, cases=None) -> dict:
+    """Revisit PSNR over the pose offset from the nearest history pose (``sweep_cases``: yaw offsets, sideways
+    shifts and a loop closure): per case, on ``worlds`` held-out worlds, the rules and every
+    ``SWEEP_CONFIGURATIONS`` whose weights are present. The same worlds and rollout seeds in every case, so the
+    curve compares like with like."""
     ev = Evaluator(work, steps)
     names = ev.available(SWEEP_CONFIGURATIONS)
     skipped = skipped_configurations(work, ev.sources, SWEEP_CONFIGURATIONS)
     for cname, why in skipped.items():
         print(f"[revisit] offset sweep: skipping {cname}: {why}", flush=True)
     rows, began = [], time.time()
-    for offset in offsets:
-        print(f"[revisit] offset sweep: {offset:g} degrees ({time.time() - began:.0f}s)", flush=True)
+    for kind, value in cases or sweep_cases():
+        print(f"[revisit] offset sweep: {kind} {value:g} ({time.time() - began:.0f}s)", flush=True)
         sums: dict = {}
         per_world: dict = {}
-        nearest = []
+        nearest, distance = [], []
         for wi in range(worlds):
-            case = rw.offset_case(EVAL_SEED + wi, offset, LATENT, LATENT)
+            case = sweep_case(kind, value, EVAL_SEED + wi)
             nearest.append(float(rw.nearest_history_offset(case).max()))
+            distance.append(float(rw.nearest_history_distance(case).max()))
             preds = rule_predictions(case)
             for cname in names:
                 preds[cname] = ev.predict(cname, case, wi)[0]
@@ -407,13 +431,25 @@ def offset_sweep(work: Path, worlds: int, steps: int = STEPS, offsets=rw.SWEEP_O
                 total[0] += err
                 total[1] += count
                 per_world.setdefault(cname, []).append(rw.psnr(err, count))
-        rows.append({"offset_deg": offset, "between_two_history_poses": offset == rw.BETWEEN_OFFSET,
+        rows.append({"kind": kind, "offset_deg": value if kind != "position" else 0.0,
+                     "shift": value if kind == "position" else 0.0,
+                     "between_two_history_poses": kind == "loop" or (kind == "yaw" and value == rw.BETWEEN_OFFSET),
                      "nearest_history_offset_deg": round(max(nearest), 3),
+                     "nearest_history_distance": round(max(distance), 3),
                      "revisit_pixels": sums["oracle"][1],
                      "revisit_psnr": {c: rw.psnr(*v) for c, v in sums.items()},
                      "per_world_revisit_psnr": per_world})
     return {"configurations": [*RULES, *names], "rows": rows, "seconds": round(time.time() - began, 1),
             "models": ev.sources, "skipped": skipped}
+
+
+def _sweep_label(row: dict) -> str:
+    kind = row.get("kind", "yaw")
+    if kind == "position":
+        return f"sideways {row['shift']:g}"
+    if kind == "loop":
+        return f"loop: a full turn later, {row['offset_deg']:g} deg off"
+    return f"yaw {row['offset_deg']:g}" + (" (between two history poses)" if row["between_two_history_poses"] else "")
 
 
 def write_sweep(out: Path, sweep: dict, meta: dict) -> None:
@@ -428,26 +464,29 @@ def write_sweep(out: Path, sweep: dict, meta: dict) -> None:
              f"{meta['date']}, commit {meta['commit']}, {meta['machine']}; {meta['worlds']} held-out worlds (seeds "
              f"{EVAL_SEED} to {EVAL_SEED + meta['worlds'] - 1}), {meta['steps']} euler steps, chunks of {CHUNK} "
              f"latent frames; {sweep['seconds']:.0f} s.", "",
-             f"Path (`offset_revisit_path`): 4 given frames at yaw {yaws} degrees (45 degrees apart, a view's width), "
-             "then 6 generated frames at the history's poses turned by the offset (135 - o, 90 + o, 90 - o, 45 + o, "
-             "45 - o, o); every generated pixel is a revisit. Revisit PSNR = 10 log10(1/MSE) in latent space over "
-             f"those pixels, pooled over the worlds, capped at {rw.PSNR_CAP:g} dB.", ""]
+             f"Paths: `offset_revisit_path`: 4 given frames at yaw {yaws} degrees (45 degrees apart, a view's width), "
+             "then 6 generated frames at the history's poses turned by the yaw offset o (135 - o, 90 + o, 90 - o, "
+             "45 + o, 45 - o, o), or at those poses moved sideways (along the camera's x axis) by the shift, in world "
+             "units (the world is a cylinder of radius 8); `loop_revisit_path`: 12 given frames turn a full circle in "
+             f"{rw.LOOP_STEP:g}-degree steps, then 6 generated frames come round again {rw.LOOP_OFFSET:g} degrees off "
+             "(midway between two history poses). Revisit PSNR = 10 log10(1/MSE) in latent space over the generated "
+             f"pixels whose place the history saw, pooled over the worlds, capped at {rw.PSNR_CAP:g} dB.", ""]
     lines += _model_lines(meta | sweep)
-    lines += ["| offset (deg) | nearest history pose (deg) | revisit pixels | " + " | ".join(names) + " |",
-              "|---" * (len(names) + 3) + "|"]
+    lines += ["| revisit | nearest history pose (deg) | nearest history camera (units) | revisit pixels | "
+              + " | ".join(names) + " |", "|---" * (len(names) + 4) + "|"]
     for row in sweep["rows"]:
-        what = f"{row['offset_deg']:g}" + (" (between two history poses)" if row["between_two_history_poses"] else "")
         cells = ["-" if row["revisit_psnr"][n] is None else f"{row['revisit_psnr'][n]:g}" for n in names]
-        lines.append(f"| {what} | {row['nearest_history_offset_deg']:g} | {row['revisit_pixels']} | "
-                     + " | ".join(cells) + " |")
-    lines += ["", "Per world (the same worlds and rollout seeds at every offset): revisit PSNR median [min, max]:", "",
-              "| offset (deg) | " + " | ".join(names[1:]) + " |", "|---" * len(names) + "|"]
+        lines.append(f"| {_sweep_label(row)} | {row['nearest_history_offset_deg']:g} | "
+                     f"{row.get('nearest_history_distance', 0.0):g} | {row['revisit_pixels']} | " + " | ".join(cells)
+                     + " |")
+    lines += ["", "Per world (the same worlds and rollout seeds in every case): revisit PSNR median [min, max]:", "",
+              "| revisit | " + " | ".join(names[1:]) + " |", "|---" * len(names) + "|"]
     for row in sweep["rows"]:
         cells = []
         for n in names[1:]:
             v = [x for x in row["per_world_revisit_psnr"].get(n, []) if x is not None]
             cells.append(f"{statistics.median(v):g} [{min(v):g}, {max(v):g}]" if v else "-")
-        lines.append(f"| {row['offset_deg']:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_sweep_label(row)} | " + " | ".join(cells) + " |")
     lines += ["", "Configurations: " + "; ".join(f"`{n}`: {SWEEP_WHAT[n]}" for n in names if n in SWEEP_WHAT) + ".",
               "", f"Plot: {plot}."]
     (out / "offset_sweep.md").write_text("\n".join(lines) + "\n")
@@ -461,6 +500,11 @@ SWEEP_WHAT = {
     "query_no_context": "query model's weights, query layers off (no context)",
     "no_memory": "plain model trained alike",
     "all_10k": "query run resumed to 10,000 steps, all history",
+    "all_new_viewpoints": "all_10k fine-tuned 3,000 steps on new-viewpoint returns, camera as before, all history",
+    "all_view_rope": "all_10k fine-tuned 3,000 steps on new-viewpoint returns with view-aligned RoPE, all history",
+    "view_rope_no_context": "all_view_rope's weights, query layers off (no context)",
+    "all_view_rope_scratch": "query run's recipe from scratch (5,000 steps) on new-viewpoint returns with "
+                             "view-aligned RoPE, all history",
 }
 
 
@@ -474,22 +518,28 @@ def _sweep_plot(out: Path, sweep: dict) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [r["offset_deg"] for r in sweep["rows"]]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = ["-o", "--s", "-.^", ":v", "-D", "--x"]
-    for i, name in enumerate(sweep["configurations"]):
-        ys = [r["revisit_psnr"][name] for r in sweep["rows"]]
-        ys = [float("nan") if y is None else y for y in ys]
-        if name == "oracle":
-            ax.plot(xs, ys, color="grey", ls="--", lw=1, label="oracle (the cap)")
-        else:
-            ax.plot(xs, ys, styles[i % len(styles)], label=name, markersize=5)
-    if rw.BETWEEN_OFFSET in xs:
+    yaw = [r for r in sweep["rows"] if r.get("kind", "yaw") == "yaw"]
+    sideways = [r for r in sweep["rows"] if r.get("kind") == "position"]
+    fig, axes = plt.subplots(1, 2 if sideways else 1, figsize=(11 if sideways else 7, 4.5), squeeze=False)
+    styles = ["-o", "--s", "-.^", ":v", "-D", "--x", "-P", ":*", "-.h"]
+    panels = [(axes[0, 0], yaw, "offset_deg", "yaw offset of the revisit from the nearest history pose (degrees)")]
+    if sideways:
+        panels.append((axes[0, 1], sideways, "shift", "sideways shift of the revisit from the history's poses (units)"))
+    for ax, rows, key, label in panels:
+        xs = [r[key] for r in rows]
+        for i, name in enumerate(sweep["configurations"]):
+            ys = [float("nan") if r["revisit_psnr"][name] is None else r["revisit_psnr"][name] for r in rows]
+            if name == "oracle":
+                ax.plot(xs, ys, color="grey", ls="--", lw=1, label="oracle (the cap)")
+            else:
+                ax.plot(xs, ys, styles[i % len(styles)], label=name, markersize=5)
+        ax.set_xlabel(label)
+        ax.set_ylabel("revisit PSNR (dB, latent space)")
+    ax = axes[0, 0]
+    if rw.BETWEEN_OFFSET in [r["offset_deg"] for r in yaw]:
         ax.axvline(rw.BETWEEN_OFFSET, color="grey", lw=0.8, ls=":")
         ax.annotate("between two\nhistory poses", (rw.BETWEEN_OFFSET, 0.5), xycoords=("data", "axes fraction"),
                     ha="right", va="center", fontsize=8, color="grey")
-    ax.set_xlabel("yaw offset of the revisit from the nearest history pose (degrees)")
-    ax.set_ylabel("revisit PSNR (dB, latent space)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "offset_sweep.png", dpi=100)

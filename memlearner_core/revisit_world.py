@@ -438,10 +438,15 @@ BETWEEN_OFFSET = 22.5  # midway between two history poses: the farthest any revi
 SWEEP_OFFSETS = (0.0, 2.0, 4.0, 8.0, 13.0, 20.0, BETWEEN_OFFSET)
 
 
-def offset_revisit_path(offset: float) -> tuple[torch.Tensor, int]:
+SWEEP_SHIFTS = (0.5, 1.0, 2.0)  # world units sideways (the cylinder's radius is 8): the position offsets
+LOOP_STEP, LOOP_OFFSET = 30.0, 15.0  # the loop: a full turn in 30-degree steps, then back 15 degrees off
+
+
+def offset_revisit_path(offset: float, shift: float = 0.0) -> tuple[torch.Tensor, int]:
     """The offset sweep's path: 4 given frames pan 0 -> 135 degrees in 45-degree steps (``OFFSET_HISTORY_YAWS``,
     columns -4 .. 28 of a 64-column panorama seen once each), then 6 generated frames come back to the history's
-    poses turned by ``offset`` degrees (0 <= offset <= 22.5): 135 - o, 90 + o, 90 - o, 45 + o, 45 - o, o. Every
+    poses turned by ``offset`` degrees (0 <= offset <= 22.5): 135 - o, 90 + o, 90 - o, 45 + o, 45 - o, o, and moved
+    ``shift`` units sideways (along each camera's x axis: parallax, which no rotation explains). With no shift every
     generated frame is ``offset`` degrees from its nearest history pose and, at 8 x 8 and zoom 1, sees only places
     the history saw (straddling two history frames once offset > 0). Returns the poses ``[10, 3, 4]`` and the
     number of given frames (4)."""
@@ -450,13 +455,31 @@ def offset_revisit_path(offset: float) -> tuple[torch.Tensor, int]:
                          f" got {offset}")
     a, b, c, d = OFFSET_HISTORY_YAWS
     later = [d - offset, c + offset, c - offset, b + offset, b - offset, a + offset]
-    return yaw_path([*OFFSET_HISTORY_YAWS, *later]), len(OFFSET_HISTORY_YAWS)
+    moved = [pose_from_position([shift * math.cos(math.radians(y)), 0.0, -shift * math.sin(math.radians(y))], y)
+             for y in later]
+    return torch.cat([yaw_path(list(OFFSET_HISTORY_YAWS)), torch.stack(moved)]), len(OFFSET_HISTORY_YAWS)
 
 
-def offset_case(seed: int, offset: float, h: int = 8, w: int = 8) -> RevisitCase:
+def loop_revisit_path() -> tuple[torch.Tensor, int]:
+    """A loop closure: 12 given frames turn a full circle in ``LOOP_STEP`` (30) degree steps (0 .. 330), then 6
+    generated frames come round again ``LOOP_OFFSET`` (15) degrees off the first turn's poses (375 .. 525, so 15 ..
+    165): each midway between two history poses, 360 degrees after them. Returns the poses ``[18, 3, 4]`` and the
+    number of given frames (12)."""
+    given = [i * LOOP_STEP for i in range(int(360 / LOOP_STEP))]
+    later = [360 + LOOP_OFFSET + i * LOOP_STEP for i in range(6)]
+    return yaw_path(given + later), len(given)
+
+
+def offset_case(seed: int, offset: float, h: int = 8, w: int = 8, shift: float = 0.0) -> RevisitCase:
     """The offset sweep's case (``offset_revisit_path``) through the world of ``seed`` (path ``offset_sweep``)."""
-    poses, history = offset_revisit_path(offset)
+    poses, history = offset_revisit_path(offset, shift)
     return revisit_case("offset_sweep", make_world(seed), poses, history, h, w)
+
+
+def loop_case(seed: int, h: int = 8, w: int = 8) -> RevisitCase:
+    """The loop closure (``loop_revisit_path``) through the world of ``seed`` (path ``loop``)."""
+    poses, history = loop_revisit_path()
+    return revisit_case("loop", make_world(seed), poses, history, h, w)
 
 
 def nearest_history_offset(case: RevisitCase) -> torch.Tensor:
@@ -465,6 +488,12 @@ def nearest_history_offset(case: RevisitCase) -> torch.Tensor:
     d = F.normalize(case.poses[:, :, 2].double(), dim=-1)
     cos = (d[case.history:] @ d[:case.history].T).clamp(-1.0, 1.0)
     return torch.rad2deg(torch.arccos(cos)).amin(1)
+
+
+def nearest_history_distance(case: RevisitCase) -> torch.Tensor:
+    """``[T - history]``: world units between each generated frame's camera and the nearest history camera."""
+    p = case.poses[:, :, 3].double()
+    return torch.cdist(p[case.history:], p[:case.history]).amin(1)
 
 
 def oracle_prediction(case: RevisitCase) -> torch.Tensor:

@@ -145,11 +145,20 @@ def test_revisit_targets_without_their_configurations_are_not_measured():
     assert "train-longer" in revisit.skipped_configurations(Path("/w"), {"query": "shipped: x"})["all_10k"]
 
 
+def test_training_worlds_never_reach_the_held_out_seeds():
+    revisit.check_training_seeds(revisit.EVAL_SEED - revisit.TRAIN_SEED)
+    with pytest.raises(SystemExit, match="would reach the held-out seeds"):
+        revisit.check_training_seeds(revisit.EVAL_SEED - revisit.TRAIN_SEED + 1)
+
+
 def sweep_doc():
     names = ["oracle", "copy_nearest", "all"]
-    rows = [{"offset_deg": o, "between_two_history_poses": o == 22.5, "nearest_history_offset_deg": o,
-             "revisit_pixels": 384, "revisit_psnr": {"oracle": 40.0, "copy_nearest": 40.0 - o, "all": None},
+    rows = [{"kind": "yaw", "offset_deg": o, "shift": 0.0, "between_two_history_poses": o == 22.5,
+             "nearest_history_offset_deg": o, "nearest_history_distance": 0.0, "revisit_pixels": 384,
+             "revisit_psnr": {"oracle": 40.0, "copy_nearest": 40.0 - o, "all": None},
              "per_world_revisit_psnr": {}} for o in (0.0, 8.0, 22.5)]
+    rows.append({**rows[0], "kind": "position", "offset_deg": 0.0, "shift": 1.0, "nearest_history_distance": 1.0})
+    rows.append({**rows[0], "kind": "loop", "offset_deg": 15.0, "between_two_history_poses": True})
     return {"configurations": names, "rows": rows, "seconds": 1.0, "models": {"query": "shipped: the toy model"},
             "skipped": {"no_memory": "weights not present; train them with: python benchmarks/revisit_world.py x"}}
 
@@ -160,8 +169,9 @@ def test_the_offset_sweep_writes_its_table_json_and_plot(tmp_path):
     doc = json.loads((tmp_path / "offset_sweep.json").read_text())
     assert doc["command"] == "python benchmarks/revisit_world.py offset-sweep" and doc["plot"] == "offset_sweep.png"
     md = (tmp_path / "offset_sweep.md").read_text()
-    assert "| 22.5 (between two history poses) | 22.5 | 384 | 40 | 17.5 | - |" in md
+    assert "| yaw 22.5 (between two history poses) | 22.5 | 0 | 384 | 40 | 17.5 | - |" in md
     assert "cores" in md and "`no_memory`: weights not present" in md
+    assert "| sideways 1 | 0 | 1 | 384 |" in md and "| loop: a full turn later, 15 deg off |" in md
     assert (tmp_path / "offset_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -211,6 +211,22 @@ def test_copy_nearest_copies_the_history_frame_of_highest_view_overlap_unshifted
     assert torch.equal(rw.copy_nearest_prediction(walled), walled.truth[:, [11, 10, 9, 8]])  # the newest: walled
 
 
+def test_the_sideways_sweep_moves_the_cameras_and_keeps_their_directions():
+    for shift in rw.SWEEP_SHIFTS:
+        case = rw.offset_case(10_000_002, 0.0, shift=shift)
+        assert torch.allclose(rw.nearest_history_distance(case), torch.full((6,), shift, dtype=torch.float64))
+        assert rw.nearest_history_offset(case).max() < 1e-3
+        assert case.labels["revisit"].float().mean() > 0.9  # parallax leaves a sliver the history did not see
+
+
+def test_the_loop_comes_round_a_full_turn_later_midway_between_history_poses():
+    case = rw.loop_case(10_000_002)
+    assert case.history == 12 and case.generated_frames == 6
+    gap = rw.nearest_history_offset(case)
+    assert torch.allclose(gap, torch.full_like(gap, rw.LOOP_OFFSET), atol=1e-3)
+    assert bool(case.labels["revisit"].all())  # a full turn saw every place
+
+
 def test_copy_nearest_is_exact_at_offset_0_and_falls_off_as_the_pose_moves():
     scores = []
     for offset in (0.0, 2.0, 8.0, 20.0):
