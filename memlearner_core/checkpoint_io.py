@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from .bounded_text import bounded, listed, shown
 from .camera import CameraEmbedding
 from .memory_encoder import KNOWN_LATENT_SHAPES, EncoderConfig, MemoryEncoder, cnn_output_shape
+from .model_family import DEFAULT_FAMILY, FAMILIES
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl"}
 ENCODER_PREFIXES = ("pipe.dit_mem.", "dit_mem.")
@@ -191,6 +192,7 @@ def save_memory_encoder(enc: MemoryEncoder, path: str | os.PathLike, prefix: str
 #   metadata  memlearner.format = "query-memory", memlearner.version = "2",
 #             memlearner.query_layers = "<K the model was fine-tuned with>",
 #             memlearner.query_pool = "<query pool it was fine-tuned with>"  (version 2)
+#             memlearner.model_family = "wan2.1" or "wan2.2-ti2v-5b"  (any version; absent: "wan2.1")
 #   tensors   camera.proj.weight [dim, 12], camera.proj.bias [dim]
 # Version 1 (camera MLP on the history C and the predicted tokens P) still loads; version 2 also adds it to the
 # query tokens Q, as the published method does; version 3 is version 2 with view-aligned RoPE
@@ -211,11 +213,15 @@ class QueryWeights:
     query_pool: int | None  # None: not recorded (version 1)
     camera_on_query: bool
     view_rope_fov: float | None = None  # degrees; None: stock positions (versions 1 and 2)
+    model_family: str = DEFAULT_FAMILY  # the Wan family fine-tuned (``model_family.FAMILIES``)
 
-    def mismatch(self, query_layers: int | None, query_pool: int | None) -> tuple[str, int, int] | None:
-        """The first of ``query_layers``, ``query_pool`` (None: not checked) that differs from what these weights
-        were fine-tuned with, as ``(key, recorded, given)``; None when they agree. Version 1 records no pool."""
-        for key, given in (("query_layers", query_layers), ("query_pool", query_pool)):
+    def mismatch(self, query_layers: int | None, query_pool: int | None,
+                 model_family: str | None = None) -> tuple[str, int | str, int | str] | None:
+        """The first of ``model_family``, ``query_layers``, ``query_pool`` (None: not checked) that differs from
+        what these weights were fine-tuned with, as ``(key, recorded, given)``; None when they agree. Version 1
+        records no pool."""
+        checks = (("model_family", model_family), ("query_layers", query_layers), ("query_pool", query_pool))
+        for key, given in checks:
             recorded = getattr(self, key)
             if given is not None and recorded is not None and recorded != given:
                 return key, recorded, given
@@ -230,10 +236,11 @@ class QueryWeights:
 
 
 def save_query_weights(path, camera_state: dict[str, torch.Tensor], query_layers: int, query_pool: int = 1,
-                       view_rope_fov: float | None = None) -> None:
+                       view_rope_fov: float | None = None, model_family: str = DEFAULT_FAMILY) -> None:
     sd = {f"camera.{k}": v.detach().contiguous().cpu() for k, v in camera_state.items()}
     meta = {"memlearner.format": QUERY_FORMAT, "memlearner.version": QUERY_VERSION,
-            "memlearner.query_layers": str(query_layers), "memlearner.query_pool": str(query_pool)}
+            "memlearner.query_layers": str(query_layers), "memlearner.query_pool": str(query_pool),
+            "memlearner.model_family": model_family}
     if view_rope_fov is not None:
         meta |= {"memlearner.version": VIEW_ROPE_VERSION, "memlearner.view_rope_fov": repr(float(view_rope_fov))}
     save_file(sd, str(path), metadata=meta)
@@ -263,8 +270,12 @@ def load_query_weights(path) -> QueryWeights:
         if raw is not None and not (raw.isascii() and raw.isdigit() and int(raw) >= 1):
             raise CheckpointError(f"{name}: metadata memlearner.{key} must be a whole number >= 1, got {shown(raw)}")
         numbers[key] = None if raw is None else int(raw)
+    family = meta.get("memlearner.model_family", DEFAULT_FAMILY)
+    if family not in FAMILIES:
+        raise CheckpointError(f"{name}: metadata memlearner.model_family {shown(family)} is not a model family this "
+                              f"pack knows ({', '.join(FAMILIES)}); update the pack")
     return QueryWeights(camera, numbers["query_layers"], numbers["query_pool"], camera_on_query=version != "1",
-                        view_rope_fov=view_rope_fov(meta, version, name))
+                        view_rope_fov=view_rope_fov(meta, version, name), model_family=family)
 
 
 def view_rope_fov(meta: dict[str, str], version: str, name: str) -> float | None:

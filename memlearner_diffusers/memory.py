@@ -33,6 +33,7 @@ from memlearner_core.context_tokens import (
 from memlearner_core.memory_encoder import MemoryEncoder
 from memlearner_core.memory_settings import check_memory_settings
 from memlearner_core.memory_tokens import MemoryTokens
+from memlearner_core.model_family import WAN21
 from memlearner_core.query_layers import ContextKV, query_memory_attention
 from memlearner_core.training.recipes import TrainableMemory
 from memlearner_core.view_rope import chunk_aligned
@@ -109,7 +110,7 @@ def load_camera(path, query_layers: int | None = None, query_pool: int | None = 
     """The camera MLP of a query-weights file, with the ``query_layers`` and ``query_pool`` it was fine-tuned
     with. Given values that differ from the file's are refused: the model would run untrained."""
     weights = load_query_weights(path)
-    wrong = weights.mismatch(query_layers, query_pool)
+    wrong = weights.mismatch(query_layers, query_pool, WAN21.name)  # this host runs Wan2.1
     if wrong is not None:
         key, recorded, given = wrong
         raise ValueError(f"{path} was fine-tuned with {key} = {recorded}, not {given}")

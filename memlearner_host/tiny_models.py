@@ -16,10 +16,12 @@ from safetensors.torch import save_file
 
 TINY_WAN = dict(model_type="t2v", dim=256, ffn_dim=512, num_heads=2, num_layers=4, in_dim=16, out_dim=16,
                 text_dim=4096, freq_dim=256, text_len=512)
+TINY_WAN22_5B = {**TINY_WAN, "in_dim": 48, "out_dim": 48}  # Wan2.2 TI2V-5B's shape: 48 latent channels in and out
 TINY_VAE_DIM = 16
 TINY_ENCODER = dict(hidden_channels=(32, 48), width=256, latent_shape=(13, 16, 16), tokens_per_video=100, heads=8)
 
 WAN_FILE = "tiny_wan21_t2v.safetensors"
+WAN22_5B_FILE = "tiny_wan22_ti2v_5b.safetensors"  # ComfyUI detects it as WAN22_T2V (model_base.WAN22, Wan22 latents)
 VAE_FILE = "tiny_wan21_vae.safetensors"
 ENCODER_FILE = "tiny_dit_mem.safetensors"
 TINY_NODES = Path(__file__).resolve().parent / "comfy_nodes"  # custom-node folder: random text conditioning
@@ -51,6 +53,16 @@ def tiny_wan(seed: int = 0):
     return model
 
 
+def tiny_wan22_5b(seed: int = 5):
+    """A tiny Wan2.2 TI2V-5B-shaped DiT: ComfyUI's own WanModel with 48 latent channels."""
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    model = comfy.ldm.wan.model.WanModel(**TINY_WAN22_5B, operations=comfy.ops.disable_weight_init)
+    randomize(model, seed)
+    return model
+
+
 def tiny_vae(seed: int = 1):
     import comfy.ldm.wan.vae
 
@@ -78,6 +90,7 @@ def model_paths(models_dir: Path) -> dict[str, Path]:
     """Where the tiny checkpoints go in a ComfyUI-style models folder."""
     return {
         "wan": models_dir / "diffusion_models" / WAN_FILE,
+        "wan22_5b": models_dir / "diffusion_models" / WAN22_5B_FILE,
         "vae": models_dir / "vae" / VAE_FILE,
         "encoder": models_dir / "memory_encoders" / ENCODER_FILE,
     }
@@ -91,6 +104,7 @@ def write_models(models_dir: Path) -> dict[str, Path]:
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tiny_wan().state_dict().items()}, str(paths["wan"]))
+    save_file({k: v.contiguous() for k, v in tiny_wan22_5b().state_dict().items()}, str(paths["wan22_5b"]))
     save_file({k: v.contiguous() for k, v in tiny_vae().state_dict().items()}, str(paths["vae"]))
     save_memory_encoder(tiny_encoder(), paths["encoder"])
     for folder in ("memlearner", "loras"):

@@ -20,6 +20,7 @@ from comfy.ldm.flux.math import apply_rope1
 from comfy_api.latest import io
 
 from memlearner_core.attention import MemoryKV
+from memlearner_core.model_family import SUPPORTED, WAN21, WAN22_TI2V_5B, WanFamily
 from memlearner_core.query_layers import ContextKV
 
 
@@ -64,26 +65,49 @@ def combo_input(id: str, options: list, **kwargs) -> io.Combo.Input:
 
 
 class UnsupportedModel(ValueError):
-    """The MODEL is not a Wan2.1 text-to-video model this pack can patch."""
+    """The MODEL is not a Wan model of a family this pack can patch (``model_family.SUPPORTED``)."""
 
 
-def wan21_model(model_patcher) -> wan.WanModel:
-    """The Wan2.1 diffusion model inside a ComfyUI MODEL, or ``UnsupportedModel`` saying what it is instead."""
+# ComfyUI's model class and latent channels of each family's text-to-video DiT (input channels = latent channels,
+# patch 1x2x2): Wan2.2 T2V-A14B's experts are Wan2.1-14B shaped, so they are WAN21.
+_FAMILIES = {("WAN21", 16): WAN21, ("WAN22", 48): WAN22_TI2V_5B}
+# ComfyUI's Wan subclasses, none of which this pack can patch (extra inputs inside their blocks)
+_VARIANTS = {"VaceWanModel": "VACE", "CameraWanModel": "Fun Camera", "WanModel_S2V": "S2V (sound-to-video)",
+             "AnimateWanModel": "Animate", "HumoWanModel": "HuMo"}
+
+
+def wan_family(model_patcher) -> WanFamily:
+    """The family of the Wan model inside a ComfyUI MODEL, or ``UnsupportedModel`` in one line naming what the
+    MODEL is and what is supported."""
     base = getattr(model_patcher, "model", None)
     dm = getattr(base, "diffusion_model", None)
     name = type(base).__name__ if base is not None else type(model_patcher).__name__
-    if type(dm) is not wan.WanModel:
-        raise UnsupportedModel(
-            f"this node needs a Wan2.1 model (ComfyUI's WanModel), but the MODEL is {name} "
-            f"with diffusion model {type(dm).__name__}")
-    if type(base).__name__ != "WAN21" or dm.in_dim != 16 or dm.out_dim != 16 or tuple(dm.patch_size) != (1, 2, 2):
-        raise UnsupportedModel(
-            f"this node needs a Wan2.1 text-to-video model (16 latent channels, patch 1x2x2); got {name} with "
-            f"{dm.in_dim} input channels and patch {tuple(dm.patch_size)} (Wan2.2 5B and image-to-video "
-            f"variants are not supported)")
-    if dm.model_type != "t2v":
-        raise UnsupportedModel("image-to-video Wan2.1 models are not supported yet; use a text-to-video model")
-    return dm
+    if not isinstance(dm, wan.WanModel):
+        found = f"{name} with diffusion model {type(dm).__name__}, not ComfyUI's WanModel"
+    elif type(dm) is not wan.WanModel:
+        found = f"a Wan {_VARIANTS.get(type(dm).__name__, type(dm).__name__)} model ({name}, {type(dm).__name__})"
+    elif dm.model_type != "t2v" or dm.in_dim != dm.out_dim:
+        found = (f"an image-to-video, Fun or control model ({name}, model_type {dm.model_type}, {dm.in_dim} input "
+                 f"channels for {dm.out_dim} latent channels: image or control channels concatenated)")
+    else:
+        family = _FAMILIES.get((type(base).__name__, dm.out_dim)) if tuple(dm.patch_size) == (1, 2, 2) else None
+        if family is not None:
+            return family
+        found = f"{name} with {dm.out_dim} latent channels and patch {tuple(dm.patch_size)}"
+    raise UnsupportedModel(f"this node needs a Wan model of a supported family ({SUPPORTED}); the MODEL is {found}")
+
+
+def wan_model(model_patcher) -> wan.WanModel:
+    """The Wan diffusion model inside a ComfyUI MODEL of a supported family (else ``UnsupportedModel``)."""
+    wan_family(model_patcher)
+    return model_patcher.model.diffusion_model
+
+
+def model_latent_in(model_patcher, latent: torch.Tensor) -> torch.Tensor:
+    """LATENT samples ``[..., C, T, H, W]`` -> the MODEL's own normalized latent space (its latent format, as the
+    sampler converts a LATENT before denoising)."""
+    flat = latent.reshape(-1, *latent.shape[-4:])
+    return model_patcher.model.process_latent_in(flat).reshape(latent.shape)
 
 
 def block_modulation(block, e0: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -266,7 +290,7 @@ def forward_with_positions(executor, x: torch.Tensor, timestep, context, freqs: 
                            transformer_options: dict, clip_fea=None, **kwargs) -> torch.Tensor:
     """The rest of a DIFFUSION_MODEL wrapper chain (``executor``: the wrappers installed after this one still run),
     ending in ``WanModel._forward`` with the RoPE tables given: stock ``forward_orig`` (embedding, every block,
-    head, unpatchify) on a patch-padded latent ``x [B, 16, T, H, W]``. Re-implemented because the host offers no
+    head, unpatchify) on a patch-padded latent ``x [B, C, T, H, W]``. Re-implemented because the host offers no
     hook for positions: ``_forward`` always builds a regular grid, and query tokens sit at the video's positions."""
     import comfy.patcher_extension
 

@@ -35,6 +35,7 @@ from memlearner_core.context_tokens import (
 )
 from memlearner_core.memory_encoder import MemoryEncoder
 from memlearner_core.memory_tokens import MemoryTokens
+from memlearner_core.model_family import WanFamily
 from memlearner_core.query_layers import ContextKV, query_memory_attention
 from memlearner_core.training.recipes import TrainableMemory
 from memlearner_core.view_rope import chunk_aligned
@@ -91,9 +92,11 @@ class ReferenceMemory:
         return [self.encoder]
 
 
-def context_in_model_space(spec: ContextSpec) -> ContextSpec:
-    """History as handed out by samplers and VAE Encode -> the normalized space of the latent being denoised."""
-    return ContextSpec([replace(seg, latent=wa.wan21_latent_in(seg.latent.float())) for seg in spec.segments])
+def context_in_model_space(spec: ContextSpec, model=None) -> ContextSpec:
+    """History as handed out by samplers and VAE Encode -> the normalized space of the latent ``model`` (a MODEL)
+    denoises, by its own latent format (None: Wan2.1's)."""
+    to_model = wa.wan21_latent_in if model is None else lambda z: wa.model_latent_in(model, z)
+    return ContextSpec([replace(seg, latent=to_model(seg.latent.float())) for seg in spec.segments])
 
 
 @dataclass
@@ -165,9 +168,10 @@ class ForwardState:
     _seen: tuple = (None, 0)  # (block index, attention calls seen in it)
 
     def e0(self) -> torch.Tensor:
-        """The step's time modulation ``[B, 1, 6, dim]``, as ``forward_orig`` hands it to the blocks."""
+        """The step's time modulation ``[B, 1, 6, dim]`` at its noise level (per-frame timesteps ``[B, T]``: their
+        largest, a clean first frame's 0 aside), for the reference-memory tokens."""
         if self._e0 is None:
-            self._e0 = wa.time_modulation(self.dm, self.timestep, self.dtype)
+            self._e0 = wa.time_modulation(self.dm, noise_level(self.timestep), self.dtype)
         return self._e0
 
     def self_attention_block(self, transformer_options: dict) -> int | None:
@@ -341,6 +345,12 @@ def tokens_as_frames(latent: torch.Tensor, patch: tuple, grid_hw: tuple[int, int
     return out, f * gh * gw - n
 
 
+def noise_level(timestep: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the step's timestep, or for per-frame timesteps ``[B, T]`` (Wan2.2 with a denoise mask: 0 for a
+    given frame) the noisy frames' one, their largest."""
+    return timestep.amax(1) if timestep.ndim == 2 else timestep
+
+
 def diffusion_model_wrapper(executor, x, timestep, context, clip_fea=None, time_dim_concat=None,
                             transformer_options=None, **kwargs):
     """DIFFUSION_MODEL wrapper: one forward of the stock Wan with the memory read through the attention override."""
@@ -376,7 +386,8 @@ def diffusion_model_wrapper(executor, x, timestep, context, clip_fea=None, time_
     xp = wa.pad_latent(dm, x)
     ph, pw = xp.shape[-2] // dm.patch_size[1], xp.shape[-1] // dm.patch_size[2]
     groups = len(topts.get("cond_or_uncond", [])) or 1
-    step = float(timestep.flatten()[0])
+    t_query = noise_level(timestep)  # Q shares the noisy frames' timestep, as in training
+    step = float(t_query.flatten()[0])
     if getattr(query.camera, "view_rope_fov", None) is not None and query.chunk_poses is not None:
         ids_p = chunk_aligned(cell_positions(torch.arange(t), ph, pw, 1), query.chunk_poses, query.camera,
                               query.chunk_poses, pw)
@@ -409,6 +420,8 @@ def diffusion_model_wrapper(executor, x, timestep, context, clip_fea=None, time_
     opts = with_block_slots(opts, st, len(dm.blocks))
     st.transformer_options = opts
     n_frames = q_latent.shape[2]
+    if timestep.ndim == 2:  # per-frame timesteps of P, after Q's (and the pad's) frames
+        timestep = torch.cat([t_query[:, None].expand(-1, n_frames), timestep], 1)
     out = wa.forward_with_positions(executor, torch.cat([q_latent, xp], 2), timestep, context,
                                     torch.cat([freqs_q, freqs_p], 1), opts, clip_fea=clip_fea, **kwargs)
     return out[:, :, n_frames:][:, :, :t, :h, :w]
@@ -421,7 +434,7 @@ def outer_sample_wrapper(executor, noise, *args, **kwargs):
     if settings is None:  # a clone whose memory was removed keeps no wrapper; be safe anyway
         return executor(noise, *args, **kwargs)
     if settings.query is not None:
-        check_context_matches(settings.query.context, noise)
+        check_context_matches(settings.query.context, noise, wa.wan_family(guider.model_patcher))
         check_chunk_poses(settings.query.chunk_poses, noise)
     if settings.memory is not None:
         settings.memory.prepare()
@@ -435,19 +448,21 @@ def outer_sample_wrapper(executor, noise, *args, **kwargs):
         guider.model_options = original
 
 
-def check_context_matches(context: ContextSpec, noise: torch.Tensor) -> None:
+def check_context_matches(context: ContextSpec, noise: torch.Tensor, family: WanFamily) -> None:
     size = context.spatial_size()
     if size is not None and tuple(noise.shape[-2:]) != size:
         raise ValueError(
             f"the query-memory context is {size[0]}x{size[1]} latent pixels but the latent being sampled is "
             f"{noise.shape[-2]}x{noise.shape[-1]}; encode the history at the same width and height as the video")
-    if noise.ndim != 5 or noise.shape[1] != 16:
-        raise ValueError(f"query memory needs a Wan2.1 video latent [B, 16, T, H, W], got {tuple(noise.shape)}")
+    c = family.latent_channels
+    if noise.ndim != 5 or noise.shape[1] != c:
+        raise ValueError(f"query memory on {family.label} needs a video latent [B, {c}, T, H, W], got "
+                         f"{tuple(noise.shape)}; use an empty latent of this model's VAE")
 
 
 def check_chunk_poses(poses: torch.Tensor | None, noise: torch.Tensor) -> None:
     """Camera poses of the frames being generated, when given, must cover every one of them."""
-    frames = noise.shape[2]  # a [B, 16, T, H, W] latent: check_context_matches ran first
+    frames = noise.shape[2]  # a [B, C, T, H, W] latent: check_context_matches ran first
     if poses is not None and poses.shape[0] < frames:
         raise ValueError(f"camera_poses cover the history and {poses.shape[0]} of the {frames} latent frames being "
                          f"generated; give one pose per history frame and per generated frame "
@@ -457,7 +472,7 @@ def check_chunk_poses(poses: torch.Tensor | None, noise: torch.Tensor) -> None:
 def patched_forward(model, x, t, context, cond_or_uncond=None, run: RunState | None = None, **model_kwargs):
     """One forward of a (patched) MODEL's Wan2.1 outside a sampler (training, tests): its transformer options and
     wrappers merged the way the sampler merges them, the memory settings and ``run`` put where the OUTER_SAMPLE
-    wrapper puts them. ``x [B, 16, T, H, W]`` in the model's latent space, ``t [B]`` timesteps,
+    wrapper puts them. ``x [B, C, T, H, W]`` in the model's latent space, ``t [B]`` timesteps (or ``[B, T]``),
     ``context [B, L, 4096]`` text; gradients flow when enabled. ``model_kwargs`` go to the diffusion model as the
     sampler's extra conds do."""
     opts = comfy.patcher_extension.copy_nested_dicts(model.model_options.get("transformer_options", {}))
@@ -483,7 +498,7 @@ def apply_memory(model, memory: ReferenceMemory | TrainableMemory | None = None,
     A memory the model already carries is kept unless replaced (Apply Reference Memory then Apply Query Memory
     gives both). All checks run before cloning, so a bad input leaves nothing behind.
     """
-    dm = wa.wan21_model(model)
+    dm = wa.wan_model(model)
     if memory is None and query is None:
         raise ValueError("nothing to apply: connect a MEMORY, a query-memory context, or both")
     prev = installed_patch(model)

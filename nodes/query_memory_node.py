@@ -18,15 +18,20 @@ from .memory_patch import QueryMemory, apply_memory, context_in_model_space
 NO_WEIGHTS = "none"
 
 
-def load_camera(query_weights: str | None, query_layers: int, query_pool: int) -> CameraEmbedding | None:
+def load_camera(query_weights: str | None, query_layers: int, query_pool: int,
+                model_family: str | None = None) -> CameraEmbedding | None:
     """The camera MLP of a query-memory weights file in models/memlearner; None for "none". A file fine-tuned
-    with other ``query_layers`` or ``query_pool`` than the node's is refused: the model would run untrained."""
+    with other ``query_layers`` or ``query_pool`` than the node's, or on another ``model_family`` (None: not
+    checked), is refused: the model would run untrained."""
     if not query_weights or query_weights == NO_WEIGHTS:
         return None
     weights = load_query_weights(ca.model_file(QUERY_WEIGHTS_FOLDER, query_weights, "query_weights"))
-    wrong = weights.mismatch(query_layers, query_pool)
+    wrong = weights.mismatch(query_layers, query_pool, model_family)
     if wrong is not None:
         key, recorded, given = wrong
+        if key == "model_family":
+            raise ValueError(f"query_weights {query_weights} was fine-tuned on {recorded}, but the model is "
+                             f"{given}; load the query weights fine-tuned for this model")
         raise ValueError(f"query_weights {query_weights} was fine-tuned with {key} = {recorded}, "
                          f"but the node says {given}: set {key} to {recorded}")
     return weights.camera_embedding().requires_grad_(False)
@@ -80,14 +85,15 @@ class ApplyQueryMemory(io.ComfyNode):
                 cache_context=True, query_pool=1) -> io.NodeOutput:
         query = None
         if context is not None:
-            samples = context["samples"]
-            if samples.ndim != 5 or samples.shape[0] != 1 or samples.shape[1] != 16 or 0 in samples.shape[3:]:
-                raise ValueError(f"context must be one Wan2.1 video latent [1, 16, T, H, W] (a batch of 1, 16 "
-                                 f"channels), got {tuple(samples.shape)}; use one video's history latents")
+            family = ca.wan_family(model)
+            samples, c = context["samples"], family.latent_channels
+            if samples.ndim != 5 or samples.shape[0] != 1 or samples.shape[1] != c or 0 in samples.shape[3:]:
+                raise ValueError(f"context must be one {family.label} video latent [1, {c}, T, H, W] (a batch of 1, "
+                                 f"{c} channels), got {tuple(samples.shape)}; use one video's history latents")
             if not torch.isfinite(samples).all():
                 raise ValueError("context has NaN or infinite values; give the clean latents of the history frames")
             chunk_poses, history_poses = None, None
-            camera = load_camera(query_weights, int(query_layers), int(query_pool))
+            camera = load_camera(query_weights, int(query_layers), int(query_pool), family.name)
             if camera is not None:
                 n_hist = samples.shape[2]
                 poses = parse_trajectory(camera_poses, n_hist) if (camera_poses or "").strip() else None
@@ -95,7 +101,7 @@ class ApplyQueryMemory(io.ComfyNode):
                     history_poses, chunk_poses = poses[:n_hist], (poses[n_hist:] if poses.shape[0] > n_hist else None)
             elif camera_poses and camera_poses.strip():
                 raise ValueError("camera_poses need query_weights: the camera MLP is part of the query-memory weights")
-            history = context_in_model_space(ContextSpec.from_history(samples[0].cpu(), history_poses))
+            history = context_in_model_space(ContextSpec.from_history(samples[0].cpu(), history_poses), model)
             query = QueryMemory(int(query_layers), history, camera, chunk_poses, bool(cache_context), int(query_pool))
         return io.NodeOutput(apply_memory(model, memory=memory, query=query))
 

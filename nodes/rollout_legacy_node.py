@@ -71,9 +71,9 @@ class MemoryRolloutLegacy(io.ComfyNode):
     def execute(cls, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, width, height,
                 chunk_frames, chunks, policy, context_frames, query_layers, query_weights="none", camera=NO_CAMERA,
                 trajectory="", denoise=1.0, first_chunk=None, query_pool=1) -> io.NodeOutput:
-        wa.wan21_model(model)
-        shape = (latent_frames(chunk_frames), height // 8, width // 8)
-        first = first_frames(first_chunk, shape, f"{width}x{height}")
+        family = wa.wan_family(model)
+        shape = (latent_frames(chunk_frames), height // family.vae_stride, width // family.vae_stride)
+        first = first_frames(first_chunk, shape, f"{width}x{height}", family.latent_channels)
         n_first = 0 if first is None else first.shape[2]
         path = None if (camera or NO_CAMERA) == NO_CAMERA else CameraPathSpec.from_inputs(camera, trajectory or "")
         poses = None if path is None else path.poses(n_first + chunks * shape[0])

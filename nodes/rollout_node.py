@@ -57,28 +57,30 @@ class Sampling:
         return max(int(self.sigmas.shape[-1]) - 1, 0)
 
 
-def chunk_shape(latent: dict) -> tuple[int, int, int]:
-    """(latent frames, height, width) of one chunk, from an empty Wan2.1 video latent ``[1, 16, T, H, W]``."""
+def chunk_shape(latent: dict, channels: int = 16) -> tuple[int, int, int]:
+    """(latent frames, height, width) of one chunk, from an empty video latent ``[1, channels, T, H, W]``."""
     s = latent["samples"]
-    if s.ndim != 5 or s.shape[0] != 1 or s.shape[1] != 16:
-        raise ValueError(f"chunk_latent must be one Wan2.1 video latent [1, 16, T, H, W] (EmptyHunyuanLatentVideo: "
+    if s.ndim != 5 or s.shape[0] != 1 or s.shape[1] != channels:
+        raise ValueError(f"chunk_latent must be one video latent [1, {channels}, T, H, W] of the model's VAE "
+                         f"(EmptyHunyuanLatentVideo for Wan2.1, Wan22ImageToVideoLatent for Wan2.2 TI2V-5B: "
                          f"width, height, length = video frames per chunk), got {tuple(s.shape)}")
     return tuple(s.shape[2:])
 
 
-def first_frames(first_chunk: dict | None, shape: tuple[int, int, int], size: str) -> torch.Tensor | None:
-    """The latent frames to continue from ``[1, 16, T, H, W]``, checked against the chunk size."""
+def first_frames(first_chunk: dict | None, shape: tuple[int, int, int], size: str,
+                 channels: int = 16) -> torch.Tensor | None:
+    """The latent frames to continue from ``[1, channels, T, H, W]``, checked against the chunk size."""
     if first_chunk is None:
         return None
     first, (_, h, w) = first_chunk["samples"], shape
-    if first.ndim != 5 or first.shape[0] != 1 or first.shape[1] != 16 or tuple(first.shape[-2:]) != (h, w):
-        raise ValueError(f"first_chunk must be one Wan2.1 video latent [1, 16, T, {h}, {w}] for {size}, "
+    if first.ndim != 5 or first.shape[0] != 1 or first.shape[1] != channels or tuple(first.shape[-2:]) != (h, w):
+        raise ValueError(f"first_chunk must be one video latent [1, {channels}, T, {h}, {w}] for {size}, "
                          f"got {tuple(first.shape)}")
     return first
 
 
 def check_model(model, plan: RolloutPlan) -> None:
-    wa.wan21_model(model)
+    wa.wan_family(model)
     prev = installed_patch(model)
     if plan.query_layers == 0 and prev is not None and prev.query is not None:
         raise ValueError("query_layers is 0 but the model carries query memory from Apply Query Memory; connect "
@@ -125,7 +127,8 @@ def generate_chunk(plan: RolloutPlan, sampling: Sampling, bank: MemoryBank, k: i
     picks, guider = [], sampling.guider
     if plan.query_layers:
         picks = select_context(plan.policy, start, plan.budget, (h, w), bank.poses(0, start), chunk_poses)
-        query = QueryMemory(query_layers=plan.query_layers, context=context_in_model_space(bank.context(picks, start)),
+        context = context_in_model_space(bank.context(picks, start), sampling.model)
+        query = QueryMemory(query_layers=plan.query_layers, context=context,
                             camera=camera_mlp, chunk_poses=chunk_poses, cache_context=True, query_pool=plan.query_pool)
         guider = wa.guider_on(guider, apply_memory(sampling.model, query=query))
     record = ChunkRecord(k, start, [[p.index, p.pool] for p in picks], context_tokens(picks, (h, w)))
@@ -133,7 +136,8 @@ def generate_chunk(plan: RolloutPlan, sampling: Sampling, bank: MemoryBank, k: i
     wa.reset_peak_memory(device)
     began = time.perf_counter()
     noise = wa.reseeded(sampling.noise, chunk_seed(getattr(sampling.noise, "seed", 0), plan.chunk_index(start)))
-    samples = wa.sample_with(guider, noise, sampling.sampler, sampling.sigmas, torch.zeros(1, 16, t, h, w),
+    empty = torch.zeros(1, wa.wan_family(sampling.model).latent_channels, t, h, w)
+    samples = wa.sample_with(guider, noise, sampling.sampler, sampling.sigmas, empty,
                              progress.callback(k * sampling.steps))
     if not torch.isfinite(samples).all():
         raise ValueError(f"Memory Rollout: chunk {k} came out with NaN or infinite values (check the "
@@ -231,8 +235,9 @@ class MemoryRollout(io.ComfyNode):
     def execute(cls, noise, guider, sampler, sigmas, chunk_latent, chunks, policy, context_frames, query_layers,
                 query_weights="none", query_pool=1, camera_path: CameraPathSpec | None = None,
                 first_chunk=None) -> io.NodeOutput:
-        shape = chunk_shape(chunk_latent)
-        first = first_frames(first_chunk, shape, "this chunk_latent")
+        channels = wa.wan_family(guider.model_patcher).latent_channels
+        shape = chunk_shape(chunk_latent, channels)
+        first = first_frames(first_chunk, shape, "this chunk_latent", channels)
         n_first = 0 if first is None else first.shape[2]
         poses = None if camera_path is None else camera_path.poses(n_first + chunks * shape[0])
         plan = RolloutPlan(chunk_shape=shape, chunks=chunks, policy=policy, context_frames=context_frames,

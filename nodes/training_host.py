@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from memlearner_core.model_family import WAN21, WanFamily
 from memlearner_core.training import recipes as core
 from memlearner_core.training.config import TrainConfig
 from memlearner_core.training.recipes import LORA_EXPORT, WAN_EXPORT, QueryDraw, TrainableMemory
@@ -29,15 +30,17 @@ LORA_TARGETS = r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)|blocks\.\d+\.ffn
 
 
 class WanRecipe(core.WanRecipe):
-    """What both recipes share on this host: the Wan2.1 of a ComfyUI MODEL (``self.model``, its diffusion model
-    ``self.dm``) and its forward through the nodes' patches."""
+    """What both recipes share on this host: the Wan of a ComfyUI MODEL (``self.model``, its diffusion model
+    ``self.dm``, its family's name ``self.model_family``), its latent space and its forward through the nodes'
+    patches."""
 
     def __init__(self, model_patcher, cfg: TrainConfig, device: str | torch.device = "cpu"):
         super().__init__(cfg, device)
-        self.model, self.dm = model_patcher, wa.wan21_model(model_patcher)
+        self.model, self.dm = model_patcher, wa.wan_model(model_patcher)
+        self.model_family = wa.wan_family(model_patcher).name
 
     def latent_in(self, latent: torch.Tensor) -> torch.Tensor:
-        return wa.wan21_latent_in(latent)
+        return wa.model_latent_in(self.model, latent)
 
     def predict(self, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, seed: int,
                 memory: TrainableMemory | None, query: QueryDraw | None) -> torch.Tensor:
@@ -62,7 +65,8 @@ class QueryRecipe(WanRecipe, core.QueryRecipe):
             add_lora(self.dm, cfg.lora_rank)  # freezes everything but the adapters
         else:
             self.dm.requires_grad_(True)
-        self.camera = core.camera_for(cfg, self.dm.dim, True).to(self.device) if cfg.query_layers else None
+        self.camera = core.camera_for(cfg, self.dm.dim, True, self.model_family).to(self.device) \
+            if cfg.query_layers else None
 
     def export_wan(self, folder: Path) -> Path:
         if self.cfg.lora_rank:
@@ -85,7 +89,8 @@ class EncoderRecipe(WanRecipe, core.EncoderRecipe):
         self.dm.to(self.device, core.frozen_dtype(cfg, self.device)).eval().requires_grad_(False)
         self.encoder = core.make_encoder(cfg, self.dm.dim, latent_shape).float().to(self.device).train() \
             .requires_grad_(True)
-        self.camera = core.camera_for(cfg, self.dm.dim, False).to(self.device) if cfg.query_file is not None \
+        self.camera = core.camera_for(cfg, self.dm.dim, False, self.model_family).to(self.device) \
+            if cfg.query_file is not None \
             else None
 
 
@@ -129,6 +134,22 @@ def check_files(cfg: TrainConfig, text_fn=None) -> None:
             raise ValueError(f"{key} {path}: no such file; fix {key} in the config")
 
 
+def check_model_family(cfg: TrainConfig, model) -> WanFamily:
+    """The family of the loaded ``model_file``, refused in one line when the config's clips do not fit it."""
+    try:
+        family = wa.wan_family(model)
+    except wa.UnsupportedModel as e:
+        raise ValueError(f"model_file {Path(cfg.model_file).name}: {e}") from None
+    for key in ("width", "height"):
+        if getattr(cfg, key) % family.pixel_multiple:
+            raise ValueError(f"'{key}' must be a multiple of {family.pixel_multiple} for {family.label} "
+                             f"({family.vae_stride}x VAE, 2x patch), got {getattr(cfg, key)}; fix {key} in the config")
+    if cfg.data_format == "videos" and family is not WAN21:
+        raise ValueError(f"training {family.label} reads pre-encoded clips: set data_format = \"latents\" "
+                         f"(LATENT samples of its VAE, see read_latent_folder)")
+    return family
+
+
 def run_training(cfg: TrainConfig, text_fn=None):
     """Load the model, VAE and text encoder with ComfyUI, encode the clips once (cached), train, export.
 
@@ -146,17 +167,19 @@ def run_training(cfg: TrainConfig, text_fn=None):
     device = procs.device() if procs.world > 1 else training_device(cfg.device)
     check_files(cfg, text_fn)  # everything cheap is checked before a model is loaded
     preflight(cfg, procs.world)  # data_dir, output_dir, and the checkpoint it would resume
-    if cfg.data_format == "latents":
-        encoded, skipped = read_latent_folder(cfg.data_dir, cfg.latent_frames, cfg.width, cfg.height)
-        require_data(encoded, skipped)
-    else:  # reads the captions and every poses file, checked
+    if cfg.data_format == "videos":  # reads the captions and every poses file, checked
         clips = ClipFolder(cfg.data_dir, cfg.clip_frames, cfg.width, cfg.height)
         if not clips.entries:  # every video a FIFO, a device, ...: nothing to load a model for
             require_data([], clips.skipped)
     model = comfy.sd.load_diffusion_model(str(cfg.model_file))
+    family = check_model_family(cfg, model)
+    if cfg.data_format == "latents":  # the latents' channels and size are the model family's
+        encoded, skipped = read_latent_folder(cfg.data_dir, cfg.latent_frames, cfg.width, cfg.height,
+                                              family.latent_channels, family.vae_stride)
+        require_data(encoded, skipped)
     if text_fn is None and cfg.text == "none":
         def text_fn(caption):
-            return torch.zeros(1, 1, wa.wan21_model(model).text_dim)
+            return torch.zeros(1, 1, wa.wan_model(model).text_dim)
     elif text_fn is None:
         if cfg.text_encoder_file is None:
             raise ValueError("the config needs text_encoder_file (umt5_xxl, to encode the captions), "

@@ -80,6 +80,12 @@ def wan_model(comfy):
 
 
 @pytest.fixture(scope="session")
+def wan22_5b(comfy):
+    """The tiny Wan2.2 TI2V-5B-shaped MODEL (48 latent channels), loaded by ComfyUI's UNETLoader."""
+    return comfy.run("UNETLoader", unet_name=tiny_models.WAN22_5B_FILE, weight_dtype="default")[0]
+
+
+@pytest.fixture(scope="session")
 def wan_vae(comfy):
     return comfy.run("VAELoader", vae_name=tiny_models.VAE_FILE)[0]
 

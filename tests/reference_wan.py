@@ -96,11 +96,11 @@ def query_masks(nc, nq, npred, query_layer: bool):
 
 @torch.no_grad()
 def query_memory_reference(dm, x, t, txt, context_latent, context_freqs, q_noise, query_layers, q_freqs=None,
-                           camera=(0, 0, 0), p_freqs=None):
+                           camera=(0, 0, 0), p_freqs=None, t_query=None):
     """MemLearner on ``[C; Q; P]`` with dense masks: C at t=0 and unchanged through the query layers, dropped
     after them; Q at P's positions (or ``q_freqs``) and timestep; only P reaches the head. ``camera``: per-token
     camera vectors ``[N, C]`` added to the embedded C, Q and P tokens (0 for none). ``p_freqs``: P's RoPE tables
-    (default the regular grid)."""
+    (default the regular grid). ``t`` may be per frame of P, ``[B, T]``; Q's timestep is then ``t_query [B]``."""
     dm = on_cpu_float32(dm)
     grid = x.shape[2:]
     b = x.shape[0]
@@ -109,7 +109,15 @@ def query_memory_reference(dm, x, t, txt, context_latent, context_freqs, q_noise
     qtok = embed(dm, q_noise) + q_cam
     c = embed(dm, context_latent.unsqueeze(0)).expand(b, -1, -1) + c_cam if context_latent is not None else p[:, :0]
     nc, nq, npred = c.shape[1], qtok.shape[1], p.shape[1]
-    e, e0 = time_mod(dm, t)
+    if t.ndim == 1:  # per sample: e [B, 1, C], e0 [B, 1, 6, C]
+        e, e0 = time_mod(dm, t)
+        e0_q = e0
+    else:  # one timestep per frame of P: each frame's modulation on its tokens
+        e, e0 = time_mod(dm, t.flatten())
+        per_frame = npred // t.shape[1]
+        e = e.reshape(b, -1, e.shape[-1]).repeat_interleave(per_frame, 1)
+        e0 = e0.reshape(b, -1, 6, e0.shape[-1]).repeat_interleave(per_frame, 1)
+        e0_q = time_mod(dm, t_query)[1]
     _, e0_clean = time_mod(dm, torch.zeros(1))
     ctx = dm.text_embedding(txt)
     fp = dm.rope_encode(*grid, device=x.device, dtype=x.dtype) if p_freqs is None else p_freqs
@@ -117,14 +125,15 @@ def query_memory_reference(dm, x, t, txt, context_latent, context_freqs, q_noise
     seq = torch.cat([c, qtok, p], 1)
     for i, block in enumerate(dm.blocks):
         if i < query_layers:
-            e_tok = torch.cat([e0_clean.expand(b, nc, -1, -1), e0.expand(-1, nq + npred, -1, -1)], 1)
+            e_tok = torch.cat([e0_clean.expand(b, nc, -1, -1), e0_q.expand(-1, nq, -1, -1),
+                               e0.expand(-1, npred, -1, -1)], 1)
             freqs = torch.cat([context_freqs, fq, fp], 1) if nc else torch.cat([fq, fp], 1)
             out = dense_block(block, seq, e_tok, freqs, ctx, query_masks(nc, nq, npred, True))
             seq = torch.cat([seq[:, :nc], out[:, nc:]], 1)  # C is never a query: unchanged
         else:
             if i == query_layers:
                 seq = seq[:, nc:]
-            e_tok = e0.expand(-1, nq + npred, -1, -1)
+            e_tok = torch.cat([e0_q.expand(-1, nq, -1, -1), e0.expand(-1, npred, -1, -1)], 1)
             seq = dense_block(block, seq, e_tok, torch.cat([fq, fp], 1), ctx, query_masks(0, nq, npred, False))
     if query_layers >= len(dm.blocks):
         seq = seq[:, nc:]

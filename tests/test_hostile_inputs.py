@@ -370,11 +370,18 @@ def test_a_wrong_or_missing_view_rope_field_of_view_is_refused(tmp_path, meta, m
         load_query_weights(query_file(tmp_path / "q.safetensors", **meta))
 
 
+def test_query_weights_of_a_model_family_this_pack_does_not_know_are_refused(tmp_path):
+    path = query_file_with(tmp_path / "q.safetensors", "memlearner.model_family", "wan3.0")
+    with pytest.raises(CheckpointError, match="q.safetensors: metadata memlearner.model_family 'wan3.0' is not a "
+                                              "model family this pack knows \\(wan2.1, wan2.2-ti2v-5b\\)"):
+        load_query_weights(path)
+
+
 # --- Errors of bounded size: ComfyUI stores a node's message and sends it to every client -------------------------
 
 HUGE = "x" * 10_000_000
 HUGE_JSON = json.dumps(list(range(1_000_000)))
-QUERY_KEYS = ["format", "version", "query_layers", "query_pool"]
+QUERY_KEYS = ["format", "version", "query_layers", "query_pool", "model_family"]
 ENCODER_KEYS = ["latent_shape", "tokens_per_video", "heads"]
 
 

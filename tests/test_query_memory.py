@@ -136,24 +136,128 @@ def test_non_wan_model_is_refused_and_left_alone(comfy):
     from comfy.model_patcher import ModelPatcher
 
     other = ModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
-    with pytest.raises(ValueError, match="needs a Wan2.1 model"):
+    with pytest.raises(ValueError, match="needs a Wan model of a supported family .* the MODEL is Linear"):
         comfy.run("MemLearnerApplyQueryMemory", model=other, context=history(1), query_layers=1)
     assert not other.wrappers and not other.model_options.get("transformer_options")
 
 
-def test_wan22_5b_is_refused(comfy, models_dir):
-    from comfy.ldm.wan.model import WanModel
-    from comfy.ops import disable_weight_init
+def save_tiny(models_dir, name, module):
+    """Write a tiny ComfyUI diffusion model where UNETLoader finds it; returns the file name."""
     from safetensors.torch import save_file
 
-    cfg = dict(tiny_models.TINY_WAN, in_dim=48, out_dim=48)
-    model = WanModel(**cfg, operations=disable_weight_init)
-    tiny_models.randomize(model, 9)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(models_dir / "diffusion_models" / "tiny_wan22_5b.safetensors"))
-    wan22 = comfy.run("UNETLoader", unet_name="tiny_wan22_5b.safetensors", weight_dtype="default")[0]
-    with pytest.raises(ValueError, match="Wan2.1 text-to-video"):
-        comfy.run("MemLearnerApplyQueryMemory", model=wan22, context=history(1), query_layers=1)
+    tiny_models.randomize(module, 9)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(models_dir / "diffusion_models" / name))
+    return name
+
+
+def wan(**overrides):
+    from comfy.ldm.wan.model import WanModel
+    from comfy.ops import disable_weight_init
+
+    return WanModel(**{**tiny_models.TINY_WAN, **overrides}, operations=disable_weight_init)
+
+
+def vace():
+    from comfy.ldm.wan.model import VaceWanModel
+    from comfy.ops import disable_weight_init
+
+    return VaceWanModel(**tiny_models.TINY_WAN, vace_layers=2, vace_in_dim=96, operations=disable_weight_init)
+
+
+UNSUPPORTED = [  # (id, tiny model, what the line names)
+    ("wan22-i2v-a14b-style", lambda: wan(in_dim=36), r"36 input channels for 16 latent channels"),
+    ("wan21-i2v", lambda: wan(model_type="i2v", in_dim=36), r"model_type i2v, 36 input channels"),
+    ("fun-control", lambda: wan(in_dim=48), r"48 input channels for 16 latent channels"),
+    ("vace", vace, r"a Wan VACE model \(WAN21_Vace, VaceWanModel\)"),
+]
+
+
+@pytest.mark.parametrize("build, found", [pytest.param(b, f, id=i) for i, b, f in UNSUPPORTED])
+def test_unsupported_wan_variants_are_refused_in_one_line_naming_them(comfy, models_dir, build, found):
+    name = save_tiny(models_dir, f"tiny_unsupported_{abs(hash(found))}.safetensors", build())
+    model = comfy.run("UNETLoader", unet_name=name, weight_dtype="default")[0]
+    with pytest.raises(ValueError, match=f"supported family .*Wan2.2 TI2V-5B.*; the MODEL is .*{found}") as e:
+        comfy.run("MemLearnerApplyQueryMemory", model=model, context=history(1), query_layers=1)
+    assert "\n" not in str(e.value)
+    assert not model.wrappers
+
+
+def history_5b(frames, seed=5):
+    return {"samples": torch.randn(1, 48, frames, 8, 8, generator=torch.Generator().manual_seed(seed))}
+
+
+def test_tiny_wan22_5b_equals_dense_mask_reference(comfy, wan22_5b):
+    mp = host.pack("nodes.memory_patch")
+    model = comfy.run("MemLearnerApplyQueryMemory", model=wan22_5b, context=history_5b(2), query_layers=2)[0]
+    x, txt = torch.randn(2, 48, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.randn(2, 512, 4096)
+    t = torch.full((2,), 600.0)
+    out = model_forward(model, x, t, txt, [0, 1], run_seed=11)
+    dm = wan22_5b.model.diffusion_model
+    ctx = in_model_space(wan22_5b, history_5b(2)["samples"])[0]
+    freqs = dm.rope_embedder(history_ids(2).unsqueeze(0)).movedim(1, 2)
+    q_noise = mp.RunState(11).query_noise(x.shape, 2, x.device, x.dtype, 600.0)
+    assert rel_err(out, reference_wan.query_memory_reference(dm, x, t, txt, ctx, freqs, q_noise, 2)) < 1e-5
+
+
+def test_the_history_is_read_in_the_wan22_latent_space(comfy, wan22_5b):
+    """Wan2.2's own per-channel statistics, not Wan2.1's, put the history where the 5B denoises."""
+    from comfy.latent_formats import Wan22
+
+    model = comfy.run("MemLearnerApplyQueryMemory", model=wan22_5b, context=history_5b(2), query_layers=2)[0]
+    latent = model.get_attachment("memlearner").query.context.segments[0].latent
+    expected = Wan22().process_in(history_5b(2)["samples"])[0]
+    assert torch.allclose(latent, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_per_frame_timesteps_equal_the_dense_mask_reference(comfy, wan22_5b, pool):
+    """Wan2.2 image-to-video gives each latent frame its own timestep (0 for the given first frame): P's frames
+    keep theirs, Q runs at the noisy frames' timestep."""
+    mp = host.pack("nodes.memory_patch")
+    model = comfy.run("MemLearnerApplyQueryMemory", model=wan22_5b, context=history_5b(2), query_layers=2,
+                      query_pool=pool)[0]
+    x, txt = torch.randn(2, 48, 3, 8, 8, generator=torch.Generator().manual_seed(2)), torch.randn(2, 512, 4096)
+    t = torch.tensor([[0.0, 700.0, 700.0], [0.0, 700.0, 700.0]])
+    out = model_forward(model, x, t, txt, [0, 1], run_seed=6)
+    dm = wan22_5b.model.diffusion_model
+    ctx = in_model_space(wan22_5b, history_5b(2)["samples"])[0]
+    freqs = dm.rope_embedder(history_ids(2).unsqueeze(0)).movedim(1, 2)
+    side = 4 // pool  # Q's token grid per frame
+    q_noise = mp.RunState(6).query_noise((2, 48, 3, 2 * side, 2 * side), 2, x.device, x.dtype, 700.0)
+    centres = torch.arange(side) * pool + (pool - 1) / 2
+    ids = torch.stack(torch.meshgrid(torch.arange(3.0), centres, centres, indexing="ij"), -1).reshape(-1, 3)
+    q_freqs = dm.rope_embedder(ids.unsqueeze(0)).movedim(1, 2)
+    ref = reference_wan.query_memory_reference(dm, x, t, txt, ctx, freqs, q_noise, 2, q_freqs=q_freqs,
+                                               t_query=torch.full((2,), 700.0))
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_image_to_video_keeps_the_given_first_frame_through_the_sampler(comfy, wan22_5b, text_cond):
+    """A LATENT as Wan22ImageToVideoLatent makes it: the start image's latent frame, and a noise_mask of 0 there."""
+    model = comfy.run("MemLearnerApplyQueryMemory", model=wan22_5b, context=history_5b(2), query_layers=2)[0]
+    samples = torch.zeros(1, 48, 3, 8, 8)
+    samples[:, :, :1] = torch.randn(1, 48, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(1, 1, 3, 8, 8)
+    mask[:, :, :1] = 0.0
+    out = comfy.run("KSampler", model=model, seed=3, steps=2, cfg=2.0, sampler_name="euler", scheduler="simple",
+                    positive=text_cond[0], negative=text_cond[1], latent_image={"samples": samples, "noise_mask": mask},
+                    denoise=1.0)[0]["samples"]
+    assert out.shape == samples.shape and torch.isfinite(out).all()
+    assert torch.allclose(out[:, :, :1], samples[:, :, :1], atol=1e-4)
+    assert not torch.allclose(out[:, :, 1:], samples[:, :, 1:])
+
+
+def test_a_wan21_latent_on_the_5b_is_refused_before_sampling(comfy, wan22_5b, text_cond):
+    model = comfy.run("MemLearnerApplyQueryMemory", model=wan22_5b, context=history_5b(2), query_layers=2)[0]
+    with pytest.raises(ValueError, match=r"Wan2.2 TI2V-5B needs a video latent \[B, 48, T, H, W\], got \(1, 16"):
+        comfy.run("KSampler", model=model, seed=1, steps=1, cfg=1.0, sampler_name="euler", scheduler="simple",
+                  positive=text_cond[0], negative=text_cond[1], latent_image={"samples": torch.ones(1, 16, 2, 8, 8)},
+                  denoise=1.0)  # not all zeros: ComfyUI gives an empty latent the model's channels itself
+
+
+def test_a_wan21_context_on_the_5b_is_refused(comfy, wan22_5b):
+    with pytest.raises(ValueError, match=r"context must be one Wan2.2 TI2V-5B video latent \[1, 48, T, H, W\]"):
+        comfy.run("MemLearnerApplyQueryMemory", model=wan22_5b, context=history(2), query_layers=2)
 
 
 def test_context_of_another_size_fails_before_sampling(comfy, wan_model, text_cond):
@@ -307,6 +411,26 @@ def test_query_weights_trained_with_other_layers_or_pool_are_refused(comfy, wan_
     with pytest.raises(ValueError, match="fine-tuned with query_pool = 2, but the node says 1"):
         comfy.run("MemLearnerApplyQueryMemory", model=wan_model, context=history(2), query_layers=2,
                   query_weights="cam_l2_p2.safetensors", query_pool=1)
+
+
+def test_query_weights_record_their_model_family_and_files_without_one_are_wan21(comfy, tmp_path):
+    from memlearner_core.camera import CameraEmbedding
+    from memlearner_core.checkpoint_io import load_query_weights, save_query_weights
+
+    save_query_weights(tmp_path / "q5b.safetensors", CameraEmbedding(256).state_dict(), 2,
+                       model_family="wan2.2-ti2v-5b")
+    assert load_query_weights(tmp_path / "q5b.safetensors").model_family == "wan2.2-ti2v-5b"
+    write_query_weights(comfy, "cam_no_family.safetensors")  # a file from before families were recorded
+    folder = comfy.folder_paths.get_folder_paths("memlearner")[0]
+    assert load_query_weights(f"{folder}/cam_no_family.safetensors").model_family == "wan2.1"
+
+
+def test_query_weights_of_another_model_family_are_refused(comfy, wan22_5b):
+    write_query_weights(comfy, "cam_no_family.safetensors")
+    with pytest.raises(ValueError, match="query_weights cam_no_family.safetensors was fine-tuned on wan2.1, but the "
+                                         "model is wan2.2-ti2v-5b; load the query weights fine-tuned for this model"):
+        comfy.run("MemLearnerApplyQueryMemory", model=wan22_5b, context=history_5b(2), query_layers=2,
+                  query_weights="cam_no_family.safetensors")
 
 
 def test_poses_covering_only_part_of_the_chunk_are_refused_before_sampling(comfy, wan_model, text_cond):

@@ -54,6 +54,14 @@ def test_the_parts_make_the_same_video_as_the_legacy_node(comfy, wan_model, text
     assert [r["context"] for r in report] == [r["context"] for r in old_report] and report[2]["context"]
 
 
+def test_both_nodes_roll_out_the_tiny_wan22_5b_in_its_48_channel_latents(comfy, wan22_5b, text_cond):
+    """The legacy node sizes the 5B's chunks by its 16x VAE: 128x128 frames are 8x8 latents."""
+    new, _ = rollout(comfy, wan22_5b, text_cond, chunk_latent={"samples": torch.zeros(1, 48, 2, 8, 8)})
+    old, _ = legacy(comfy, wan22_5b, text_cond, width=128, height=128)
+    assert new.shape == (1, 48, 6, 8, 8) and torch.isfinite(new).all()
+    assert torch.equal(new, old)
+
+
 def test_a_chunk_is_apply_query_memory_then_ksampler(comfy, wan_model, text_cond):
     """Chunk 1 of a rollout continued from 2 latent frames: query memory over those frames, seed + 1."""
     history = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(3))

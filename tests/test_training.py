@@ -1,6 +1,7 @@
 """Training on ComfyUI's own Wan2.1 (tiny fixture): both recipes learn, and their outputs drive the nodes."""
 
 import dataclasses
+import math
 import shutil
 
 import pytest
@@ -257,6 +258,51 @@ def test_query_recipe_continues_from_a_query_file(comfy, tmp_path):
     assert again.camera.proj.weight.requires_grad
     with pytest.raises(ValueError, match="query_layers = 2, but the config says 3: set query_layers = 2"):
         th.QueryRecipe(fresh_wan(comfy), query_config(tmp_path, query_file=str(query_file), query_layers=3))
+
+
+def fresh_wan22_5b(comfy):
+    return comfy.run("UNETLoader", unet_name=tiny_models.WAN22_5B_FILE, weight_dtype="default")[0]
+
+
+def test_the_training_command_trains_the_tiny_wan22_5b_on_its_own_latents(comfy, models_dir, tmp_path):
+    """48-channel clips at 16x the VAE (64x64 frames: 4x4 latents) in the 5B's own latent space; the query
+    weights record the family."""
+    from memlearner_core.training.dataset import write_latent_clip
+
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "data").mkdir()
+    for name in ("a", "b"):
+        write_latent_clip(tmp_path / "data" / f"{name}.safetensors", torch.randn(48, 5, 4, 4, generator=g))
+    cfg = query_config(tmp_path, steps=3, data_format="latents", text="none", predict_latent_frames=2,
+                       model_file=str(models_dir / "diffusion_models" / tiny_models.WAN22_5B_FILE))
+    result = host.pack("nodes.training_host").run_training(cfg)
+    assert len(result.losses) == 3 and all(map(math.isfinite, result.losses))
+    assert load_query_weights(result.exported[1]).model_family == "wan2.2-ti2v-5b"
+
+
+def test_the_5b_reads_its_clips_in_the_wan22_latent_space(comfy, tmp_path):
+    from comfy.latent_formats import Wan22
+
+    recipe = host.pack("nodes.training_host").QueryRecipe(fresh_wan22_5b(comfy), query_config(tmp_path))
+    latent = torch.randn(48, 2, 4, 4)
+    assert torch.allclose(recipe.latent_in(latent), Wan22().process_in(latent[None])[0], atol=1e-6)
+
+
+def test_a_width_the_5b_cannot_make_is_refused_in_one_line(comfy, tmp_path):
+    th = host.pack("nodes.training_host")
+    with pytest.raises(ValueError, match=r"^'width' must be a multiple of 32 for Wan2.2 TI2V-5B \(16x VAE, 2x "
+                                         r"patch\), got 80; fix width in the config$"):
+        th.check_model_family(query_config(tmp_path, width=80), fresh_wan22_5b(comfy))
+
+
+def test_a_query_file_of_another_model_family_is_refused(comfy, tmp_path):
+    th = host.pack("nodes.training_host")
+    cfg = query_config(tmp_path / "first", steps=1)
+    _, query_file = train(cfg, th.QueryRecipe(fresh_wan(comfy), cfg), clip_items()).exported
+    assert load_query_weights(query_file).model_family == "wan2.1"
+    with pytest.raises(ValueError, match="query_file memlearner_query.safetensors was fine-tuned on wan2.1, but "
+                                         "model_file is wan2.2-ti2v-5b; use the query file fine-tuned for this"):
+        th.QueryRecipe(fresh_wan22_5b(comfy), query_config(tmp_path, query_file=str(query_file)))
 
 
 def test_view_aligned_rope_is_trained_recorded_and_kept_when_continuing(comfy, tmp_path):

@@ -283,8 +283,10 @@ def encode_all(clips: ClipFolder, decode_fn: Callable[[Path], torch.Tensor],
 LATENT_SUFFIX = ".safetensors"
 
 
-def _latent_clip(path: Path, latent_frames: int, hw: tuple[int, int]) -> tuple[torch.Tensor | None, str, dict]:
-    """A pre-encoded clip's first ``latent_frames`` frames ``[16, T, h, w]``, or None and why it is skipped."""
+def _latent_clip(path: Path, latent_frames: int, hw: tuple[int, int],
+                 channels: int = 16) -> tuple[torch.Tensor | None, str, dict]:
+    """A pre-encoded clip's first ``latent_frames`` frames ``[channels, T, h, w]``, or None and why it is
+    skipped."""
     why = not_regular(path)  # safetensors would block opening a FIFO
     if why:
         return None, why, {}
@@ -299,8 +301,8 @@ def _latent_clip(path: Path, latent_frames: int, hw: tuple[int, int]) -> tuple[t
         return None, f"could not be read ({type(e).__name__}: {e})", {}
     if latent.ndim == 5 and latent.shape[0] == 1:
         latent = latent[0]
-    if latent.ndim != 4 or latent.shape[0] != 16:
-        return None, f"latent is {tuple(latent.shape)}, not a Wan2.1 video latent [16, T, H, W]", {}
+    if latent.ndim != 4 or latent.shape[0] != channels:
+        return None, f"latent is {tuple(latent.shape)}, not a video latent [{channels}, T, H, W] of the model's VAE", {}
     if not latent.is_floating_point() or not torch.isfinite(latent).all():
         return None, "latent is not finite floating-point numbers", {}
     if tuple(latent.shape[2:]) != hw:
@@ -310,10 +312,12 @@ def _latent_clip(path: Path, latent_frames: int, hw: tuple[int, int]) -> tuple[t
     return latent[:, :latent_frames].float(), "", {"meta": meta, "poses": poses}
 
 
-def read_latent_folder(folder: str | Path, latent_frames: int, width: int, height: int
+def read_latent_folder(folder: str | Path, latent_frames: int, width: int, height: int, channels: int = 16,
+                       vae_stride: int = 8
                        ) -> tuple[list[tuple[ClipEntry, torch.Tensor, torch.Tensor | None]], list[tuple[Path, str]]]:
     """Clips already encoded: every ``<clip>.safetensors`` of ``folder`` (sorted by name) holding ``latent
-    [16, T, H, W]`` (LATENT samples, as VAE Encode gives them, ``H, W = height/8, width/8``), optionally ``poses
+    [channels, T, H, W]`` (LATENT samples, as VAE Encode gives them, ``H, W = height, width / vae_stride``: Wan2.1
+    16 channels and 8, Wan2.2 TI2V-5B 48 and 16), optionally ``poses
     [T, 3, 4]`` (one camera-to-world pose per latent frame) and a ``caption`` metadata entry. The first
     ``latent_frames`` frames are the clip. Returns what ``encode_all`` returns: unreadable or unfit files are
     logged and skipped; poses that do not fit the latent are an error naming the file."""
@@ -322,7 +326,7 @@ def read_latent_folder(folder: str | Path, latent_frames: int, width: int, heigh
         raise DatasetError(f"training data folder not found: {folder}")
     items, skipped = [], []
     for path in sorted(folder.glob("*" + LATENT_SUFFIX)):
-        latent, why, extra = _latent_clip(path, latent_frames, (height // 8, width // 8))
+        latent, why, extra = _latent_clip(path, latent_frames, (height // vae_stride, width // vae_stride), channels)
         if latent is None:
             log.warning("training data: skipped %s: %s", path.name, why)
             skipped.append((path, why))

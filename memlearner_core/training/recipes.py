@@ -28,6 +28,7 @@ from ..checkpoint_io import load_memory_encoder, load_query_weights, save_memory
 from ..context_tokens import ContextSpec
 from ..memory_encoder import EncoderConfig, MemoryEncoder, cnn_output_shape
 from ..memory_tokens import MemoryTokens
+from ..model_family import DEFAULT_FAMILY
 from ..reference_video import resample_latent
 from .config import TrainConfig
 from .context_sampling import sample_context
@@ -78,15 +79,18 @@ class QueryDraw:
     query_pool: int = 1
 
 
-def camera_for(cfg: TrainConfig, dim: int, trainable: bool) -> CameraEmbedding:
+def camera_for(cfg: TrainConfig, dim: int, trainable: bool, model_family: str | None = None) -> CameraEmbedding:
     """The camera MLP: from ``cfg.query_file`` (refused in one line when fine-tuned with other query settings
-    than ``cfg``'s), else new: zeros, or normal with ``camera_init_std`` drawn from ``cfg.seed``. Trained
-    (``trainable``), it takes ``cfg.view_rope_fov``; weights trained with view-aligned RoPE must be given the same
-    field of view, weights trained without it may start using it. Frozen (encoder recipe), it keeps what the
-    file records."""
+    than ``cfg``'s or on another ``model_family`` than the model's), else new: zeros, or normal with
+    ``camera_init_std`` drawn from ``cfg.seed``. Trained (``trainable``), it takes ``cfg.view_rope_fov``; weights
+    trained with view-aligned RoPE must be given the same field of view, weights trained without it may start
+    using it. Frozen (encoder recipe), it keeps what the file records."""
     if cfg.query_file is not None:
         weights = load_query_weights(cfg.query_file)
-        wrong = weights.mismatch(cfg.query_layers, cfg.query_pool)
+        wrong = weights.mismatch(cfg.query_layers, cfg.query_pool, model_family)
+        if wrong is not None and wrong[0] == "model_family":
+            raise ValueError(f"query_file {Path(cfg.query_file).name} was fine-tuned on {wrong[1]}, but model_file "
+                             f"is {wrong[2]}; use the query file fine-tuned for this model")
         if trainable and wrong is None and weights.view_rope_fov not in (None, cfg.view_rope_fov):
             wrong = "view_rope_fov", f"{weights.view_rope_fov:g}", f"{cfg.view_rope_fov:g}"
         if wrong is not None:
@@ -166,6 +170,8 @@ class WanRecipe(torch.nn.Module):
     """What both recipes share on any host: one flow-matching step. Parameters with ``requires_grad`` are the
     trained ones (in registration order, which the optimizer follows)."""
 
+    model_family: str = DEFAULT_FAMILY  # the Wan family trained (``model_family.FAMILIES``), set by the host
+
     def __init__(self, cfg: TrainConfig, device: str | torch.device = "cpu"):
         super().__init__()
         self.cfg, self.device = cfg, torch.device(device)
@@ -235,7 +241,7 @@ class QueryRecipe(WanRecipe):
             return [wan]
         query = folder / QUERY_EXPORT
         save_query_weights(query, self.camera.state_dict(), self.cfg.query_layers, self.cfg.query_pool,
-                           self.camera.view_rope_fov)
+                           self.camera.view_rope_fov, self.model_family)
         return [wan, query]
 
 
