@@ -79,35 +79,55 @@ def comfy_stock_estimate(input_shape, dim: int, dtype_bytes: int) -> float:
     return area * dtype_bytes * 0.01 * (dim / 2222) * 2**20
 
 
-def readme_table() -> str:
-    """Extra memory per option at the Wan2.1-1.3B shape (dim 1536, 12 heads, 30 blocks), one 81-frame 480x832
-    chunk (21 x 60 x 104 latent), cond + uncond batched (B = 2), bf16, computed by ``extra_bytes``."""
-    latent = (2, 16, 21, 60, 104)
-    stock = comfy_stock_estimate(latent, 1536, 2)
-    chunk = token_counts(latent, MemoryShape(1536, 12))[1]  # one chunk of history: 32,760 tokens
+@dataclass(frozen=True)
+class TableShape:
+    """A model and one chunk for the README's table: ``latent [B, C, T, H, W]`` (cond + uncond batched, B = 2)."""
+
+    label: str
+    dim: int
+    heads: int
+    latent: tuple[int, int, int, int, int]
+
+
+TABLE_SHAPES = {
+    "wan2.1-1.3b": TableShape("Wan2.1-1.3B (dim 1536, 12 heads, 30 blocks), one 81-frame 480x832 chunk "
+                              "(21 x 60 x 104 latent)", 1536, 12, (2, 16, 21, 60, 104)),
+    "wan2.2-ti2v-5b": TableShape("Wan2.2-TI2V-5B (dim 3072, 24 heads, 30 blocks), one 121-frame 1280x704 chunk "
+                                 "(48 channels, 31 x 44 x 80 latent: the Wan2.2 VAE's 16x16 and 4x)", 3072, 24,
+                                 (2, 48, 31, 44, 80)),
+}
+
+
+def readme_table(shape: str = "wan2.1-1.3b") -> str:
+    """Extra memory per option at a ``TABLE_SHAPES`` shape, cond + uncond batched, bf16, computed by
+    ``extra_bytes``."""
+    t = TABLE_SHAPES[shape]
+    latent, dim, heads = t.latent, t.dim, t.heads
+    stock = comfy_stock_estimate(latent, dim, 2)
+    chunk = token_counts(latent, MemoryShape(dim, heads))[1]  # one chunk of history (1.3B: 32,760 tokens)
     rows = [
-        ("query memory, 5 query layers, no history", MemoryShape(1536, 12, 5)),
+        ("query memory, 5 query layers, no history", MemoryShape(dim, heads, 5)),
         ("query memory, 5 query layers, 1 chunk of history, context cache",
-         MemoryShape(1536, 12, 5, context_tokens=chunk)),
+         MemoryShape(dim, heads, 5, context_tokens=chunk)),
         ("query memory, 5 query layers, 1 chunk of history, no cache",
-         MemoryShape(1536, 12, 5, context_tokens=chunk, cache_context=False)),
+         MemoryShape(dim, heads, 5, context_tokens=chunk, cache_context=False)),
         ("query memory, 5 query layers, 3 chunks of history, context cache",
-         MemoryShape(1536, 12, 5, context_tokens=3 * chunk)),
+         MemoryShape(dim, heads, 5, context_tokens=3 * chunk)),
         ("query memory, query_pool 2, 1 chunk of history, context cache",
-         MemoryShape(1536, 12, 5, query_pool=2, context_tokens=chunk)),
-        ("DiT-Mem, 5 references, official tokens (1000)", MemoryShape(1536, 12, memory_tokens=1000)),
+         MemoryShape(dim, heads, 5, query_pool=2, context_tokens=chunk)),
+        ("DiT-Mem, 5 references, official tokens (1000)", MemoryShape(dim, heads, memory_tokens=1000)),
         ("DiT-Mem, 5 references, de-duplicated (10 weighted)",
-         MemoryShape(1536, 12, memory_tokens=10, weighted_memory=True)),
+         MemoryShape(dim, heads, memory_tokens=10, weighted_memory=True)),
     ]
     mib = 2**20
-    out = [f"| option (stock estimate {stock / mib:,.0f} MiB) | extra | of which Q in the sequence | history | "
-           f"DiT-Mem keys |", "|---|---|---|---|---|"]
-    for name, shape in rows:
-        p = extra_bytes(stock, latent, shape, 2)
+    out = [f"{t.label}:", "", f"| option (stock estimate {stock / mib:,.0f} MiB) | extra | of which Q in the sequence | "
+           f"history | DiT-Mem keys |", "|---|---|---|---|---|"]
+    for name, shape_ in rows:
+        p = extra_bytes(stock, latent, shape_, 2)
         out.append(f"| {name} | {p['total'] / mib:,.0f} MiB | {p['query_sequence'] / mib:,.0f} MiB | "
                    f"{p['context'] / mib:,.0f} MiB | {p['memory'] / mib:,.1f} MiB |")
     return "\n".join(out)
 
 
 if __name__ == "__main__":
-    print(readme_table())
+    print("\n\n".join(readme_table(name) for name in TABLE_SHAPES))
