@@ -71,20 +71,24 @@ MODELS = ("query", "query_pool2", "no_memory")  # the equal-budget runs
 # the new-viewpoint recipe: the shipped model fine-tuned on returns that miss the poses of the way out, with the
 # camera signal as it was, and with view-aligned RoPE (memlearner_core/view_rope.py); the same budget each
 VIEWPOINT_MODELS = ("query_new_viewpoints", "query_view_rope", "query_view_rope_scratch")
-DATA_FOLDERS = {"data": False, "data_new_viewpoints": True}  # folder -> random_trajectory(new_viewpoints=)
 LONGER = "query_10k"  # diagnosis: the query run resumed to twice its steps
-SHIPPED_MODEL = "query_view_rope"  # the toy model shipped in memlearner_host/revisit_model/ (stage ship)
+DATA_FOLDERS = {"data": False, "data_new_viewpoints": True}  # folder -> random_trajectory(new_viewpoints=)
+SHIPPED_MODEL = "query_view_rope_scratch"  # the toy model shipped in memlearner_host/revisit_model/ (stage ship)
 SHIPPED_FILES = ("revisit_query.safetensors", "revisit_query_query.safetensors")  # the names the workflows load
-SHIPPED = {"query": "the toy model shipped in memlearner_host/revisit_model/ (query_view_rope: the 10,000-step query "
-                    "run fine-tuned 3,000 steps with view-aligned RoPE on new-viewpoint returns; fp16), the work "
-                    "folder having no revisit_query.safetensors"}
+SHIPPED = {"query": "the toy model shipped in memlearner_host/revisit_model/ (query_view_rope_scratch: the query "
+                    "recipe from scratch, 5,000 steps, with view-aligned RoPE on new-viewpoint returns; fp16), the "
+                    "work folder having no revisit_query.safetensors"}
 TRAIN_COMMAND = {  # how to get each model's weights into the work folder
     "query": "python benchmarks/revisit_world.py data && python benchmarks/revisit_world.py train",
     "query_pool2": "python benchmarks/revisit_world.py data && python benchmarks/revisit_world.py train",
     "no_memory": "python benchmarks/revisit_world.py data && python benchmarks/revisit_world.py train",
     LONGER: "python benchmarks/revisit_world.py train-longer (after train: it resumes the query run)",
-    **{m: "python benchmarks/revisit_world.py data && python benchmarks/revisit_world.py train-viewpoints"
-       for m in VIEWPOINT_MODELS},
+    "query_new_viewpoints": "python benchmarks/revisit_world.py train-viewpoints (after train and train-longer: "
+                            "it fine-tunes query_10k)",
+    "query_view_rope": "python benchmarks/revisit_world.py train-viewpoints (after train and train-longer: it "
+                       "fine-tunes query_10k)",
+    "query_view_rope_scratch": "python benchmarks/revisit_world.py data && python benchmarks/revisit_world.py "
+                               "train-viewpoints",
 }
 LATENT = 8  # latent frame side (64 x 64 pixels)
 CHUNK = 2  # latent frames per rollout chunk (5 video frames)
@@ -189,13 +193,12 @@ def train_config(work: Path, name: str, steps: int | None, configs: Path = CONFI
     text = (configs / f"{name}.toml").read_text()
     committed = load_config(configs / f"{name}.toml")
     subs = paths or {"data_dir": work / committed.data_dir.name, "output_dir": work / "runs" / name,
-                     "model_file": work / "models" / "diffusion_models" / "revisit_init.safetensors"}
+                     **{k: in_work(work, getattr(committed, k)) for k in ("model_file", "query_file")
+                        if getattr(committed, k) is not None}}
     lines = []
     for line in text.splitlines():
         key = line.split("=")[0].strip()
-        if key in ("model_file", "query_file") and WORK not in getattr(committed, key).parents:
-            line = f'{key} = "{getattr(committed, key)}"'  # the shipped model: resolved, the config moves
-        elif key in subs:
+        if key in subs:
             line = f'{key} = "{subs[key]}"'
         elif key == "steps" and steps is not None:
             line = f"steps = {steps}"
@@ -206,6 +209,11 @@ def train_config(work: Path, name: str, steps: int | None, configs: Path = CONFI
     path.write_text("\n".join(lines) + "\n")
     load_config(path)  # checked before anything runs
     return path
+
+
+def in_work(work: Path, path: Path) -> Path:
+    """A config's path into this benchmark's default work folder, moved into ``work``; any other path as it is."""
+    return work / path.relative_to(WORK) if WORK in path.parents else path
 
 
 def train_all(work: Path, steps: int | None, parallel: int, models=MODELS, configs: Path = CONFIGS,
@@ -248,6 +256,21 @@ def train_all(work: Path, steps: int | None, parallel: int, models=MODELS, confi
     done = (json.loads(record.read_text()) if record.exists() else {}) | done
     record.write_text(json.dumps(done, indent=1))
     return done
+
+
+def viewpoint_models(work: Path, scratch_only: bool) -> tuple[str, ...]:
+    """The new-viewpoint runs to train: the one from scratch always; the two that fine-tune ``query_10k`` when its
+    weights are in the work folder (``train-longer``) and not ``scratch_only``, else each is named as skipped."""
+    start = work / "models" / "diffusion_models" / f"revisit_{LONGER}.safetensors"
+    runs = ["query_view_rope_scratch"]
+    for name in ("query_new_viewpoints", "query_view_rope"):
+        if not scratch_only and start.is_file():
+            runs.append(name)
+        else:
+            print(f"[revisit] not training {name}: it fine-tunes {LONGER} "
+                  f"({'train-viewpoints trains it' if scratch_only else 'run train and train-longer first'})",
+                  flush=True)
+    return tuple(runs)
 
 
 def train_longer(work: Path, steps: int | None) -> dict:
@@ -769,7 +792,7 @@ def main(argv=None) -> int:
     if args.stage == "train-longer":
         train_longer(args.work, args.steps)
     if args.stage in ("train-viewpoints", "all"):
-        train_all(args.work, args.steps, args.parallel, VIEWPOINT_MODELS)
+        train_all(args.work, args.steps, args.parallel, viewpoint_models(args.work, args.stage == "all"))
     if args.stage in ("eval", "all"):
         results, examples, wa, info = evaluate(args.work, worlds, 2 if args.quick else STEPS)
         record = args.work / "training.json"
