@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import folder_paths
 import torch
 from comfy_api.latest import io
@@ -16,6 +18,8 @@ from .comfy_types import MEMORY, QUERY_WEIGHTS_FOLDER
 from .memory_patch import QueryMemory, apply_memory, context_in_model_space
 
 NO_WEIGHTS = "none"
+
+log = logging.getLogger("memlearner")
 
 
 def load_camera(query_weights: str | None, query_layers: int, query_pool: int,
@@ -101,6 +105,10 @@ class ApplyQueryMemory(io.ComfyNode):
                     history_poses, chunk_poses = poses[:n_hist], (poses[n_hist:] if poses.shape[0] > n_hist else None)
             elif camera_poses and camera_poses.strip():
                 raise ValueError("camera_poses need query_weights: the camera MLP is part of the query-memory weights")
+            if camera is not None and camera.view_rope_fov is not None and chunk_poses is None:
+                log.warning("memlearner: %s was trained with view-aligned RoPE, which places frames by their camera "
+                            "poses; without camera_poses for the video every frame keeps the stock positions",
+                            query_weights)
             history = context_in_model_space(ContextSpec.from_history(samples[0].cpu(), history_poses), model)
             query = QueryMemory(int(query_layers), history, camera, chunk_poses, bool(cache_context), int(query_pool))
         return io.NodeOutput(apply_memory(model, memory=memory, query=query))

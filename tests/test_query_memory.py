@@ -399,6 +399,18 @@ def test_view_aligned_rope_places_each_frame_where_its_camera_looks(comfy, wan_m
     assert rel_err(out, ref) < 1e-5
 
 
+def test_view_aligned_weights_without_camera_poses_say_the_frames_keep_stock_positions(comfy, wan_model, caplog):
+    from memlearner_core.checkpoint_io import save_query_weights
+
+    folder = comfy.folder_paths.get_folder_paths("memlearner")[0]
+    save_query_weights(f"{folder}/view_rope_np.safetensors", {"proj.weight": torch.zeros(256, 12),
+                                                             "proj.bias": torch.zeros(256)}, 2, view_rope_fov=45.0)
+    with caplog.at_level("WARNING", logger="memlearner"):
+        comfy.run("MemLearnerApplyQueryMemory", model=wan_model, context=history(2), query_layers=2,
+                  query_weights="view_rope_np.safetensors")
+    assert "trained with view-aligned RoPE" in caplog.text and "stock positions" in caplog.text
+
+
 def test_query_weights_trained_with_other_layers_or_pool_are_refused(comfy, wan_model):
     from memlearner_core.camera import CameraEmbedding
     from memlearner_core.checkpoint_io import save_query_weights
