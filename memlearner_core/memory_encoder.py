@@ -1,5 +1,7 @@
 """DiT-Mem memory encoder: reference-video latents -> memory tokens in the DiT's width.
 
+Latents have the channels of the model's VAE (``in_channels``: 16 for Wan2.1, 48 for Wan2.2 TI2V-5B).
+
 Module names match the released checkpoint (``Thrcle/DiT-Mem-1.3B``) so its 38 parameter tensors load one to
 one. Shapes for the released 480p config::
 
@@ -26,11 +28,32 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .model_family import FAMILIES
+
 # Feature-projection input width / CNN channels -> (latent T, H, W) of the released configs.
 KNOWN_LATENT_SHAPES = {
     3 * 6: (21, 60, 104),  # 81 frames at 480x832
     5 * 10: (21, 90, 160),  # 81 frames at 720x1280 (the 154M-parameter encoder)
 }
+
+
+def latent_family(channels: int) -> str:
+    """The label of the Wan family whose latents have ``channels`` channels (named in refusals)."""
+    labels = {f.latent_channels: f.label for f in FAMILIES.values()}
+    return labels.get(channels, f"a {channels}-channel model")
+
+
+def fit_problem(width: int, in_channels: int, dim: int, latent_channels: int) -> str | None:
+    """Why an encoder of ``width`` reading ``in_channels``-channel latents cannot serve a model ``dim`` wide whose
+    latents have ``latent_channels`` channels, in one line; None when it can."""
+    if in_channels != latent_channels:
+        return (f"the memory encoder is for {latent_family(in_channels)} ({in_channels} latent channels, "
+                f"{width}-wide tokens) but this model is {latent_family(latent_channels)} ({latent_channels} latent "
+                f"channels, {dim} wide); load the encoder trained for this model")
+    if width != dim:
+        return (f"the memory encoder makes {width}-wide tokens but this Wan model is {dim} wide "
+                f"(1.3B: 1536, 5B: 3072, 14B: 5120); load the encoder trained for this model")
+    return None
 
 
 @dataclass(frozen=True)

@@ -127,8 +127,9 @@ class EncoderRecipe(WanRecipe, core.EncoderRecipe):
                  device: str | torch.device = "cpu"):
         super().__init__(transformer, cfg, device)
         transformer.to(self.device, core.frozen_dtype(cfg, self.device)).eval().requires_grad_(False)
-        self.encoder = core.make_encoder(cfg, self.dim, latent_shape).float().to(self.device).train() \
-            .requires_grad_(True)
+        c = transformer.config
+        self.encoder = core.make_encoder(cfg, self.dim, latent_shape, c.out_channels or c.in_channels).float() \
+            .to(self.device).train().requires_grad_(True)
         self.camera = core.camera_for(cfg, self.dim, False).to(self.device) if cfg.query_file is not None else None
 
 

@@ -24,6 +24,7 @@ WAN_FILE = "tiny_wan21_t2v.safetensors"
 WAN22_5B_FILE = "tiny_wan22_ti2v_5b.safetensors"  # ComfyUI detects it as WAN22_T2V (model_base.WAN22, Wan22 latents)
 VAE_FILE = "tiny_wan21_vae.safetensors"
 ENCODER_FILE = "tiny_dit_mem.safetensors"
+WAN22_ENCODER_FILE = "tiny_dit_mem_wan22.safetensors"  # 48 input channels, written by the tests that use it
 TINY_NODES = Path(__file__).resolve().parent / "comfy_nodes"  # custom-node folder: random text conditioning
 
 
@@ -72,10 +73,31 @@ def tiny_vae(seed: int = 1):
     return vae
 
 
-def tiny_encoder(seed: int = 2):
+def tiny_wan22_vae(seed: int = 3):
+    """ComfyUI's Wan2.2 VAE (``vae2_2.WanVAE``: 48 channels, 16x spatial and 4x temporal compression) at 16 wide
+    (3.9M parameters), loaded by ``comfy.sd.VAE`` as it loads the real one. ComfyUI builds that VAE at its fixed
+    full width, so the load goes through a subclass that keeps the width of the tiny weights."""
+    from unittest import mock
+
+    import comfy.ldm.wan.vae2_2 as vae2_2
+    import comfy.sd
+
+    class TinyWan22VAE(vae2_2.WanVAE):
+        def __init__(self, dim=160, dec_dim=256, **kw):
+            super().__init__(dim=TINY_VAE_DIM, dec_dim=TINY_VAE_DIM, **kw)
+
+    weights = TinyWan22VAE(z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                           temperal_downsample=[False, True, True], dropout=0.0)
+    randomize(weights, seed)
+    with mock.patch.object(vae2_2, "WanVAE", TinyWan22VAE):
+        return comfy.sd.VAE(sd=weights.state_dict())
+
+
+def tiny_encoder(seed: int = 2, **config):
+    """The tiny DiT-Mem encoder (``TINY_ENCODER``, ``config`` overriding it: ``in_channels=48`` for Wan2.2)."""
     from memlearner_core.memory_encoder import EncoderConfig, MemoryEncoder
 
-    enc = MemoryEncoder(EncoderConfig(**TINY_ENCODER))
+    enc = MemoryEncoder(EncoderConfig(**{**TINY_ENCODER, **config}))
     randomize(enc, seed)
     return enc
 

@@ -311,14 +311,46 @@ def pad_latent(dm: wan.WanModel, x: torch.Tensor) -> torch.Tensor:
 
 # --- VAE and model management ---------------------------------------------------------------------------------
 
-def check_wan21_vae(vae) -> None:
-    """Raise unless ``vae`` is ComfyUI's Wan2.1 VAE (16 latent channels; Wan2.2's has 48)."""
+def wan_vae_channels(vae, what: str = "Encode Reference Video") -> int:
+    """The latent channels of ComfyUI's Wan2.1 VAE (16) or Wan2.2 VAE (48, ``vae2_2``); any other VAE is one
+    ``ValueError`` naming ``what``."""
     import comfy.ldm.wan.vae
+    import comfy.ldm.wan.vae2_2
 
     fsm = getattr(vae, "first_stage_model", None)
-    if type(fsm) is not comfy.ldm.wan.vae.WanVAE or getattr(vae, "latent_channels", None) != 16:
-        raise ValueError(f"Encode Reference Video needs the Wan2.1 VAE (wan_2.1_vae.safetensors); the connected VAE "
-                         f"is {type(fsm).__name__} with {getattr(vae, 'latent_channels', '?')} latent channels")
+    channels = getattr(vae, "latent_channels", None)
+    if not ((isinstance(fsm, comfy.ldm.wan.vae.WanVAE) and channels == 16)
+            or (isinstance(fsm, comfy.ldm.wan.vae2_2.WanVAE) and channels == 48)):
+        raise ValueError(f"{what} needs the Wan2.1 VAE (wan_2.1_vae.safetensors) or, for Wan2.2 TI2V-5B, the "
+                         f"Wan2.2 VAE (wan2.2_vae.safetensors); the connected VAE is {type(fsm).__name__} with "
+                         f"{channels or '?'} latent channels")
+    return channels
+
+
+def check_wan21_vae(vae) -> None:
+    """Raise unless ``vae`` is ComfyUI's Wan2.1 VAE (16 latent channels; Wan2.2's has 48)."""
+    if wan_vae_channels(vae, "training") != 16:
+        raise ValueError("training needs the Wan2.1 VAE (wan_2.1_vae.safetensors); the connected VAE is Wan2.2's "
+                         "(48 latent channels)")
+
+
+def vae_spatial_stride(vae) -> int:
+    """How many pixels of a frame one latent pixel covers, per side (8 for the Wan2.1 VAE, 16 for Wan2.2's)."""
+    return int(vae.spacial_compression_encode())
+
+
+def reference_latent_in(latent: torch.Tensor) -> torch.Tensor:
+    """Reference LATENT samples ``[..., C, T, H, W]`` -> the model's normalized space, ``(z - mean) / std`` per
+    channel in the latent format their channel count names (16: Wan2.1's, 48: Wan2.2's): a MEMORY is made
+    without the model, so the latents themselves say which VAE made them."""
+    import comfy.latent_formats
+
+    formats = {16: comfy.latent_formats.Wan21, 48: comfy.latent_formats.Wan22}
+    channels = latent.shape[-4]
+    if channels not in formats:
+        raise ValueError(f"reference latents must have 16 (Wan2.1) or 48 (Wan2.2) channels, got {channels}")
+    flat = latent.reshape(-1, *latent.shape[-4:])
+    return formats[channels]().process_in(flat).reshape(latent.shape)
 
 
 def managed_module(module: torch.nn.Module):

@@ -22,7 +22,7 @@ from memlearner_core.training.dataset import LatentCache
 
 from . import comfy_adapter as ca
 from .comfy_types import MEMORY, MEMORY_ENCODER
-from .memory_nodes import STRETCH, check_strength, encode_frames, memory_options
+from .memory_nodes import STRETCH, check_strength, check_vae_fits, encode_frames, memory_options
 from .memory_patch import ReferenceMemory
 
 log = logging.getLogger("memlearner")
@@ -34,7 +34,7 @@ def bank_folder(text: str) -> Path:
 
 
 def cached_latent(vae, video: Path, shape: tuple[int, int, int], resize: str = STRETCH) -> torch.Tensor:
-    """The video's latent ``[16, T, H, W]``, prepared as Encode Reference Video prepares images (DiT-Mem's frame
+    """The video's latent ``[C, T, H, W]`` (the VAE's channels), prepared as Encode Reference Video prepares images (DiT-Mem's frame
     picking, ``resize``), from the pack's latent cache (in ComfyUI's user folder) or encoded now and cached
     atomically. An unreadable or wrong cache entry is encoded again, with a warning naming it."""
     # "official frames" in the key: latents cached before frames were picked as DiT-Mem picks them are not reused
@@ -42,10 +42,11 @@ def cached_latent(vae, video: Path, shape: tuple[int, int, int], resize: str = S
     cache = LatentCache(ca.cache_directory(CACHE_DIR))
     latent = cache.get(video, settings)
     latent = None if latent is None else latent.clone()  # never backed by a cache file someone may rewrite
-    if latent is not None and not (latent.is_floating_point() and tuple(latent.shape) == (16, *shape)
+    channels = ca.wan_vae_channels(vae, "Reference Memory Bank")
+    if latent is not None and not (latent.is_floating_point() and tuple(latent.shape) == (channels, *shape)
                                    and torch.isfinite(latent).all()):
-        log.warning("memory bank: cached latent %s has shape %s or non-finite values, not [16, %s]; encoding "
-                    "again", cache.path(video, settings), tuple(latent.shape), ", ".join(map(str, shape)))
+        log.warning("memory bank: cached latent %s has shape %s or non-finite values, not [%d, %s]; encoding "
+                    "again", cache.path(video, settings), tuple(latent.shape), channels, ", ".join(map(str, shape)))
         latent = None
     if latent is None:
         try:
@@ -78,7 +79,7 @@ class ReferenceMemoryBank(io.ComfyNode):
                 MEMORY_ENCODER.Input("memory_encoder"),
                 io.Clip.Input("clip", tooltip="The text encoder that encoded the prompt (umt5 for Wan2.1)."),
                 io.Conditioning.Input("positive", tooltip="The prompt's conditioning, from CLIP Text Encode."),
-                io.Vae.Input("vae", tooltip="The Wan2.1 VAE."),
+                io.Vae.Input("vae", tooltip="The Wan VAE: Wan2.1's, or Wan2.2's for TI2V-5B."),
                 io.String.Input("folder", default="memory_bank",
                                 tooltip="Folder of videos with captions.json ({\"clip.mp4\": \"caption\"}) or a .txt "
                                         "per video, inside ComfyUI's input folder (a path relative to it)."),
@@ -93,7 +94,7 @@ class ReferenceMemoryBank(io.ComfyNode):
     def execute(cls, memory_encoder, clip, positive, vae, folder="memory_bank", top_k=5, strength=1.0,
                 deduplicate=True) -> io.NodeOutput:
         check_strength(strength)
-        ca.check_wan21_vae(vae)
+        check_vae_fits(vae, memory_encoder.model.cfg.in_channels, "Reference Memory Bank")
         entries = read_captioned_folder(bank_folder(folder), ca.input_directory())
         prompt = ca.conditioning_embedding(positive)
         captions = torch.stack([cls.caption_embedding(clip, e.caption) for e in entries])

@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from memlearner_core.checkpoint_io import load_memory_encoder
 from memlearner_core.hub import fetch_safetensors
+from memlearner_core.memory_encoder import latent_family
 from memlearner_core.reference_video import (
     ReferenceVideoError,
     frames_for_latent,
@@ -30,15 +31,26 @@ STRETCH = "stretch (official)"
 
 
 def encode_frames(vae, frames: torch.Tensor, shape: tuple[int, int, int], resize: str = STRETCH) -> torch.Tensor:
-    """One video ``[F, H, W, C]`` -> its Wan2.1 latent ``[16, T, H', W']`` in the encoder's ``shape``, prepared
-    as DiT-Mem's preprocessing does: the frame count the VAE maps to ``T`` picked with
-    ``np.linspace(..., dtype=int)`` (a shorter video's last frame repeated), frames stretched to ``8H' x 8W'``
-    (``resize`` "crop": scaled and center-cropped instead)."""
+    """One video ``[F, H, W, C]`` -> its Wan latent ``[C', T, H', W']`` (16 channels from the Wan2.1 VAE, 48 from
+    Wan2.2's) in the encoder's ``shape``, prepared as DiT-Mem's preprocessing does: the frame count the VAE maps
+    to ``T`` picked with ``np.linspace(..., dtype=int)`` (a shorter video's last frame repeated), frames stretched
+    to ``sH' x sW'``, ``s`` the VAE's spatial stride (``resize`` "crop": scaled and center-cropped instead)."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {', '.join(map(repr, RESIZE_MODES))}, got {resize!r}")
     frames = frames[sample_indices(frames.shape[0], frames_for_latent(shape[0]), official=True)]
-    frames = ca.resize_frames(frames, shape[2] * 8, shape[1] * 8, crop=RESIZE_MODES[resize])
+    stride = ca.vae_spatial_stride(vae)
+    frames = ca.resize_frames(frames, shape[2] * stride, shape[1] * stride, crop=RESIZE_MODES[resize])
     return vae.encode(frames[..., :3])[0].cpu()
+
+
+def check_vae_fits(vae, channels: int, what: str = "Encode Reference Video") -> None:
+    """The VAE is a Wan VAE making the ``channels``-channel latents the memory encoder reads, or one line saying
+    which to connect."""
+    made = ca.wan_vae_channels(vae, what)
+    if made != channels:
+        raise ValueError(f"{what}: the VAE makes {latent_family(made)} latents ({made} channels) but the memory "
+                         f"encoder reads {latent_family(channels)} latents ({channels} channels); connect the "
+                         f"{latent_family(channels)} VAE, or load the encoder trained for this VAE's model")
 
 
 def memory_options() -> list:
@@ -108,9 +120,11 @@ class EncodeReferenceVideo(io.ComfyNode):
             inputs=[
                 MEMORY_ENCODER.Input("memory_encoder"),
                 io.Image.Input("images", optional=True, tooltip="Reference frames; see frames_per_video."),
-                io.Vae.Input("vae", optional=True, tooltip="The Wan2.1 VAE, to encode images."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="The Wan VAE, to encode images: Wan2.1's, or Wan2.2's for TI2V-5B."),
                 io.Latent.Input("latent", optional=True,
-                                tooltip="Already-encoded Wan2.1 video latents; each batch item is one video."),
+                                tooltip="Already-encoded Wan video latents (16 channels, or 48 for Wan2.2 "
+                                        "TI2V-5B); each batch item is one video."),
                 io.Int.Input("frames_per_video", default=0, min=0, max=100000,
                              tooltip="Split the image batch into videos of this many frames; 0 = one video."),
                 ca.combo_input("resize", options=list(RESIZE_MODES), default=STRETCH, optional=True,
@@ -127,12 +141,12 @@ class EncodeReferenceVideo(io.ComfyNode):
     def execute(cls, memory_encoder, images=None, vae=None, latent=None, frames_per_video=0, strength=1.0,
                 deduplicate=True, resize=STRETCH) -> io.NodeOutput:
         check_strength(strength)
-        shape = memory_encoder.model.cfg.latent_shape
+        shape, channels = memory_encoder.model.cfg.latent_shape, memory_encoder.model.cfg.in_channels
         videos = []
         if images is not None:
             if vae is None:
-                raise ValueError("Encode Reference Video: connect the Wan2.1 VAE to encode images")
-            ca.check_wan21_vae(vae)
+                raise ValueError("Encode Reference Video: connect the Wan VAE to encode images")
+            check_vae_fits(vae, channels)
             if images.ndim != 4 or images.shape[-1] not in (3, 4) or 0 in images.shape:
                 raise ReferenceVideoError(f"Encode Reference Video: images must be an IMAGE batch [F, H, W, 3] with "
                                           f"at least one frame and pixel, got {list(images.shape)}")
@@ -142,9 +156,10 @@ class EncodeReferenceVideo(io.ComfyNode):
                           for frames in split_videos(images, frames_per_video))
         if latent is not None:
             samples = latent["samples"]
-            if samples.ndim != 5 or samples.shape[1] != 16 or 0 in samples.shape:
-                raise ReferenceVideoError(f"Encode Reference Video: latent must be Wan2.1 video latents [B, 16, T, H, "
-                                          f"W] with T, H, W at least 1, got {list(samples.shape)}")
+            if samples.ndim != 5 or samples.shape[1] != channels or 0 in samples.shape:
+                raise ReferenceVideoError(f"Encode Reference Video: latent must be {latent_family(channels)} video "
+                                          f"latents [B, {channels}, T, H, W] (what the memory encoder reads) with T, "
+                                          f"H, W at least 1, got {list(samples.shape)}")
             if not torch.isfinite(samples).all():
                 raise ReferenceVideoError("Encode Reference Video: the latent has NaN or infinite values")
             videos.extend(resample_latent(v, shape) for v in samples.cpu())

@@ -33,7 +33,7 @@ from memlearner_core.context_tokens import (
     segment_positions,
     tokens_per_frame,
 )
-from memlearner_core.memory_encoder import MemoryEncoder
+from memlearner_core.memory_encoder import MemoryEncoder, fit_problem
 from memlearner_core.memory_tokens import MemoryTokens
 from memlearner_core.model_family import WanFamily
 from memlearner_core.query_layers import ContextKV, query_memory_attention
@@ -62,8 +62,8 @@ class ReferenceMemory:
 
     @classmethod
     def from_latents(cls, videos: list[torch.Tensor], encoder, strength: float = 1.0, deduplicate: bool = True):
-        """Reference videos as LATENT samples ``[16, T, H, W]`` each (already in the encoder's shape)."""
-        refs = wa.wan21_latent_in(torch.stack(videos).float()).unsqueeze(0)  # [1, N, 16, T, H, W]
+        """Reference videos as LATENT samples ``[C, T, H, W]`` each (already in the encoder's shape and channels)."""
+        refs = wa.reference_latent_in(torch.stack(videos).float()).unsqueeze(0)  # [1, N, C, T, H, W]
         return cls(refs, encoder, float(strength), bool(deduplicate))
 
     @property
@@ -505,9 +505,9 @@ def apply_memory(model, memory: ReferenceMemory | TrainableMemory | None = None,
     if prev is not None:
         memory = memory if memory is not None else prev.memory
         query = query if query is not None else prev.query
-    if memory is not None and memory.width != dm.dim:
-        raise ValueError(f"the memory encoder makes {memory.width}-wide tokens but this Wan model is {dm.dim} wide "
-                         f"(1.3B: 1536, 14B: 5120); load the encoder trained for this model")
+    misfit = memory is not None and fit_problem(memory.width, memory.latents.shape[2], dm.dim, dm.out_dim)
+    if misfit:
+        raise ValueError(misfit)
     if query is not None:
         n = len(dm.blocks)
         if not 1 <= query.query_layers <= n:

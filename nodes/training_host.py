@@ -87,8 +87,8 @@ class EncoderRecipe(WanRecipe, core.EncoderRecipe):
                  device: str | torch.device = "cpu"):
         super().__init__(model_patcher, cfg, device)
         self.dm.to(self.device, core.frozen_dtype(cfg, self.device)).eval().requires_grad_(False)
-        self.encoder = core.make_encoder(cfg, self.dm.dim, latent_shape).float().to(self.device).train() \
-            .requires_grad_(True)
+        self.encoder = core.make_encoder(cfg, self.dm.dim, latent_shape, self.dm.out_dim).float().to(self.device) \
+            .train().requires_grad_(True)
         self.camera = core.camera_for(cfg, self.dm.dim, False, self.model_family).to(self.device) \
             if cfg.query_file is not None \
             else None

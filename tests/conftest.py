@@ -97,6 +97,22 @@ def encoder(comfy):
 
 
 @pytest.fixture(scope="session")
+def wan22_vae(comfy):
+    """The tiny Wan2.2 VAE (48 latent channels, 16x spatial compression), loaded by ComfyUI's VAE class."""
+    return tiny_models.tiny_wan22_vae()
+
+
+@pytest.fixture(scope="session")
+def wan22_encoder(comfy, models_dir):
+    """A tiny DiT-Mem encoder for 48-channel (Wan2.2) latents of shape 13x13x13, loaded by Load Memory Encoder."""
+    from memlearner_core.checkpoint_io import save_memory_encoder
+
+    save_memory_encoder(tiny_models.tiny_encoder(4, in_channels=48, latent_shape=(13, 13, 13)),
+                        models_dir / "memory_encoders" / tiny_models.WAN22_ENCODER_FILE)
+    return comfy.run("MemLearnerLoadMemoryEncoder", encoder_name=tiny_models.WAN22_ENCODER_FILE, dtype="fp32")[0]
+
+
+@pytest.fixture(scope="session")
 def text_cond(comfy):
     def cond(seed):
         return comfy.run("MemLearnerTestRandomConditioning", variant=seed)[0]

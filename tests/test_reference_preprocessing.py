@@ -86,7 +86,11 @@ def test_stretch_keeps_the_edges_and_crop_cuts_them(comfy):
 
 
 class PassThroughVAE:
-    """Stands in for the Wan VAE: ``encode`` hands back the prepared frames, so the test sees what it would get."""
+    """Stands in for the Wan2.1 VAE (8x spatial stride): ``encode`` hands back the prepared frames, so the test sees
+    what it would get."""
+
+    def spacial_compression_encode(self):
+        return 8
 
     def encode(self, frames):
         return frames[None]

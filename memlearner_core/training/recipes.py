@@ -26,7 +26,7 @@ import torch
 from ..camera import CameraEmbedding
 from ..checkpoint_io import load_memory_encoder, load_query_weights, save_memory_encoder, save_query_weights
 from ..context_tokens import ContextSpec
-from ..memory_encoder import EncoderConfig, MemoryEncoder, cnn_output_shape
+from ..memory_encoder import EncoderConfig, MemoryEncoder, cnn_output_shape, fit_problem
 from ..memory_tokens import MemoryTokens
 from ..model_family import DEFAULT_FAMILY
 from ..reference_video import resample_latent
@@ -111,13 +111,20 @@ def camera_for(cfg: TrainConfig, dim: int, trainable: bool, model_family: str | 
     return camera.requires_grad_(trainable)
 
 
-def make_encoder(cfg: TrainConfig, dim: int, latent_shape: tuple[int, int, int]) -> MemoryEncoder:
-    """The encoder to train: ``cfg.encoder_file``, or a fresh one for references of ``latent_shape`` (T, H, W) in
-    the model's width ``dim`` (its initialisation drawn from torch's global generator)."""
+def make_encoder(cfg: TrainConfig, dim: int, latent_shape: tuple[int, int, int], latent_channels: int
+                 ) -> MemoryEncoder:
+    """The encoder to train: ``cfg.encoder_file``, or a fresh one for references of ``latent_shape`` (T, H, W)
+    with the model's ``latent_channels`` (16 Wan2.1, 48 Wan2.2 TI2V-5B) in its width ``dim`` (its initialisation
+    drawn from torch's global generator)."""
     if cfg.encoder_file is not None:
         encoder = load_memory_encoder(cfg.encoder_file)
+        if encoder.cfg.in_channels != latent_channels:
+            raise ValueError(f"encoder_file {Path(cfg.encoder_file).name}: "
+                             + fit_problem(encoder.cfg.width, encoder.cfg.in_channels, dim, latent_channels)
+                             + ", or leave encoder_file out to start a new one")
     else:
-        encoder = MemoryEncoder(EncoderConfig(width=dim, latent_shape=tuple(latent_shape)))
+        encoder = MemoryEncoder(EncoderConfig(in_channels=latent_channels, width=dim,
+                                              latent_shape=tuple(latent_shape)))
     if min(cnn_output_shape(encoder.cfg)) < 1:
         raise ValueError(f"the encoder's reference shape {encoder.cfg.latent_shape} (latent T, H, W) is too small "
                          "for its two strided convolutions and poolings (each side needs at least 13 latent "
