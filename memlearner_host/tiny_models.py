@@ -139,12 +139,14 @@ TOY_MODEL = Path(__file__).resolve().parent / "revisit_model"  # diffusion_model
 
 
 def copy_toy_model(models_dir: Path) -> None:
-    """Put the toy model trained on the revisit world (shipped with the pack) into a ComfyUI models folder."""
+    """Put the toy model trained on the revisit world (shipped with the pack) into a ComfyUI models folder; a copy
+    that differs from the shipped file in any byte (an older toy model has the same size) is replaced."""
+    import filecmp
     import shutil
 
     for src in TOY_MODEL.glob("*/*.safetensors"):
         dst = models_dir / src.parent.name / src.name
-        if not dst.is_file() or dst.stat().st_size != src.stat().st_size:
+        if not dst.is_file() or not filecmp.cmp(src, dst, shallow=False):
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst)
 

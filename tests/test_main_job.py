@@ -186,3 +186,15 @@ def test_printout_labels_the_random_weight_chunks_as_a_plumbing_check(job):
     check = next(i for i, line in enumerate(lines) if "plumbing check: random weights, noise expected" in line)
     chunks = [str(f) for f in files if f.name.startswith("chunk")]
     assert [line.removeprefix("[demo]").strip() for line in lines[check + 1:check + 3]] == chunks
+
+
+def test_an_older_toy_model_of_the_same_size_is_replaced(tmp_path):
+    """A demo folder holding an earlier toy model (the same architecture, so the same size) gets the shipped one."""
+    from memlearner_host import tiny_models as shipped
+
+    shipped.copy_toy_model(tmp_path)
+    copy = next(tmp_path.glob("diffusion_models/*.safetensors"))
+    original = copy.read_bytes()
+    copy.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    shipped.copy_toy_model(tmp_path)
+    assert copy.read_bytes() == original
