@@ -1,4 +1,4 @@
-"""Patching a ComfyUI Wan2.1 MODEL with memory, always on a clone.
+"""Patching a ComfyUI Wan MODEL (Wan2.1 T2V or Wan2.2 TI2V-5B) with memory, always on a clone.
 
 The settings sit in the clone's attachments (``memlearner``, shared by reference by later clones); two wrappers
 keyed ``memlearner`` use them, and ComfyUI's stock Wan blocks run everything else:

@@ -1,4 +1,5 @@
-"""Apply Query Memory: MemLearner query layers (and optionally DiT-Mem memory) on a clone of a Wan2.1 MODEL."""
+"""Apply Query Memory: MemLearner query layers (and optionally DiT-Mem memory) on a clone of a Wan MODEL (Wan2.1 T2V,
+a Wan2.2 A14B expert or Wan2.2 TI2V-5B)."""
 
 from __future__ import annotations
 
@@ -61,11 +62,12 @@ class ApplyQueryMemory(io.ComfyNode):
             node_id="MemLearnerApplyQueryMemory",
             display_name="Apply Query Memory",
             category="memlearner",
-            description="Gives a Wan2.1 model memory. With a context: query tokens in the first query layers read "
-                        "the clean history frames, the video reads only the query tokens (MemLearner; needs a "
-                        "model fine-tuned for it). With a MEMORY: every self-attention also reads the reference "
-                        "videos' memory tokens (DiT-Mem, any Wan2.1 of the encoder's width). Returns a patched "
-                        "copy; the input model is unchanged.",
+            description="Gives a Wan model memory (Wan2.1 T2V, a Wan2.2 A14B expert, or Wan2.2 TI2V-5B). With a "
+                        "context: query tokens in the first query layers read the clean history frames, the video "
+                        "reads only the query tokens (MemLearner; needs a model fine-tuned for it). With a MEMORY: "
+                        "every self-attention also reads the reference videos' memory tokens (DiT-Mem, any Wan of "
+                        "the encoder's width and latent channels). Returns a patched copy; the input model is "
+                        "unchanged.",
             inputs=[
                 io.Model.Input("model"),
                 io.Latent.Input("context", optional=True,
@@ -123,7 +125,7 @@ class ApplyReferenceMemory(io.ComfyNode):
             node_id="MemLearnerApplyReferenceMemory",
             display_name="Apply Reference Memory",
             category="memlearner",
-            description="Every self-attention of the Wan2.1 model also reads the reference videos' memory tokens "
+            description="Every self-attention of the Wan model also reads the reference videos' memory tokens "
                         "(DiT-Mem). Returns a patched copy; the input model is unchanged.",
             inputs=[io.Model.Input("model"), MEMORY.Input("memory")],
             outputs=[io.Model.Output(display_name="model")],
