@@ -113,6 +113,21 @@ def wan22_encoder(comfy, models_dir):
 
 
 @pytest.fixture(scope="session")
+def wan22_5b_diffusers(comfy, models_dir):
+    """The tiny Wan2.2 TI2V-5B as diffusers' WanTransformer3DModel (48 channels in and out): ``wan22_5b``'s file,
+    converted by the pack's key conversion (``memlearner_diffusers.transformer_from_comfy``)."""
+    from memlearner_diffusers import transformer_from_comfy
+
+    return transformer_from_comfy(tiny_models.model_paths(models_dir)["wan22_5b"])
+
+
+@pytest.fixture(scope="session")
+def wan22_encoder_file(wan22_encoder, models_dir) -> Path:
+    """The file ``wan22_encoder`` was loaded from (for hosts that read it themselves, as diffusers' does)."""
+    return models_dir / "memory_encoders" / tiny_models.WAN22_ENCODER_FILE
+
+
+@pytest.fixture(scope="session")
 def text_cond(comfy):
     def cond(seed):
         return comfy.run("MemLearnerTestRandomConditioning", variant=seed)[0]
