@@ -1,4 +1,5 @@
-"""MemLearner query memory and DiT-Mem reference memory for diffusers' Wan2.1 (``WanTransformer3DModel``).
+"""MemLearner query memory and DiT-Mem reference memory for diffusers' Wan (``WanTransformer3DModel``: Wan2.1,
+the Wan2.2 A14B experts, Wan2.2 TI2V-5B).
 
 The second host beside the ComfyUI nodes, over the same host-free core (``memlearner_core``) and the same weight
 files (memory encoder, query weights; Wan2.1 weights converted by key between ComfyUI's and diffusers' layouts).

@@ -30,10 +30,10 @@ from memlearner_core.context_tokens import (
     segment_positions,
     tokens_per_frame,
 )
-from memlearner_core.memory_encoder import MemoryEncoder
+from memlearner_core.memory_encoder import MemoryEncoder, fit_problem
 from memlearner_core.memory_settings import check_memory_settings
 from memlearner_core.memory_tokens import MemoryTokens
-from memlearner_core.model_family import WAN21
+from memlearner_core.model_family import WanFamily
 from memlearner_core.query_layers import ContextKV, query_memory_attention
 from memlearner_core.training.recipes import TrainableMemory
 from memlearner_core.view_rope import chunk_aligned
@@ -45,7 +45,7 @@ ATTR = "_memlearner_memory"  # where the installed adapter lives on the transfor
 
 @dataclass
 class ReferenceMemory:
-    """DiT-Mem memory: reference-video latents ``[1, N, 16, T, H, W]`` in the transformer's (normalized) latent
+    """DiT-Mem memory: reference-video latents ``[1, N, C, T, H, W]`` in the transformer's (normalized) latent
     space and the encoder that turns them into tokens. The tokens are computed once, on the encoder's device,
     and kept (the encoder is frozen); ``strength`` weights the memory keys as if each were repeated that many
     times (0: no memory at all); ``deduplicate`` collapses identical tokens exactly (see ``MemoryTokens``)."""
@@ -58,11 +58,14 @@ class ReferenceMemory:
 
     @classmethod
     def from_latents(cls, videos, encoder: MemoryEncoder, strength: float = 1.0, deduplicate: bool = True):
-        """``videos``: a list of ``[16, T, H, W]`` latents or one ``[N, 16, T, H, W]`` tensor, already in the
-        encoder's shape and in the transformer's latent space (``normalize_latents`` of VAE-encoded clips)."""
+        """``videos``: a list of ``[C, T, H, W]`` latents or one ``[N, C, T, H, W]`` tensor (``C`` the channels the
+        encoder reads: 16 Wan2.1, 48 Wan2.2 TI2V-5B), already in the encoder's shape and in the transformer's
+        latent space (``normalize_latents`` of VAE-encoded clips)."""
         refs = torch.stack(list(videos)) if isinstance(videos, (list, tuple)) else videos
-        if refs.ndim != 5 or refs.shape[1] != 16:
-            raise ValueError(f"reference latents must be [N, 16, T, H, W], got {tuple(refs.shape)}")
+        c = encoder.cfg.in_channels
+        if refs.ndim != 5 or refs.shape[1] != c:
+            raise ValueError(f"reference latents must be [N, {c}, T, H, W] (the channels the memory encoder reads), "
+                             f"got {tuple(refs.shape)}; encode the references with this model's VAE")
         return cls(refs.float().unsqueeze(0), encoder, float(strength), bool(deduplicate))
 
     @property
@@ -106,15 +109,34 @@ def query_noise(seed: int, shape, device, dtype, timestep: float) -> torch.Tenso
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(key)).to(device=device, dtype=dtype)
 
 
-def load_camera(path, query_layers: int | None = None, query_pool: int | None = None) -> tuple[CameraEmbedding, int, int]:
+def load_camera(path, query_layers: int | None = None, query_pool: int | None = None,
+                transformer=None) -> tuple[CameraEmbedding, int, int]:
     """The camera MLP of a query-weights file, with the ``query_layers`` and ``query_pool`` it was fine-tuned
-    with. Given values that differ from the file's are refused: the model would run untrained."""
+    with. Given values that differ from the file's are refused: the model would run untrained. So are weights
+    fine-tuned on another model family than ``transformer``'s, here when it is given, else when the camera is
+    applied (the camera keeps the file's ``model_family``)."""
     weights = load_query_weights(path)
-    wrong = weights.mismatch(query_layers, query_pool, WAN21.name)  # this host runs Wan2.1
+    family = None if transformer is None else wh.wan_family(transformer).name
+    wrong = weights.mismatch(query_layers, query_pool, family)
     if wrong is not None:
         key, recorded, given = wrong
+        if key == "model_family":
+            raise ValueError(family_refusal(path, recorded, given))
         raise ValueError(f"{path} was fine-tuned with {key} = {recorded}, not {given}")
-    return weights.camera_embedding().requires_grad_(False), weights.query_layers, query_pool or weights.query_pool or 1
+    camera = weights.camera_embedding().requires_grad_(False)
+    camera.model_family = weights.model_family
+    return camera, weights.query_layers, query_pool or weights.query_pool or 1
+
+
+def family_refusal(what, recorded: str, family: str) -> str:
+    return (f"{what} was fine-tuned on {recorded}, but the transformer is {family}; load the query weights "
+            f"fine-tuned for this model")
+
+
+def noise_level(timestep: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the step's timestep, or for per-token timesteps ``[B, L]`` (Wan2.2 TI2V-5B's pipeline; 0 on a given
+    first frame) the noisy tokens' one, their largest (as the ComfyUI adapter takes per-frame timesteps)."""
+    return timestep.amax(1) if timestep.ndim == 2 else timestep.flatten()
 
 
 @dataclass
@@ -126,6 +148,7 @@ class _Forward:
     q_tokens: torch.Tensor | None = None  # [B, Nq, C], put in front of the sequence in block 0
     p_camera: torch.Tensor | None = None  # [Np, C] camera vectors of P's tokens
     rope: wh.Rope | None = None  # tables of [Q; P]
+    noisy_temb: torch.Tensor | None = None  # per-token timesteps: [B, 6, C] at the noisy tokens' level
     temb: dict = field(default_factory=dict)  # block index -> the step's timestep_proj [B, 6, C]
     history: dict = field(default_factory=dict)  # this forward's history tokens when nothing is cached
 
@@ -135,6 +158,7 @@ class MemoryAdapter:
 
     def __init__(self, transformer, memory: ReferenceMemory | TrainableMemory | None, query: QueryMemory | None):
         self.transformer, self.memory, self.query = transformer, memory, query
+        self.family = wh.wan_family(transformer)
         self.forward: _Forward | None = None
         self.history_cache: dict = {}  # (device, dtype) -> history tokens, RoPE tables, t=0 modulation
         self.context_cache: dict = {}  # (layer, device, dtype) -> ContextKV
@@ -168,6 +192,9 @@ class MemoryAdapter:
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         st = _Forward(self.memory.tokens() if self.memory is not None else None)
         self.forward = st
+        if timestep.ndim == 2:  # per-token timesteps: the memories and Q run at the noisy tokens' level
+            text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+            st.noisy_temb = wh.time_modulation(self.transformer, noise_level(timestep), text.dtype)
         if self.query is not None:
             self._make_queries(st, x, timestep)
         return None
@@ -175,11 +202,11 @@ class MemoryAdapter:
     def _make_queries(self, st: _Forward, x: torch.Tensor, timestep: torch.Tensor) -> None:
         """Q ``[B, Nq, C]`` from noise of the step, its RoPE tables, and the camera vectors of Q and P."""
         tr, q = self.transformer, self.query
-        check_context_matches(q.context, x)
+        check_context_matches(q.context, x, self.family)
         check_chunk_poses(q.chunk_poses, x)
         b, _, t, h, w = x.shape
         patch = wh.patch_size(tr)
-        step = float(timestep.flatten()[0])
+        step = float(noise_level(timestep)[0])
         if getattr(q.camera, "view_rope_fov", None) is not None and q.chunk_poses is not None:
             ph, pw = h // patch[1], w // patch[2]
             ids_p = chunk_aligned(cell_positions(torch.arange(t), ph, pw, 1), q.chunk_poses, q.camera, q.chunk_poses,
@@ -216,7 +243,8 @@ class MemoryAdapter:
             if st is None:
                 return None
             bound = {**dict(zip(names, args, strict=False)), **kwargs}
-            st.temb[index] = bound["temb"]
+            temb = bound["temb"]
+            st.temb[index] = temb if st.noisy_temb is None else st.noisy_temb.to(temb)
             if self.query is not None:
                 x = bound["hidden_states"]
                 if index == 0:
@@ -225,6 +253,9 @@ class MemoryAdapter:
                         x = torch.cat([x[:, : st.n_query], x[:, st.n_query:] + st.p_camera.to(x)], 1)
                     bound["hidden_states"] = x
                 bound["rotary_emb"] = st.rope
+                if temb.ndim == 4:  # per-token modulation [B, L, 6, C]: Q's tokens at the noisy level, P keeps its own
+                    q_temb = st.noisy_temb.to(temb)[:, None].expand(-1, st.n_query, -1, -1)
+                    bound["temb"] = torch.cat([q_temb, temb], 1)
             return (), bound
 
         return hook
@@ -303,9 +334,15 @@ class MemoryAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out.type_as(q)))
 
 
-def check_context_matches(context: ContextSpec, x: torch.Tensor) -> None:
-    if x.ndim != 5 or x.shape[1] != 16:
-        raise ValueError(f"query memory needs a Wan2.1 video latent [B, 16, T, H, W], got {tuple(x.shape)}")
+def check_context_matches(context: ContextSpec, x: torch.Tensor, family: WanFamily) -> None:
+    c = family.latent_channels
+    if x.ndim != 5 or x.shape[1] != c:
+        raise ValueError(f"query memory on {family.label} needs a video latent [B, {c}, T, H, W], got "
+                         f"{tuple(x.shape)}")
+    wrong = [tuple(s.latent.shape) for s in context.segments if s.latent.shape[0] != c]
+    if wrong:
+        raise ValueError(f"the query-memory history must be {family.label} latents [{c}, T, H, W], got "
+                         f"{wrong[0]}; encode the history with this model's VAE")
     size = context.spatial_size()
     if size is not None and tuple(x.shape[-2:]) != size:
         raise ValueError(f"the query-memory context is {size[0]}x{size[1]} latent pixels but the latent being "
@@ -316,6 +353,18 @@ def check_chunk_poses(poses: torch.Tensor | None, x: torch.Tensor) -> None:
     if poses is not None and poses.shape[0] < x.shape[2]:
         raise ValueError(f"chunk_poses cover {poses.shape[0]} of the {x.shape[2]} latent frames being generated; "
                          f"give one pose per generated frame")
+
+
+def check_family(family: WanFamily, dim: int, memory, query: QueryMemory | None) -> None:
+    """The memory encoder reads this family's latents, and query weights were fine-tuned on this family."""
+    encoder = getattr(memory, "encoder", None)
+    if encoder is not None:
+        wrong = fit_problem(encoder.cfg.width, encoder.cfg.in_channels, dim, family.latent_channels)
+        if wrong is not None:
+            raise ValueError(wrong)
+    recorded = getattr(query.camera, "model_family", None) if query is not None else None
+    if recorded is not None and recorded != family.name:
+        raise ValueError(family_refusal("the query weights (camera)", recorded, family.name))
 
 
 def installed(transformer) -> MemoryAdapter | None:
@@ -330,7 +379,7 @@ def apply_memory(transformer, memory: ReferenceMemory | TrainableMemory | None =
     A memory the transformer already carries is kept unless replaced (DiT-Mem applied first, then query memory,
     gives both), as with the ComfyUI nodes. Strength 0 drops the reference memory: exactly the plain model. All
     checks run before anything changes."""
-    wh.check_wan21(transformer)
+    family = wh.wan_family(transformer)
     if memory is None and query is None:
         raise ValueError("nothing to apply: give a ReferenceMemory, a QueryMemory, or both")
     prev = installed(transformer)
@@ -338,6 +387,7 @@ def apply_memory(transformer, memory: ReferenceMemory | TrainableMemory | None =
         memory = memory if memory is not None else prev.memory
         query = query if query is not None else prev.query
     dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    check_family(family, dim, memory, query)
     check_memory_settings(dim, len(transformer.blocks), memory, query)
     if memory is not None and memory.strength == 0:
         memory = None

@@ -19,6 +19,7 @@ from memlearner_core.camera import CameraEmbedding
 from memlearner_core.context_policy import frame_cost, select_context
 from memlearner_core.rollout import ChunkRecord, MemoryBank, context_tokens, latent_frames
 
+from . import wan_host as wh
 from .memory import QueryMemory, apply_memory, installed, remove_memory
 
 SEED_RANGE = 2**64
@@ -26,7 +27,8 @@ SEED_RANGE = 2**64
 
 @dataclass
 class RolloutResult:
-    """``latents [1, 16, N, H/8, W/8]``: ``first_chunk`` then every chunk, in the transformer's latent space;
+    """``latents [1, C, N, H/s, W/s]`` (the family's channels and VAE stride: 16 and 8 Wan2.1, 48 and 16 Wan2.2
+    TI2V-5B): ``first_chunk`` then every chunk, in the transformer's latent space;
     ``records``: per chunk, its first frame, the picked ``[frame, pool]`` pairs, context tokens, seconds and peak
     memory (as the node's report)."""
 
@@ -43,7 +45,7 @@ def _vae_stats(vae, latents: torch.Tensor):
 
 def normalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents as ``AutoencoderKLWan.encode`` gives them -> the transformer's space ``(z - mean) / std`` (history
-    and reference videos are read there, as the pipeline denoises there). ``[B, 16, T, H, W]`` or ``[16, T, H, W]``."""
+    and reference videos are read there, as the pipeline denoises there). ``[B, C, T, H, W]`` or ``[C, T, H, W]``."""
     mean, std = _vae_stats(vae, latents)
     return (latents - mean) / std
 
@@ -73,15 +75,21 @@ def rollout(pipe, *, chunks: int, chunk_frames: int, height: int, width: int, po
     ``context_frames`` full-resolution latent frames of tokens (0 = unlimited, ``all`` only); ``query_layers``
     0 generates the chunks without memory of each other. ``poses [N, 3, 4]``: one camera-to-world pose per
     latent frame of the whole video (``first_chunk`` included), for ``fov`` and the ``camera`` MLP.
-    ``first_chunk [16, T, H/8, W/8]`` (transformer space) enters the bank first. Everything else (prompt or
+    ``first_chunk [C, T, H/s, W/s]`` (transformer space; the family's channels and VAE stride) enters the bank first. Everything else (prompt or
     ``prompt_embeds``, ``negative_prompt``, ``num_inference_steps``, ``guidance_scale``...) goes to the pipeline.
     A DiT-Mem memory already applied to ``pipe.transformer`` is kept for every chunk; the transformer leaves
     with the memory it came with."""
-    t, h, w = latent_frames(chunk_frames), height // 8, width // 8
+    family = wh.wan_family(pipe.transformer)
+    stride = getattr(pipe, "vae_scale_factor_spatial", family.vae_stride)
+    if stride != family.vae_stride:
+        raise ValueError(f"the pipeline's VAE compresses {stride}x but {family.label} latents are {family.vae_stride}x "
+                         f"the frames; give the pipeline this model's VAE")
+    t, h, w, c = latent_frames(chunk_frames), height // stride, width // stride, family.latent_channels
     if first_chunk is not None:
         first_chunk = first_chunk[0] if first_chunk.ndim == 5 else first_chunk
-        if first_chunk.ndim != 4 or first_chunk.shape[0] != 16 or tuple(first_chunk.shape[-2:]) != (h, w):
-            raise ValueError(f"first_chunk must be a Wan2.1 latent [16, T, {h}, {w}], got {tuple(first_chunk.shape)}")
+        if first_chunk.ndim != 4 or first_chunk.shape[0] != c or tuple(first_chunk.shape[-2:]) != (h, w):
+            raise ValueError(f"first_chunk must be a {family.label} latent [{c}, T, {h}, {w}], got "
+                             f"{tuple(first_chunk.shape)}")
     n_first = 0 if first_chunk is None else first_chunk.shape[1]
     if poses is not None and poses.shape[0] < n_first + chunks * t:
         raise ValueError(f"poses cover {poses.shape[0]} latent frames; the video has {n_first + chunks * t}")

@@ -11,7 +11,6 @@ trained here runs in either host. Reads pre-encoded clips (``data_format = "late
 
 from __future__ import annotations
 
-import inspect
 import sys
 from pathlib import Path
 
@@ -19,30 +18,27 @@ import torch
 from safetensors.torch import save_file
 
 from memlearner_core.checkpoint_io import read_safetensors
+from memlearner_core.model_family import WAN21, WanFamily
 from memlearner_core.training import recipes as core
 from memlearner_core.training.config import TrainConfig
 from memlearner_core.training.recipes import LORA_EXPORT, WAN_EXPORT, QueryDraw, TrainableMemory
 
 from . import convert
+from . import wan_host as wh
 from .memory import QueryMemory, apply_memory, remove_memory
 
 # LoRA on every linear layer of the blocks (as the ComfyUI host): attention projections (self and cross), the MLP
 LORA_TARGETS = r"blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|blocks\.\d+\.ffn\.net\.(0\.proj|2)"
 
 
-def wan21_latent_stats() -> tuple[torch.Tensor, torch.Tensor]:
-    """Wan2.1's per-channel latent mean and std ``[16]``, as ``AutoencoderKLWan``'s config carries them."""
-    from diffusers import AutoencoderKLWan
-
-    params = inspect.signature(AutoencoderKLWan.__init__).parameters
-    return torch.tensor(params["latents_mean"].default), torch.tensor(params["latents_std"].default)
-
-
-def latent_in(latent: torch.Tensor) -> torch.Tensor:
-    """LATENT samples ``[..., 16, T, H, W]`` (as the VAE encodes) -> the transformer's space ``(z - mean) / std``."""
-    mean, std = wan21_latent_stats()
-    shape = (16, 1, 1, 1)
-    return (latent - mean.view(shape).to(latent)) / std.view(shape).to(latent)
+def latent_in(latent: torch.Tensor, family: WanFamily = WAN21) -> torch.Tensor:
+    """LATENT samples ``[..., C, T, H, W]`` (as the family's VAE encodes) -> the transformer's space
+    ``(z - mean) / std`` with the family's per-channel statistics."""
+    c = family.latent_channels
+    if latent.ndim < 4 or latent.shape[-4] != c:
+        raise ValueError(f"{family.label} latents must be [..., {c}, T, H, W], got {tuple(latent.shape)}")
+    mean, std = (torch.tensor(v).view(c, 1, 1, 1).to(latent) for v in (family.latents_mean, family.latents_std))
+    return (latent - mean) / std
 
 
 def load_transformer(path: str | Path):
@@ -63,6 +59,8 @@ class WanRecipe(core.WanRecipe):
     def __init__(self, transformer, cfg: TrainConfig, device: str | torch.device = "cpu"):
         super().__init__(cfg, device)
         self.transformer = transformer
+        self.family = wh.wan_family(transformer)
+        self.model_family = self.family.name  # recorded in the query weights it exports
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
 
@@ -72,7 +70,7 @@ class WanRecipe(core.WanRecipe):
         return c.num_attention_heads * c.attention_head_dim
 
     def latent_in(self, latent: torch.Tensor) -> torch.Tensor:
-        return latent_in(latent)
+        return latent_in(latent, self.family)
 
     def predict(self, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, seed: int,
                 memory: TrainableMemory | None, query: QueryDraw | None) -> torch.Tensor:
@@ -105,7 +103,8 @@ class QueryRecipe(WanRecipe, core.QueryRecipe):
             add_lora(transformer, cfg.lora_rank)
         else:
             transformer.requires_grad_(True)
-        self.camera = core.camera_for(cfg, self.dim, True).to(self.device) if cfg.query_layers else None
+        self.camera = core.camera_for(cfg, self.dim, True, self.model_family).to(self.device) \
+            if cfg.query_layers else None
 
     def export_wan(self, folder: Path) -> Path:
         if self.cfg.lora_rank:
@@ -127,10 +126,10 @@ class EncoderRecipe(WanRecipe, core.EncoderRecipe):
                  device: str | torch.device = "cpu"):
         super().__init__(transformer, cfg, device)
         transformer.to(self.device, core.frozen_dtype(cfg, self.device)).eval().requires_grad_(False)
-        c = transformer.config
-        self.encoder = core.make_encoder(cfg, self.dim, latent_shape, c.out_channels or c.in_channels).float() \
+        self.encoder = core.make_encoder(cfg, self.dim, latent_shape, self.family.latent_channels).float() \
             .to(self.device).train().requires_grad_(True)
-        self.camera = core.camera_for(cfg, self.dim, False).to(self.device) if cfg.query_file is not None else None
+        self.camera = core.camera_for(cfg, self.dim, False, self.model_family).to(self.device) \
+            if cfg.query_file is not None else None
 
 
 def add_lora(transformer: torch.nn.Module, rank: int) -> None:
@@ -141,6 +140,17 @@ def add_lora(transformer: torch.nn.Module, rank: int) -> None:
 def comfy_lora_state(transformer: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
     """The adapters as ComfyUI reads a LoRA: ``diffusion_model.<ComfyUI layer>.lora_A/lora_B.weight``, ``.alpha``."""
     return core.comfy_lora_state(transformer, rank, convert.comfy_module_name)
+
+
+def check_model_family(cfg: TrainConfig, transformer) -> WanFamily:
+    """The family of the loaded ``model_file``, refused in one line when it has none or the config's frame size
+    does not fit it (a multiple of the family's VAE stride times the 2x patch)."""
+    try:
+        family = wh.wan_family(transformer)
+    except wh.UnsupportedModel as e:
+        raise ValueError(f"model_file {Path(cfg.model_file).name}: {e}") from None
+    core.check_frame_size(cfg, family)
+    return family
 
 
 def training_device(choice: str) -> torch.device:
@@ -170,9 +180,11 @@ def run_training(cfg: TrainConfig, text_fn=None):
     for key, path in files.items():
         if path is not None and not Path(path).exists():
             raise ValueError(f"{key} {path}: no such file; fix {key} in the config")
-    encoded, skipped = read_latent_folder(cfg.data_dir, cfg.latent_frames, cfg.width, cfg.height)
-    require_data(encoded)
     transformer = load_transformer(cfg.model_file)
+    family = check_model_family(cfg, transformer)
+    encoded, skipped = read_latent_folder(cfg.data_dir, cfg.latent_frames, cfg.width, cfg.height,
+                                          family.latent_channels, family.vae_stride)
+    require_data(encoded)
     if text_fn is None:
         def text_fn(caption):
             return torch.zeros(1, 1, transformer.config.text_dim)

@@ -1,4 +1,5 @@
-"""The one module that reaches into diffusers' Wan2.1 internals (``WanTransformer3DModel``, diffusers 0.33+).
+"""The one module that reaches into diffusers' Wan internals (``WanTransformer3DModel``, diffusers 0.33+: Wan2.1,
+the Wan2.2 A14B experts and Wan2.2 TI2V-5B).
 
 Everything that depends on how diffusers lays out a Wan block lives here: the modulation table
 (``scale_shift_table``), ``norm1``, the self-attention projections (``attn1.to_q/to_k/to_v``, ``norm_q/norm_k``),
@@ -14,6 +15,7 @@ from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from memlearner_core.attention import MemoryKV
+from memlearner_core.model_family import SUPPORTED, WanFamily, text_to_video_family
 from memlearner_core.query_layers import ContextKV
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [1, L, 1, D] with every frequency repeated twice
@@ -21,21 +23,29 @@ ROPE_THETA = 10000.0  # WanRotaryPosEmbed's default, which every released Wan2.1
 
 
 class UnsupportedModel(ValueError):
-    """The transformer is not a Wan2.1 text-to-video ``WanTransformer3DModel``."""
+    """The transformer is not a ``WanTransformer3DModel`` of a family the memories run on."""
 
 
-def check_wan21(transformer) -> WanTransformer3DModel:
-    """``transformer`` itself when it is a Wan2.1 T2V transformer, else ``UnsupportedModel`` saying what it is."""
+def wan_family(transformer) -> WanFamily:
+    """The family of a text-to-video ``WanTransformer3DModel`` (told by its input and output channels: 16 Wan2.1
+    and each Wan2.2 T2V-A14B expert, 48 Wan2.2 TI2V-5B), else ``UnsupportedModel`` in one line naming what it
+    is and what is supported."""
     if not isinstance(transformer, WanTransformer3DModel):
         raise UnsupportedModel(f"memory needs diffusers' WanTransformer3DModel, got {type(transformer).__name__}")
     cfg = transformer.config
-    if cfg.in_channels != 16 or cfg.out_channels not in (16, None) or tuple(cfg.patch_size) != (1, 2, 2):
-        raise UnsupportedModel(
-            f"memory needs a Wan2.1 text-to-video transformer (16 latent channels, patch 1x2x2); got "
-            f"{cfg.in_channels} input channels and patch {tuple(cfg.patch_size)} (Wan2.2 5B is not supported)")
+    out = cfg.out_channels or cfg.in_channels
+    family = text_to_video_family(cfg.in_channels, out)
     if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None:
-        raise UnsupportedModel("image-to-video Wan2.1 transformers are not supported yet; use a text-to-video one")
-    return transformer
+        found = f"an image-to-video transformer (image_dim {cfg.image_dim}: a CLIP image embedding in cross-attention)"
+    elif cfg.in_channels != out:
+        found = (f"an image-to-video or control transformer ({cfg.in_channels} input channels for {out} latent "
+                 f"channels: image or control channels concatenated)")
+    elif family is None or tuple(cfg.patch_size) != (1, 2, 2):
+        found = f"a transformer with {out} latent channels and patch {tuple(cfg.patch_size)}"
+    else:
+        return family
+    raise UnsupportedModel(f"memory needs a Wan text-to-video WanTransformer3DModel of a supported family "
+                           f"({SUPPORTED}); got {found}")
 
 
 def patch_size(transformer) -> tuple[int, int, int]:
@@ -45,8 +55,8 @@ def patch_size(transformer) -> tuple[int, int, int]:
 def block_modulation(block, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The block's six shift/scale/gate tensors ``[B, 1, C]`` (float32, as diffusers computes them) for the
     step's ``temb [B, 6, C]`` (``timestep_proj``, what every block receives)."""
-    if temb.ndim != 3:
-        raise UnsupportedModel("per-token timesteps (Wan2.2 ti2v) are not supported by the memories")
+    if temb.ndim != 3:  # per-token [B, L, 6, C] (Wan2.2 TI2V-5B): the caller takes the noisy tokens' level
+        raise ValueError(f"block_modulation takes one modulation per sample [B, 6, C], got {tuple(temb.shape)}")
     return (block.scale_shift_table.to(temb.device) + temb.float()).chunk(6, dim=1)
 
 
@@ -108,7 +118,7 @@ def pad_to_patch(latent: torch.Tensor, patch: tuple[int, int, int]) -> torch.Ten
 
 
 def embed_latent(transformer, latent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Patch-embed latents ``[B, 16, T, H, W]`` -> tokens ``[B, T*h*w, C]`` (partial patches padded)."""
+    """Patch-embed latents ``[B, C, T, H, W]`` -> tokens ``[B, T*h*w, C]`` (partial patches padded)."""
     w = transformer.patch_embedding.weight
     latent = pad_to_patch(latent.to(device=w.device, dtype=w.dtype), patch_size(transformer))
     return transformer.patch_embedding(latent).flatten(2).transpose(1, 2).to(dtype)
@@ -124,7 +134,7 @@ def time_modulation(transformer, t: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 
 def rope_for_latent(transformer, latent: torch.Tensor) -> Rope:
-    """The transformer's own RoPE tables for the tokens of ``latent [B, 16, T, H, W]``."""
+    """The transformer's own RoPE tables for the tokens of ``latent [B, C, T, H, W]``."""
     return transformer.rope(latent)
 
 

@@ -140,10 +140,7 @@ def check_model_family(cfg: TrainConfig, model) -> WanFamily:
         family = wa.wan_family(model)
     except wa.UnsupportedModel as e:
         raise ValueError(f"model_file {Path(cfg.model_file).name}: {e}") from None
-    for key in ("width", "height"):
-        if getattr(cfg, key) % family.pixel_multiple:
-            raise ValueError(f"'{key}' must be a multiple of {family.pixel_multiple} for {family.label} "
-                             f"({family.vae_stride}x VAE, 2x patch), got {getattr(cfg, key)}; fix {key} in the config")
+    core.check_frame_size(cfg, family)
     if cfg.data_format == "videos" and family is not WAN21:
         raise ValueError(f"training {family.label} reads pre-encoded clips: set data_format = \"latents\" "
                          f"(LATENT samples of its VAE, see read_latent_folder)")

@@ -71,9 +71,9 @@ def diffusers_forward(tr, x, t, txt):
     return tr(hidden_states=x, timestep=t, encoder_hidden_states=txt, return_dict=False)[0].float()
 
 
-def inputs(batch=1, seed=0, frames=3, t=600.0):
+def inputs(batch=1, seed=0, frames=3, t=600.0, channels=16):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 16, frames, 8, 8, generator=g), torch.full((batch,), t),
+    return (torch.randn(batch, channels, frames, 8, 8, generator=g), torch.full((batch,), t),
             torch.randn(batch, 512, 4096, generator=g))
 
 
@@ -189,16 +189,22 @@ def test_strength_zero_is_exactly_the_plain_transformer(hosts, diffusers_encoder
 
 # --- query memory --------------------------------------------------------------------------------------------------
 
+def channels(model) -> int:
+    """The latent channels of a ComfyUI Wan MODEL (16 Wan2.1, 48 Wan2.2 TI2V-5B)."""
+    return model.model.diffusion_model.out_dim
+
+
 def history_spec(model, frames, poses=None, seed=5):
     """History frames just before the chunk, in the model's latent space (as the ComfyUI nodes read them)."""
-    samples = torch.randn(1, 16, frames, 8, 8, generator=torch.Generator().manual_seed(seed))
+    samples = torch.randn(1, channels(model), frames, 8, 8, generator=torch.Generator().manual_seed(seed))
     return ContextSpec.from_history(model.model.process_latent_in(samples)[0], poses)
 
 
 def gapped_spec(model, poses=None):
     """Gapped, pooled history as Memory Rollout's framepack policy picks it: frames -7, -6 pooled 4x4 and 2x2,
     -2 and -1 at full resolution (tokens at the centres of their cells)."""
-    lat = model.model.process_latent_in(torch.randn(1, 16, 4, 8, 8, generator=torch.Generator().manual_seed(9)))[0]
+    g = torch.Generator().manual_seed(9)
+    lat = model.model.process_latent_in(torch.randn(1, channels(model), 4, 8, 8, generator=g))[0]
     pose = (lambda i: None) if poses is None else (lambda i: poses[i])
     return ContextSpec([ContextSegment(lat[:, :1], torch.tensor([-7]), 4, pose(slice(0, 1))),
                         ContextSegment(lat[:, 1:2], torch.tensor([-6]), 2, pose(slice(1, 2))),
@@ -215,7 +221,7 @@ def both_query_forwards(hosts, query_c, query_d, batch=1, memory=None, steps=(60
     outs = []
     try:
         for i, step in enumerate(steps):
-            x, t, txt = inputs(batch, seed=i, t=step)
+            x, t, txt = inputs(batch, seed=i, t=step, channels=channels(model))
             outs.append((diffusers_forward(tr, x, t, txt), model_forward(patched, x, t, txt, [0], run=run)))
     finally:
         remove_memory(tr)
@@ -334,5 +340,159 @@ def test_bad_settings_are_refused_before_anything_changes(hosts, diffusers_encod
     try:
         with pytest.raises(ValueError, match="context is 8x8 latent pixels"):
             diffusers_forward(tr, torch.randn(1, 16, 3, 4, 4), torch.full((1,), 500.0), torch.randn(1, 8, 4096))
+    finally:
+        remove_memory(tr)
+
+
+# --- Wan2.2 TI2V-5B (48 latent channels) ---------------------------------------------------------------------------
+
+P_TOKENS_PER_FRAME = 16  # an 8x8 latent frame in 2x2 patches
+
+
+@pytest.fixture(scope="module")
+def hosts_5b(wan22_5b_diffusers, wan22_5b):
+    """(diffusers transformer, ComfyUI MODEL): the tiny 5B's one file, converted by the pack's key conversion."""
+    return wan22_5b_diffusers, wan22_5b
+
+
+@pytest.fixture(scope="module")
+def diffusers_encoder_5b(wan22_encoder_file):
+    return load_memory_encoder(wan22_encoder_file)
+
+
+def timesteps_5b(kind, batch=2):
+    """Scalar timesteps, or per-frame ones as Wan2.2 image-to-video gives them (0 for the given first frame)."""
+    return torch.full((batch,), 700.0) if kind == "scalar" else torch.tensor([[0.0, 700.0, 700.0]] * batch)
+
+
+def forwards_5b(pair, t, query=(None, None), memory=(None, None), batch=2):
+    """One forward of the tiny 5B on both hosts with the same memories. Per-frame timesteps ``t [B, T]`` go to
+    ComfyUI as they are and to diffusers per token, as diffusers' Wan2.2 pipeline gives them."""
+    mp = host.pack("nodes.memory_patch")
+    tr, model = pair
+    g = torch.Generator().manual_seed(1)
+    x, txt = torch.randn(batch, 48, 3, 8, 8, generator=g), torch.randn(batch, 512, 4096, generator=g)
+    patched = mp.apply_memory(model, memory[0], query[0]) if memory[0] or query[0] else model
+    if memory[1] or query[1]:
+        apply_memory(tr, memory=memory[1], query=query[1])
+    try:
+        out_d = diffusers_forward(tr, x, t if t.ndim == 1 else t.repeat_interleave(P_TOKENS_PER_FRAME, 1), txt)
+    finally:
+        remove_memory(tr)
+    return out_d, model_forward(patched, x, t, txt, [0], run=mp.RunState(11))
+
+
+def references_5b(comfy, wan22_encoder, encoder_d):
+    g = torch.Generator().manual_seed(3)
+    memory_c = comfy.run("MemLearnerEncodeReferenceVideo", memory_encoder=wan22_encoder,
+                         latent={"samples": torch.randn(2, 48, 13, 13, 13, generator=g)})[0]
+    return memory_c, ReferenceMemory.from_latents(memory_c.latents[0], encoder_d)
+
+
+@pytest.mark.parametrize("kind", ["scalar", "per_frame"])
+def test_the_5b_is_the_same_model_on_both_hosts(hosts_5b, kind):
+    out_d, out_c = forwards_5b(hosts_5b, timesteps_5b(kind))
+    assert rel_err(out_d, out_c) < HOST_TOL
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_query_memory_on_the_5b_agrees_between_hosts(hosts_5b, pool):
+    out_d, out_c = forwards_5b(hosts_5b, timesteps_5b("scalar"), query=queries(history_spec(hosts_5b[1], 2), pool=pool))
+    assert rel_err(out_d, out_c) < HOST_TOL
+    assert rel_err(out_d, forwards_5b(hosts_5b, timesteps_5b("scalar"))[0]) > 1e-3  # the history is read
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_per_frame_timesteps_on_the_5b_run_the_queries_at_the_noisy_level_on_both_hosts(hosts_5b, pool):
+    """A clean first frame (t = 0) and noisy ones: P keeps its per-token timesteps, Q runs at the noisy frames'."""
+    out_d, out_c = forwards_5b(hosts_5b, timesteps_5b("per_frame"), query=queries(gapped_spec(hosts_5b[1]), pool=pool))
+    assert rel_err(out_d, out_c) < HOST_TOL
+
+
+@pytest.mark.parametrize("kind", ["scalar", "per_frame"])
+def test_reference_memory_on_the_5b_agrees_between_hosts(comfy, hosts_5b, wan22_encoder, diffusers_encoder_5b, kind):
+    memory = references_5b(comfy, wan22_encoder, diffusers_encoder_5b)
+    out_d, out_c = forwards_5b(hosts_5b, timesteps_5b(kind), memory=memory)
+    assert rel_err(out_d, out_c) < HOST_TOL
+    assert rel_err(out_d, forwards_5b(hosts_5b, timesteps_5b(kind))[0]) > 1e-3  # the memory is read
+
+
+def test_both_memories_on_the_5b_agree_between_hosts(comfy, hosts_5b, wan22_encoder, diffusers_encoder_5b):
+    memory = references_5b(comfy, wan22_encoder, diffusers_encoder_5b)
+    query = queries(gapped_spec(hosts_5b[1]), pool=2)
+    for kind in ("scalar", "per_frame"):
+        out_d, out_c = forwards_5b(hosts_5b, timesteps_5b(kind), query=query, memory=memory)
+        assert rel_err(out_d, out_c) < HOST_TOL
+
+
+VARIANTS = [
+    ("wan2.1-i2v", dict(in_channels=36, out_channels=16, image_dim=32, added_kv_proj_dim=256),
+     r"an image-to-video transformer \(image_dim 32"),
+    ("wan2.2-i2v-a14b", dict(in_channels=36, out_channels=16), r"an image-to-video or control transformer \(36 input channels for 16 latent channels: image or control "
+     r"channels concatenated\)$"),
+    ("unknown-channels", dict(in_channels=32, out_channels=32), r"a transformer with 32 latent channels"),
+]
+
+
+@pytest.mark.parametrize("config,found", [v[1:] for v in VARIANTS], ids=[v[0] for v in VARIANTS])
+def test_other_wan_variants_are_refused_in_one_line_naming_what_is_supported(config, found):
+    model = WanTransformer3DModel(**{**TINY_DIFFUSERS, "num_layers": 1, **config})
+    with pytest.raises(ValueError, match=r"^memory needs a Wan text-to-video WanTransformer3DModel of a supported "
+                                         r"family \(Wan2.1 T2V .*Wan2.2 TI2V-5B \(48 latent channels\)\); got " + found):
+        apply_memory(model, query=QueryMemory(1, ContextSpec([])))
+    assert not hasattr(model, "_memlearner_memory")
+
+
+def query_file_of(tmp_path, family):
+    cam = CameraEmbedding(256)
+    path = tmp_path / f"query_{family}.safetensors"
+    save_query_weights(path, cam.state_dict(), query_layers=2, query_pool=1, model_family=family)
+    return path
+
+
+def test_5b_query_weights_run_on_the_5b(hosts_5b, tmp_path):
+    tr, model = hosts_5b
+    camera, _, _ = load_camera(query_file_of(tmp_path, "wan2.2-ti2v-5b"), transformer=tr)
+    apply_memory(tr, query=QueryMemory(2, history_spec(model, 1), camera))
+    remove_memory(tr)
+
+
+def test_query_weights_of_the_other_family_are_refused(hosts, hosts_5b, tmp_path):
+    for weights, family, tr in (("wan2.2-ti2v-5b", "wan2.1", hosts[0]), ("wan2.1", "wan2.2-ti2v-5b", hosts_5b[0])):
+        path = query_file_of(tmp_path, weights)
+        refusal = f"was fine-tuned on {weights}, but the transformer is {family}; load the query weights fine-tuned"
+        with pytest.raises(ValueError, match=refusal):
+            load_camera(path, transformer=tr)
+        camera, _, _ = load_camera(path)  # loaded without the transformer: refused where it is applied
+        with pytest.raises(ValueError, match="the query weights \\(camera\\) " + refusal):
+            apply_memory(tr, query=QueryMemory(2, ContextSpec([]), camera))
+        assert not hasattr(tr, "_memlearner_memory")
+
+
+def test_a_wan21_encoder_is_refused_on_the_5b(hosts_5b, diffusers_encoder):
+    memory = ReferenceMemory.from_latents(reference_latents(0)["samples"], diffusers_encoder)
+    with pytest.raises(ValueError, match=r"^the memory encoder is for Wan2.1 text-to-video \(16 latent channels, "
+                                         r"256-wide tokens\) but this model is Wan2.2 TI2V-5B"):
+        apply_memory(hosts_5b[0], memory=memory)
+
+
+def test_wan21_latents_are_refused_on_the_5b(hosts_5b, diffusers_encoder_5b):
+    tr, model = hosts_5b
+    with pytest.raises(ValueError, match=r"^reference latents must be \[N, 48, T, H, W\] \(the channels the memory "
+                                         r"encoder reads\), got \(2, 16, 13, 16, 16\)"):
+        ReferenceMemory.from_latents(reference_latents(0)["samples"], diffusers_encoder_5b)
+    apply_memory(tr, query=QueryMemory(2, history_spec(model, 1)))
+    try:
+        with pytest.raises(ValueError, match=r"^query memory on Wan2.2 TI2V-5B needs a video latent \[B, 48, T, H, "
+                                             r"W\], got \(1, 16, 3, 8, 8\)"):
+            diffusers_forward(tr, *inputs())
+    finally:
+        remove_memory(tr)
+    wan21_history = ContextSpec.from_history(torch.randn(16, 2, 8, 8))
+    apply_memory(tr, query=QueryMemory(2, wan21_history))
+    try:
+        with pytest.raises(ValueError, match=r"^the query-memory history must be Wan2.2 TI2V-5B latents \[48, T, H, "
+                                             r"W\], got \(16, 2, 8, 8\)"):
+            diffusers_forward(tr, *inputs(channels=48))
     finally:
         remove_memory(tr)

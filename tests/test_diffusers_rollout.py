@@ -45,6 +45,17 @@ def pipe():
 
 
 @pytest.fixture(scope="module")
+def pipe_5b(wan22_5b_diffusers):
+    """A WanPipeline on the tiny Wan2.2 TI2V-5B as diffusers' Wan2.2 pipeline runs it: per-token timesteps
+    (``expand_timesteps``) and the Wan2.2 VAE's 16x spatial stride (what its config would set; no VAE here)."""
+    p = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=wan22_5b_diffusers,
+                    scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), expand_timesteps=True)
+    p.vae_scale_factor_spatial = 16
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
 def text():
     g = torch.Generator().manual_seed(0)
     return dict(prompt_embeds=torch.randn(1, 8, 4096, generator=g),
@@ -66,17 +77,20 @@ def test_rollout_picks_context_by_policy_and_reports_it(pipe, text):
     assert installed(pipe.transformer) is None  # the transformer leaves as it came
 
 
+def chunk_by_hand(pipe, text, history, seed):
+    """One 5-frame chunk from the pipeline itself with query memory over ``history`` and ``seed`` (noise and Q)."""
+    apply_memory(pipe.transformer, query=QueryMemory(2, ContextSpec.from_history(history), seed=seed))
+    try:
+        return pipe(num_frames=5, height=64, width=64, output_type="latent", return_dict=False,
+                    generator=torch.Generator().manual_seed(seed), **text)[0]
+    finally:
+        remove_memory(pipe.transformer)
+
+
 def test_each_chunk_is_the_pipeline_with_query_memory_over_the_picked_history(pipe, text):
     """Chunk 1 by hand: its history (the two frames of chunk 0) as query memory, seed + 1 for noise and queries."""
     res = run(pipe, text, seed=7)
-    history = res.latents[0, :, :2]
-    apply_memory(pipe.transformer, query=QueryMemory(2, ContextSpec.from_history(history), seed=8))
-    try:
-        chunk1 = pipe(num_frames=5, height=64, width=64, output_type="latent", return_dict=False,
-                      generator=torch.Generator().manual_seed(8), **text)[0]
-    finally:
-        remove_memory(pipe.transformer)
-    assert torch.equal(chunk1[0], res.latents[0, :, 2:4])
+    assert torch.equal(chunk_by_hand(pipe, text, res.latents[0, :, :2], seed=8)[0], res.latents[0, :, 2:4])
     assert torch.equal(run(pipe, text, seed=7).latents, res.latents)  # reproducible from the seed
     without = run(pipe, text, seed=7, query_layers=0)
     assert (without.latents[0, :, 2:4] - res.latents[0, :, 2:4]).abs().max() > 1e-3  # the history is read
@@ -199,3 +213,28 @@ def test_both_memories_in_half_precision_stay_near_float32(pipe, models_dir, dty
     bound = 0.05 if dtype == torch.bfloat16 else 0.02
     plain_err, patched_err = err(outs["half"][0], outs["full"][0]), err(outs["half"][1], outs["full"][1])
     assert patched_err < bound and patched_err < 3 * plain_err + 1e-3
+
+
+def test_rollout_on_the_5b_reads_the_history_in_48_channel_latents(pipe_5b, text):
+    """Per-token timesteps and 16x latents (64x64 frames: 4x4): each chunk is the pipeline with query memory over
+    the picked history, and the history changes what comes out."""
+    res = run(pipe_5b, text, seed=7)
+    assert res.latents.shape == (1, 48, 6, 4, 4) and torch.isfinite(res.latents).all()
+    assert [r.context for r in res.records] == [[], [[0, 1], [1, 1]], [[2, 1], [3, 1]]]
+    assert res.records[1].context_tokens == 8  # two 4x4 latent frames in 2x2 patches
+    assert torch.equal(chunk_by_hand(pipe_5b, text, res.latents[0, :, :2], seed=8)[0], res.latents[0, :, 2:4])
+    without = run(pipe_5b, text, seed=7, query_layers=0)
+    assert (without.latents[0, :, 2:4] - res.latents[0, :, 2:4]).abs().max() > 1e-3
+
+
+def test_rollout_on_the_5b_refuses_a_pipeline_with_another_vae_stride(pipe_5b, text, monkeypatch):
+    monkeypatch.setattr(pipe_5b, "vae_scale_factor_spatial", 8)
+    with pytest.raises(ValueError, match=r"^the pipeline's VAE compresses 8x but Wan2.2 TI2V-5B latents are 16x the "
+                                         r"frames; give the pipeline this model's VAE$"):
+        run(pipe_5b, text)
+
+
+def test_rollout_on_the_5b_refuses_a_wan21_first_chunk(pipe_5b, text):
+    with pytest.raises(ValueError, match=r"^first_chunk must be a Wan2.2 TI2V-5B latent \[48, T, 4, 4\], got "
+                                         r"\(16, 2, 4, 4\)$"):
+        run(pipe_5b, text, first_chunk=torch.zeros(16, 2, 4, 4))

@@ -32,9 +32,9 @@ import tiny_models  # noqa: E402
 from forward import model_forward, rel_err  # noqa: E402
 
 
-def clip_items(n=2, frames=5, poses=False):
+def clip_items(n=2, frames=5, poses=False, channels=16, size=8):
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(16, frames, 8, 8, generator=g),
+    return [(torch.randn(channels, frames, size, size, generator=g),
              torch.cat([torch.eye(3).expand(frames, 3, 3), torch.randn(frames, 3, 1, generator=g)], -1) if poses else None,
              torch.randn(1, 8, 4096, generator=g)) for _ in range(n)]
 
@@ -52,12 +52,13 @@ def wan_file(models_dir):
     return models_dir / "diffusion_models" / tiny_models.WAN_FILE
 
 
-def both_hosts(comfy, models_dir, tmp_path, recipe_kind, items, **kw):
-    """Train the tiny Wan with the same config on both hosts; returns (diffusers recipe, result), (ComfyUI's)."""
+def both_hosts(comfy, models_dir, tmp_path, recipe_kind, items, wan=tiny_models.WAN_FILE, **kw):
+    """Train the tiny Wan (``wan``: its file) with the same config on both hosts; returns (diffusers recipe,
+    result), (ComfyUI's)."""
     th = host.pack("nodes.training_host")
-    model = comfy.run("UNETLoader", unet_name=tiny_models.WAN_FILE, weight_dtype="default")[0]
+    model = comfy.run("UNETLoader", unet_name=wan, weight_dtype="default")[0]
     cfg_d, cfg_c = config(tmp_path, "d", **kw), config(tmp_path, "c", **kw)
-    transformer = dtrain.load_transformer(wan_file(models_dir))
+    transformer = dtrain.load_transformer(models_dir / "diffusion_models" / wan)
     recipes = []
     for make in ((dtrain.QueryRecipe, dtrain.EncoderRecipe), (th.QueryRecipe, th.EncoderRecipe)):
         torch.manual_seed(0)  # a fresh encoder's init comes from torch's global generator
@@ -105,22 +106,22 @@ def test_encoder_recipe_trains_alike_on_both_hosts(comfy, models_dir, tmp_path, 
     assert not any(p.requires_grad for p in rd.transformer.parameters())
 
 
-def write_latent_clips(data, n=3, frames=5):
+def write_latent_clips(data, n=3, frames=5, channels=16, size=8):
     data.mkdir()
     g = torch.Generator().manual_seed(3)
     for i in range(n):
-        save_file({"latent": torch.randn(16, frames, 8, 8, generator=g)}, str(data / f"clip{i}.safetensors"),
+        save_file({"latent": torch.randn(channels, frames, size, size, generator=g)}, str(data / f"clip{i}.safetensors"),
                   metadata={"caption": f"clip {i % 2}"})
 
 
-def write_run(tmp_path, models_dir, steps, extra=""):
-    write_latent_clips(tmp_path / "data") if not (tmp_path / "data").exists() else None
+def write_run(tmp_path, models_dir, steps, extra="", wan=tiny_models.WAN_FILE, channels=16, size=8):
+    write_latent_clips(tmp_path / "data", channels=channels, size=size) if not (tmp_path / "data").exists() else None
     path = tmp_path / "run.toml"
     path.write_text(f'''recipe = "query"
 host = "diffusers"
 data_dir = "data"
 output_dir = "run"
-model_file = "{wan_file(models_dir)}"
+model_file = "{models_dir / 'diffusion_models' / wan}"
 data_format = "latents"
 text = "none"
 steps = {steps}
@@ -251,3 +252,41 @@ def test_training_flow_matches_diffusers_scheduler():
     # the sigma draw: diffusers' uniform density ("none" weighting, as Wan trains), shifted as the scheduler shifts
     u = compute_density_for_timestep_sampling("none", 6, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(sample_sigmas(6, torch.Generator().manual_seed(4)), shift_sigma(u, 5.0), rtol=0, atol=0)
+
+
+# --- Wan2.2 TI2V-5B: 48-channel clips at 16x the VAE (64x64 frames: 4x4 latents) ----------------------------------
+
+def test_query_recipe_on_the_5b_trains_alike_on_both_hosts(comfy, models_dir, tmp_path):
+    from memlearner_core.checkpoint_io import load_query_weights
+
+    items = clip_items(poses=True, channels=48, size=4)
+    (rd, res_d), (_, res_c) = both_hosts(comfy, models_dir, tmp_path, "query", items, wan=tiny_models.WAN22_5B_FILE)
+    assert len(res_d.losses) == 3
+    for a, b in zip(res_d.losses, res_c.losses, strict=True):
+        assert abs(a - b) <= 2e-5 * abs(b)
+    assert load_query_weights(res_d.exported[1]).model_family == "wan2.2-ti2v-5b"
+
+
+def test_train_command_on_diffusers_trains_the_5b_on_its_48_channel_clips(comfy, models_dir, tmp_path, capsys):
+    from memlearner_core.checkpoint_io import load_query_weights
+
+    run = write_run(tmp_path, models_dir, steps=3, wan=tiny_models.WAN22_5B_FILE, channels=48, size=4)
+    assert main([str(run)]) == 0
+    assert "trained 3 steps (from 0)" in capsys.readouterr().out
+    exported = load_query_weights(tmp_path / "run" / "export" / "memlearner_query.safetensors")
+    assert exported.model_family == "wan2.2-ti2v-5b"
+
+
+def test_the_5b_reads_its_clips_in_the_wan22_latent_space(comfy, models_dir, tmp_path):
+    import comfy.latent_formats
+
+    transformer = dtrain.load_transformer(models_dir / "diffusion_models" / tiny_models.WAN22_5B_FILE)
+    recipe = dtrain.QueryRecipe(transformer, config(tmp_path, query_layers=0))
+    z = torch.randn(48, 2, 4, 4)
+    torch.testing.assert_close(recipe.latent_in(z), comfy.latent_formats.Wan22().process_in(z[None])[0])
+
+
+def test_a_width_the_5b_cannot_make_is_refused_in_one_line(wan22_5b_diffusers, tmp_path):
+    with pytest.raises(ValueError, match=r"^'width' must be a multiple of 32 for Wan2.2 TI2V-5B \(16x VAE, 2x "
+                                         r"patch\), got 80; fix width in the config$"):
+        dtrain.check_model_family(config(tmp_path, width=80), wan22_5b_diffusers)

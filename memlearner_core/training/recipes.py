@@ -28,7 +28,7 @@ from ..checkpoint_io import load_memory_encoder, load_query_weights, save_memory
 from ..context_tokens import ContextSpec
 from ..memory_encoder import EncoderConfig, MemoryEncoder, cnn_output_shape, fit_problem
 from ..memory_tokens import MemoryTokens
-from ..model_family import DEFAULT_FAMILY
+from ..model_family import DEFAULT_FAMILY, WanFamily
 from ..reference_video import resample_latent
 from .config import TrainConfig
 from .context_sampling import sample_context
@@ -77,6 +77,15 @@ class QueryDraw:
     camera: CameraEmbedding | None
     chunk_poses: torch.Tensor | None
     query_pool: int = 1
+
+
+def check_frame_size(cfg: TrainConfig, family: WanFamily) -> None:
+    """The config's ``width`` and ``height`` are frames the family's VAE and the 2x patch can make, else one line
+    naming the key and the multiple."""
+    for key in ("width", "height"):
+        if getattr(cfg, key) % family.pixel_multiple:
+            raise ValueError(f"'{key}' must be a multiple of {family.pixel_multiple} for {family.label} "
+                             f"({family.vae_stride}x VAE, 2x patch), got {getattr(cfg, key)}; fix {key} in the config")
 
 
 def camera_for(cfg: TrainConfig, dim: int, trainable: bool, model_family: str | None = None) -> CameraEmbedding:
