@@ -59,6 +59,29 @@ def check_settings(*, chunks: int | None = None, policy: str | None = None, cont
                            "(0 = unlimited is for 'all')")
 
 
+def check_switch_step(switch_step: int | None, steps: int | None, two_experts: bool | None) -> None:
+    """``switch_step`` hands sampling from the first expert to the second (Wan2.2 A14B: high noise, then low
+    noise): 0 with one model, 1 .. ``steps`` - 1 with two. ``None`` is not known yet, and skipped."""
+    if switch_step is None:
+        return
+    _whole(switch_step, "switch_step", 0)
+    if two_experts is False and switch_step:
+        raise RolloutError(f"switch_step is {switch_step} but no guider_low is connected: connect the low-noise "
+                           "expert's guider, or set switch_step to 0 (one model for every step)")
+    if two_experts and switch_step == 0:
+        raise RolloutError("guider_low is connected but switch_step is 0: set switch_step to the step at which the "
+                           "low-noise expert takes over (ComfyUI's Wan2.2 A14B template: 10 of 20 steps)")
+    if two_experts and steps is not None and switch_step >= steps:
+        raise RolloutError(f"switch_step must be from 1 to {steps - 1} for the sigmas' {steps} steps, got "
+                           f"{switch_step}: both experts need at least one step")
+
+
+def split_steps(sigmas: torch.Tensor, switch_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sigmas`` ``[steps + 1]`` as the two experts' passes (as ComfyUI's SplitSigmas): ``[: switch_step + 1]``
+    and ``[switch_step:]``, the second starting where the first stops."""
+    return sigmas[:switch_step + 1], sigmas[switch_step:]
+
+
 @dataclass(frozen=True)
 class RolloutPlan:
     """A whole rollout: ``chunks`` chunks of ``chunk_shape`` (latent frames, height, width) after

@@ -574,10 +574,21 @@ def reseeded(noise, seed: int):
     return n
 
 
-def sample_with(guider, noise, sampler, sigmas: torch.Tensor, latent: torch.Tensor, callback) -> torch.Tensor:
-    """One sampling run from ComfyUI's parts, as SamplerCustomAdvanced runs it: noise drawn for ``latent``."""
+def empty_noise():
+    """ComfyUI's NOISE of Disable Noise (all zeros): a pass that continues a latent already noised."""
+    from comfy_extras.nodes_custom_sampler import Noise_EmptyNoise
+
+    return Noise_EmptyNoise()
+
+
+def sample_with(guider, noise, sampler, sigmas: torch.Tensor, latent: torch.Tensor, callback,
+                seed: int | None = None) -> torch.Tensor:
+    """One sampling run from ComfyUI's parts, as SamplerCustomAdvanced runs it: noise drawn for ``latent``. The
+    sampler gets ``seed``, or else the noise's (as SamplerCustomAdvanced passes it); KSamplerAdvanced passes its
+    noise_seed even with add_noise off."""
     import comfy.utils
 
+    seed = getattr(noise, "seed", None) if seed is None else seed
     samples = guider.sample(noise.generate_noise({"samples": latent}), latent, sampler, sigmas, callback=callback,
-                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=getattr(noise, "seed", None))
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     return samples.to(comfy.model_management.intermediate_device())

@@ -24,28 +24,30 @@ log = logging.getLogger("memlearner")
 
 
 def load_camera(query_weights: str | None, query_layers: int, query_pool: int,
-                model_family: str | None = None) -> CameraEmbedding | None:
+                model_family: str | None = None, what: str = "query_weights") -> CameraEmbedding | None:
     """The camera MLP of a query-memory weights file in models/memlearner; None for "none". A file fine-tuned
     with other ``query_layers`` or ``query_pool`` than the node's, or on another ``model_family`` (None: not
-    checked), is refused: the model would run untrained."""
+    checked), is refused, naming the input ``what``: the model would run untrained."""
     if not query_weights or query_weights == NO_WEIGHTS:
         return None
-    weights = load_query_weights(ca.model_file(QUERY_WEIGHTS_FOLDER, query_weights, "query_weights"))
+    weights = load_query_weights(ca.model_file(QUERY_WEIGHTS_FOLDER, query_weights, what))
     wrong = weights.mismatch(query_layers, query_pool, model_family)
     if wrong is not None:
         key, recorded, given = wrong
         if key == "model_family":
-            raise ValueError(f"query_weights {query_weights} was fine-tuned on {recorded}, but the model is "
+            raise ValueError(f"{what} {query_weights} was fine-tuned on {recorded}, but the model is "
                              f"{given}; load the query weights fine-tuned for this model")
-        raise ValueError(f"query_weights {query_weights} was fine-tuned with {key} = {recorded}, "
+        raise ValueError(f"{what} {query_weights} was fine-tuned with {key} = {recorded}, "
                          f"but the node says {given}: set {key} to {recorded}")
     return weights.camera_embedding().requires_grad_(False)
 
 
-def query_weights_input(**kw):
-    return ca.combo_input("query_weights", options=[NO_WEIGHTS] + folder_paths.get_filename_list(QUERY_WEIGHTS_FOLDER),
-                          default=NO_WEIGHTS, tooltip="The pack's tensors of a query-memory fine-tune (camera MLP), "
-                                                      "from models/memlearner.", **kw)
+def query_weights_input(id: str = "query_weights", first: tuple[str, ...] = (NO_WEIGHTS,),
+                        tooltip: str = "The pack's tensors of a query-memory fine-tune (camera MLP), from "
+                                       "models/memlearner.", **kw):
+    """The query-weights dropdown: ``first`` (default the first of them), then the files in models/memlearner."""
+    return ca.combo_input(id, options=[*first, *folder_paths.get_filename_list(QUERY_WEIGHTS_FOLDER)],
+                          default=first[0], tooltip=tooltip, **kw)
 
 
 def query_pool_input():

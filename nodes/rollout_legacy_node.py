@@ -79,7 +79,7 @@ class MemoryRolloutLegacy(io.ComfyNode):
         poses = None if path is None else path.poses(n_first + chunks * shape[0])
         plan = RolloutPlan(chunk_shape=shape, chunks=chunks, policy=policy, context_frames=context_frames,
                            query_layers=query_layers, query_pool=int(query_pool), first_frames=n_first, poses=poses)
-        camera_mlp = load_camera(query_weights, query_layers, plan.query_pool) if query_layers else None
+        camera_mlp = load_camera(query_weights, query_layers, plan.query_pool, family.name) if query_layers else None
         sampling = Sampling(*wa.ksampler_parts(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                                denoise))
         return io.NodeOutput(*rollout(plan, sampling, first, camera_mlp))

@@ -85,6 +85,26 @@ def wan22_5b(comfy):
     return comfy.run("UNETLoader", unet_name=tiny_models.WAN22_5B_FILE, weight_dtype="default")[0]
 
 
+LOW_EXPERT_FILE = "tiny_wan21_t2v_low_noise.safetensors"  # workflows/build.py TINY_A14B["unet_low"]
+
+
+@pytest.fixture(scope="session")
+def wan_low_expert_file(models_dir) -> str:
+    """A second tiny Wan2.1 DiT (other weights than ``wan_model``'s) in diffusion_models/: the low-noise expert
+    of the two-expert (Wan2.2 A14B-style) tests; its file name."""
+    from safetensors.torch import save_file
+
+    path = models_dir / "diffusion_models" / LOW_EXPERT_FILE
+    save_file({k: v.contiguous() for k, v in tiny_models.tiny_wan(seed=7).state_dict().items()}, str(path))
+    return LOW_EXPERT_FILE
+
+
+@pytest.fixture(scope="session")
+def wan_low_expert(comfy, wan_low_expert_file):
+    """The second tiny Wan2.1 MODEL (``wan_low_expert_file``), loaded by ComfyUI's UNETLoader."""
+    return comfy.run("UNETLoader", unet_name=wan_low_expert_file, weight_dtype="default")[0]
+
+
 @pytest.fixture(scope="session")
 def wan_vae(comfy):
     return comfy.run("VAELoader", vae_name=tiny_models.VAE_FILE)[0]

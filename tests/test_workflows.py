@@ -121,11 +121,31 @@ def test_a_dynamic_combo_is_its_value_then_its_chosen_options_widgets():
                                                "format.codec": "auto", "codec": "auto"}
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "revisit_world"])
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("revisit_world", "wan22_a14b_rollout")])
 def test_workflow_uses_the_real_wan21_files(name):
     values = json.dumps(shipped("api", name))
     for f in ("wan2.1_t2v_1.3B_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors"):
         assert f in values
+
+
+def test_a14b_workflow_uses_the_real_wan22_experts_as_comfyuis_template_does():
+    """The high-noise expert's guider samples steps 0-9 of 20, the low-noise expert's the rest."""
+    graph = shipped("api", "wan22_a14b_rollout")
+    values = json.dumps(graph)
+    for f in ("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors",
+              "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors"):
+        assert f in values
+    rollout = graph["rollout"]["inputs"]
+    assert graph[rollout["guider"][0]]["inputs"]["model"] == ["shift", 0]
+    assert graph[rollout["guider_low"][0]]["inputs"]["model"] == ["shift_low", 0]
+    assert graph["shift"]["inputs"]["model"] == ["unet", 0] and graph["shift_low"]["inputs"]["model"] == ["unet_low", 0]
+    assert graph["unet"]["inputs"]["unet_name"].startswith("wan2.2_t2v_high_noise")
+    assert (rollout["switch_step"], graph["sigmas"]["inputs"]["steps"]) == (10, 20)
+
+
+def test_the_tiny_a14b_workflow_runs_two_different_tiny_experts(wan_low_expert_file):
+    graph = build.wan22_a14b_rollout(tiny=True)
+    assert graph["unet_low"]["inputs"]["unet_name"] == wan_low_expert_file != graph["unet"]["inputs"]["unet_name"]
 
 
 def test_revisit_workflow_uses_the_shipped_toy_model():
@@ -137,7 +157,7 @@ def test_revisit_workflow_uses_the_shipped_toy_model():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_workflow_runs_headless_on_the_tiny_fixtures(server, name):
+def test_workflow_runs_headless_on_the_tiny_fixtures(server, wan_low_expert_file, name):
     tiny_models.write_video(server.output_dir.parent / "input" / build.TINY["reference"], 0, frames=6, size=64)
     entry = server.run_prompt(build.WORKFLOWS[name](tiny=True))
     videos = [v for out in entry["outputs"].values() for v in out.get("images", [])]

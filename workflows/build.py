@@ -3,7 +3,8 @@ for headless use) and ``example_workflows/*.json`` (UI format: ComfyUI's templat
 ``example_workflows/``; or drag them into ComfyUI), both from the graphs below, for the node definitions of the ComfyUI it runs on (the oldest supported host, 0.3.75,
 whose UI files newer frontends load and upgrade; recorded in ``workflows/definitions/node_definitions.json``).
 
-File names are those of ComfyUI's repackaged Wan2.1 release; ``tiny=True`` swaps in the test fixtures (and
+File names are those of ComfyUI's repackaged Wan2.1 release (Wan2.2 for the A14B experts); ``tiny=True`` swaps in
+the test fixtures (and
 seeded random text conditioning, since ComfyUI's loader builds the umt5 text encoder at full size). Nodes carry
 titles (``_meta.title``) that the headless client uses as input names (``Prompt``, ``Reference video``...).
 """
@@ -34,6 +35,12 @@ TINY = {
     "width": 64, "height": 64, "length": 9, "steps": 3, "cfg": 3.0, "query_layers": 2,
     "chunk_frames": 5, "chunks": 3, "context_frames": 3,
 }
+# Wan2.2 T2V-A14B, as ComfyUI's template (video_wan2_2_14B_t2v) samples it: shift 8, euler, 20 steps at cfg 3.5, the
+# low-noise expert from step 10 on
+REAL_A14B = {**REAL, "unet": "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+             "unet_low": "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors", "steps": 20, "cfg": 3.5, "shift": 8.0,
+             "switch_step": 10}
+TINY_A14B = {**TINY, "unet_low": "tiny_wan21_t2v_low_noise.safetensors", "shift": 8.0, "switch_step": 2}
 TOY = {  # the toy model trained on the revisit world (benchmarks/revisit_world.py), shipped with the pack
     "unet": "revisit_query.safetensors", "query_weights": "revisit_query_query.safetensors", "query_layers": 2,
     "steps": 10, "budget": 4,
@@ -52,6 +59,17 @@ ENCODER_NOTE = """DiT-Mem encoder: the safetensors file of Thrcle/DiT-Mem-1.3B
 QUERY_NOTE = """Meaningful only with a query-memory fine-tune: the Wan2.1 weights memlearner-train query writes
 (models/diffusion_models/, in Load Diffusion Model) and its query-weights file (models/memlearner/, in query_weights).
 On the stock Wan2.1 the query layers run untrained: the graph runs, but what it makes shows no memory."""
+
+A14B_NOTE = """Model files (ComfyUI's repackaged Wan2.2 release, as its Wan2.2 14B T2V template):
+- models/diffusion_models/wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors (Load Diffusion Model, high noise)
+- models/diffusion_models/wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors (Load Diffusion Model, low noise)
+- models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors
+- models/vae/wan_2.1_vae.safetensors"""
+A14B_QUERY_NOTE = """Each chunk: the high-noise expert samples steps 0-9 of 20, the low-noise expert steps 10-19
+(switch_step), both reading the same memory. Meaningful only with a query-memory fine-tune of each expert (each
+in its Load Diffusion Model; its query-weights file in query_weights, the low-noise one's in query_weights_low,
+which defaults to the same file). On the stock experts the query layers run untrained: the graph runs, but what it
+makes shows no memory."""
 
 TOY_NOTE = """A toy model trained with memlearner-train on the revisit world (CPU, minutes), shipped with the pack:
 - memlearner_host/revisit_model/diffusion_models/revisit_query.safetensors -> models/diffusion_models/
@@ -181,6 +199,28 @@ def memory_rollout(tiny: bool = False, seed: int = 42) -> dict:
     return g
 
 
+def wan22_a14b_rollout(tiny: bool = False, seed: int = 42) -> dict:
+    """Memory Rollout on Wan2.2 T2V-A14B's two experts: the high-noise expert samples each chunk's first steps, the
+    low-noise expert the rest (switch_step), both with the same memory of the chunks before."""
+    f = TINY_A14B if tiny else REAL_A14B
+    g = base(f, tiny)
+    g["unet_low"] = node("UNETLoader", "Low-noise expert", unet_name=f["unet_low"], weight_dtype="default")
+    g["shift"] = node("ModelSamplingSD3", "Shift (high noise)", model=["unet", 0], shift=f["shift"])
+    g["shift_low"] = node("ModelSamplingSD3", "Shift (low noise)", model=["unet_low", 0], shift=f["shift"])
+    sampling_parts(g, "shift", f["steps"], f["cfg"], "euler", seed)
+    g["guider_low"] = node("CFGGuider", "Guider (low noise)", model=["shift_low", 0], positive=["pos", 0],
+                           negative=["neg", 0], cfg=f["cfg"])
+    g["chunk"] = node("EmptyHunyuanLatentVideo", "Chunk size", width=f["width"], height=f["height"],
+                      length=f["chunk_frames"], batch_size=1)
+    g["camera"] = node("MemLearnerCameraPath", "Camera path", camera="walk_and_revisit",
+                       trajectory='{"distance": 4.0}')
+    g["rollout"] = rollout_node("Memory Rollout", f["chunks"], "fov", f["context_frames"], f["query_layers"], "none",
+                                camera_path=["camera", 0], guider_low=["guider_low", 0],
+                                switch_step=f["switch_step"], query_weights_low="same as query_weights")
+    save_video(g, "rollout", "a14b_rollout")
+    return g
+
+
 def both_memories(tiny: bool = False, seed: int = 42) -> dict:
     """Both memories: the first chunk is the query-memory history and the DiT-Mem reference video of the next."""
     return two_chunks(tiny, seed, reference=True)
@@ -209,12 +249,14 @@ def revisit_world(tiny: bool = False, seed: int = 10_000_000) -> dict:
 
 
 WORKFLOWS = {"dit_mem_reference": dit_mem_reference, "query_memory": query_memory,
-             "memory_rollout": memory_rollout, "both_memories": both_memories, "revisit_world": revisit_world}
+             "memory_rollout": memory_rollout, "both_memories": both_memories, "revisit_world": revisit_world,
+             "wan22_a14b_rollout": wan22_a14b_rollout}
 NOTES = {"dit_mem_reference": [MODEL_NOTE, ENCODER_NOTE + "\nPut the reference video in input/ (reference.mp4)."],
          "query_memory": [MODEL_NOTE, QUERY_NOTE],
          "memory_rollout": [MODEL_NOTE, QUERY_NOTE + "\nPolicies: all, recent, fov (needs a camera), framepack."],
          "both_memories": [MODEL_NOTE, ENCODER_NOTE, QUERY_NOTE],
-         "revisit_world": [TOY_NOTE]}
+         "revisit_world": [TOY_NOTE],
+         "wan22_a14b_rollout": [A14B_NOTE, A14B_QUERY_NOTE]}
 
 
 def definitions(object_info: dict, comfyui_version: str) -> dict:
