@@ -121,7 +121,8 @@ def test_a_dynamic_combo_is_its_value_then_its_chosen_options_widgets():
                                                "format.codec": "auto", "codec": "auto"}
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("revisit_world", "wan22_a14b_rollout")])
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("revisit_world", "wan22_a14b_rollout",
+                                                                  "wan22_5b_query_memory")])
 def test_workflow_uses_the_real_wan21_files(name):
     values = json.dumps(shipped("api", name))
     for f in ("wan2.1_t2v_1.3B_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors"):
@@ -146,6 +147,28 @@ def test_a14b_workflow_uses_the_real_wan22_experts_as_comfyuis_template_does():
 def test_the_tiny_a14b_workflow_runs_two_different_tiny_experts(wan_low_expert_file):
     graph = build.wan22_a14b_rollout(tiny=True)
     assert graph["unet_low"]["inputs"]["unet_name"] == wan_low_expert_file != graph["unet"]["inputs"]["unet_name"]
+
+
+def test_5b_workflow_uses_the_real_wan22_files_as_comfyuis_template_does():
+    """Wan2.2 TI2V-5B, its text encoder and Wan2.2 VAE through ComfyUI's own loaders, shift 8, the chunk latent
+    from Wan22ImageToVideoLatent on that VAE."""
+    graph = shipped("api", "wan22_5b_query_memory")
+    assert graph["unet"] == build.node("UNETLoader", unet_name="wan2.2_ti2v_5B_fp16.safetensors", weight_dtype="default")
+    assert graph["clip"]["inputs"] == {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                                       "device": "default"}
+    assert graph["vae"] == build.node("VAELoader", vae_name="wan2.2_vae.safetensors")
+    assert graph["shift"]["inputs"] == {"model": ["unet", 0], "shift": 8.0}
+    assert graph["guider"]["inputs"]["model"] == graph["sigmas"]["inputs"]["model"] == ["shift", 0]
+    assert graph["chunk"]["class_type"] == "Wan22ImageToVideoLatent" and graph["chunk"]["inputs"]["vae"] == ["vae", 0]
+    assert graph["rollout"]["inputs"]["chunk_latent"] == ["chunk", 0]
+
+
+def test_the_tiny_5b_workflow_runs_the_tiny_wan22_5b_and_its_vae():
+    graph = build.wan22_5b_query_memory(tiny=True)
+    assert graph["unet"]["inputs"]["unet_name"] == tiny_models.WAN22_5B_FILE
+    assert graph["vae"]["class_type"] == "MemLearnerTestTinyWan22VAE"  # Load VAE builds the Wan2.2 VAE full width
+    assert {n["class_type"] for n in graph.values()} - {"MemLearnerTestTinyWan22VAE", "MemLearnerTestRandomConditioning"} \
+        <= {n["class_type"] for n in build.wan22_5b_query_memory().values()}
 
 
 def test_revisit_workflow_uses_the_shipped_toy_model():

@@ -3,9 +3,10 @@ for headless use) and ``example_workflows/*.json`` (UI format: ComfyUI's templat
 ``example_workflows/``; or drag them into ComfyUI), both from the graphs below, for the node definitions of the ComfyUI it runs on (the oldest supported host, 0.3.75,
 whose UI files newer frontends load and upgrade; recorded in ``workflows/definitions/node_definitions.json``).
 
-File names are those of ComfyUI's repackaged Wan2.1 release (Wan2.2 for the A14B experts); ``tiny=True`` swaps in
-the test fixtures (and
-seeded random text conditioning, since ComfyUI's loader builds the umt5 text encoder at full size). Nodes carry
+File names are those of ComfyUI's repackaged Wan2.1 release (Wan2.2 for the A14B experts and TI2V-5B);
+``tiny=True`` swaps in the test fixtures (and seeded random text conditioning, since ComfyUI's loader builds the
+umt5 text encoder at full size; for TI2V-5B the tiny Wan2.2 VAE node in place of Load VAE, which builds that VAE at
+full width). Nodes carry
 titles (``_meta.title``) that the headless client uses as input names (``Prompt``, ``Reference video``...).
 """
 
@@ -41,6 +42,12 @@ REAL_A14B = {**REAL, "unet": "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
              "unet_low": "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors", "steps": 20, "cfg": 3.5, "shift": 8.0,
              "switch_step": 10}
 TINY_A14B = {**TINY, "unet_low": "tiny_wan21_t2v_low_noise.safetensors", "shift": 8.0, "switch_step": 2}
+# Wan2.2 TI2V-5B, as ComfyUI's template (video_wan2_2_5B_ti2v) samples it: shift 8, uni_pc, 20 steps at cfg 5,
+# 1280x704 at 24 fps, its chunk latent from Wan22ImageToVideoLatent (48 channels, 16x spatial)
+REAL_5B = {**REAL, "unet": "wan2.2_ti2v_5B_fp16.safetensors", "vae": "wan2.2_vae.safetensors", "width": 1280,
+           "height": 704, "steps": 20, "cfg": 5.0, "shift": 8.0, "fps": 24.0}
+# ComfyUI's Load VAE builds the Wan2.2 VAE at full width: the tiny one comes from a fixture node instead
+TINY_5B = {**TINY, "unet": "tiny_wan22_ti2v_5b.safetensors", "vae": None, "shift": 8.0, "fps": 24.0}
 TOY = {  # the toy model trained on the revisit world (benchmarks/revisit_world.py), shipped with the pack
     "unet": "revisit_query.safetensors", "query_weights": "revisit_query_query.safetensors", "query_layers": 2,
     "steps": 10, "budget": 4,
@@ -71,6 +78,16 @@ in its Load Diffusion Model; its query-weights file in query_weights, the low-no
 which defaults to the same file). On the stock experts the query layers run untrained: the graph runs, but what it
 makes shows no memory."""
 
+TI2V_5B_NOTE = """Model files (ComfyUI's repackaged Wan2.2 release, as its Wan2.2 5B TI2V template):
+- models/diffusion_models/wan2.2_ti2v_5B_fp16.safetensors
+- models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors
+- models/vae/wan2.2_vae.safetensors (48 latent channels, 16x spatial: Chunk size takes it)"""
+TI2V_5B_QUERY_NOTE = """Meaningful only with a query-memory fine-tune of Wan2.2 TI2V-5B: the 5B weights memlearner-train
+query writes (models/diffusion_models/, in Load Diffusion Model) and its query-weights file (models/memlearner/,
+in query_weights); query weights fine-tuned on another model family are refused. On the stock TI2V-5B the query
+layers run untrained: the graph runs, but what it makes shows no memory.
+Policies: all, recent, fov (needs a camera), framepack."""
+
 TOY_NOTE = """A toy model trained with memlearner-train on the revisit world (CPU, minutes), shipped with the pack:
 - memlearner_host/revisit_model/diffusion_models/revisit_query.safetensors -> models/diffusion_models/
 - memlearner_host/revisit_model/memlearner/revisit_query_query.safetensors -> models/memlearner/
@@ -94,7 +111,10 @@ def base(f: dict, tiny: bool) -> dict[str, dict]:
         g["clip"] = node("CLIPLoader", clip_name=f["clip"], type="wan", device="default")
         g["pos"] = node("CLIPTextEncode", "Prompt", text=PROMPT, clip=["clip", 0])
         g["neg"] = node("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=["clip", 0])
-    g["vae"] = node("VAELoader", vae_name=f["vae"])
+    if f["vae"] is None:  # the tiny Wan2.2 VAE (memlearner_host/comfy_nodes)
+        g["vae"] = node("MemLearnerTestTinyWan22VAE", seed=3)
+    else:
+        g["vae"] = node("VAELoader", vae_name=f["vae"])
     return g
 
 
@@ -107,10 +127,10 @@ def sampler(g: dict, f: dict, name: str, model: str, seed: int, latent: str = "e
                    latent_image=[latent, 0], denoise=1.0)
 
 
-def save_video(g: dict, latent: str, name: str) -> None:
-    """Decode, make a video at 16 fps, save it under output/memlearner/."""
+def save_video(g: dict, latent: str, name: str, fps: float = FPS) -> None:
+    """Decode, make a video at ``fps`` (16: Wan2.1's), save it under output/memlearner/."""
     g[f"decode_{name}"] = node("VAEDecode", samples=[latent, 0], vae=["vae", 0])
-    g[f"video_{name}"] = node("CreateVideo", images=[f"decode_{name}", 0], fps=FPS)
+    g[f"video_{name}"] = node("CreateVideo", images=[f"decode_{name}", 0], fps=fps)
     g[f"save_{name}"] = node("SaveVideo", f"Save {name}", video=[f"video_{name}", 0], filename_prefix=f"memlearner/{name}",
                              format="auto", codec="auto")
 
@@ -221,6 +241,23 @@ def wan22_a14b_rollout(tiny: bool = False, seed: int = 42) -> dict:
     return g
 
 
+def wan22_5b_query_memory(tiny: bool = False, seed: int = 42) -> dict:
+    """Memory Rollout on Wan2.2 TI2V-5B: the memory_rollout graph on the 5B model (shift 8) and its Wan2.2 VAE, each
+    chunk's latent from Wan22ImageToVideoLatent (48 channels) as ComfyUI's template makes it."""
+    f = TINY_5B if tiny else REAL_5B
+    g = base(f, tiny)
+    g["shift"] = node("ModelSamplingSD3", "Shift", model=["unet", 0], shift=f["shift"])
+    sampling_parts(g, "shift", f["steps"], f["cfg"], "uni_pc", seed)
+    g["chunk"] = node("Wan22ImageToVideoLatent", "Chunk size", vae=["vae", 0], width=f["width"], height=f["height"],
+                      length=f["chunk_frames"], batch_size=1)
+    g["camera"] = node("MemLearnerCameraPath", "Camera path", camera="walk_and_revisit",
+                       trajectory='{"distance": 4.0}')
+    g["rollout"] = rollout_node("Memory Rollout", f["chunks"], "fov", f["context_frames"], f["query_layers"], "none",
+                                camera_path=["camera", 0])
+    save_video(g, "rollout", "wan22_5b_rollout", fps=f["fps"])
+    return g
+
+
 def both_memories(tiny: bool = False, seed: int = 42) -> dict:
     """Both memories: the first chunk is the query-memory history and the DiT-Mem reference video of the next."""
     return two_chunks(tiny, seed, reference=True)
@@ -250,13 +287,14 @@ def revisit_world(tiny: bool = False, seed: int = 10_000_000) -> dict:
 
 WORKFLOWS = {"dit_mem_reference": dit_mem_reference, "query_memory": query_memory,
              "memory_rollout": memory_rollout, "both_memories": both_memories, "revisit_world": revisit_world,
-             "wan22_a14b_rollout": wan22_a14b_rollout}
+             "wan22_a14b_rollout": wan22_a14b_rollout, "wan22_5b_query_memory": wan22_5b_query_memory}
 NOTES = {"dit_mem_reference": [MODEL_NOTE, ENCODER_NOTE + "\nPut the reference video in input/ (reference.mp4)."],
          "query_memory": [MODEL_NOTE, QUERY_NOTE],
          "memory_rollout": [MODEL_NOTE, QUERY_NOTE + "\nPolicies: all, recent, fov (needs a camera), framepack."],
          "both_memories": [MODEL_NOTE, ENCODER_NOTE, QUERY_NOTE],
          "revisit_world": [TOY_NOTE],
-         "wan22_a14b_rollout": [A14B_NOTE, A14B_QUERY_NOTE]}
+         "wan22_a14b_rollout": [A14B_NOTE, A14B_QUERY_NOTE],
+         "wan22_5b_query_memory": [TI2V_5B_NOTE, TI2V_5B_QUERY_NOTE]}
 
 
 def definitions(object_info: dict, comfyui_version: str) -> dict:
