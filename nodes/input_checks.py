@@ -33,6 +33,8 @@ SOCKETS = {
     "VAE": ("a VAE", lambda v: callable(getattr(v, "encode", None)) and callable(getattr(v, "decode", None))),
     "CLIP": ("a CLIP text encoder", lambda v: callable(getattr(v, "tokenize", None))),
     "CONDITIONING": ("a CONDITIONING (from CLIP Text Encode)", lambda v: isinstance(v, list)),
+    # the pack's own, for Memory Rollout, whose validate_inputs takes input_types: ComfyUI then skips its link check
+    "MEMLEARNER_CAMERA_PATH": ("a camera path (from Camera Path)", lambda v: callable(getattr(v, "poses", None))),
 }
 
 

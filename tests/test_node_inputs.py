@@ -13,7 +13,7 @@ sys.path.insert(0, str(host.ROOT / "workflows"))
 import build  # noqa: E402
 
 SOCKET_TYPES = ("LATENT", "IMAGE", "MASK", "SIGMAS", "NOISE", "GUIDER", "SAMPLER", "MODEL", "VAE", "CLIP",
-                "CONDITIONING")
+                "CONDITIONING", "MEMLEARNER_CAMERA_PATH")
 
 
 def pack_nodes(comfy) -> dict:
@@ -63,15 +63,17 @@ def test_declared_defaults_pass_the_checks(comfy):
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("change", [("rollout", "chunks", 5000), ("rollout", "policy", "everything"),
-                                    ("rollout", "guider", ["chunk", 0]), ("rollout", "camera_path", ["chunk", 0])])
-def test_an_api_prompt_that_skips_the_frontend_is_refused_naming_the_input(server, change):
+@pytest.mark.parametrize("change, said", [
+    (("rollout", "chunks", 5000), "chunks"), (("rollout", "policy", "everything"), "policy"),
+    (("rollout", "guider", ["chunk", 0]), "input guider takes a GUIDER"),
+    (("rollout", "camera_path", ["chunk", 0]), "input camera_path takes a camera path")])
+def test_an_api_prompt_that_skips_the_frontend_is_refused_naming_the_input(server, change, said):
     node, name, value = change
     graph = build.memory_rollout(tiny=True)
     graph[node]["inputs"][name] = value
     with pytest.raises(AssertionError) as failed:
         server.run_prompt(graph)
-    assert name in str(failed.value), str(failed.value)[:2000]
+    assert said in str(failed.value), str(failed.value)[:2000]
 
 
 @pytest.mark.parametrize("folder, what", [("memory_encoders", "encoder_name"), ("memlearner", "query_weights")])
