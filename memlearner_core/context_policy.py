@@ -7,7 +7,9 @@ tokens, so the policies compared here all spend the same ``budget_tokens``:
 - ``all``: every frame at full resolution, the oldest dropped when over budget (MemLearner as published);
 - ``recent``: a sliding window of the latest frames;
 - ``fov``: the frames whose view overlaps the chunk's cameras most (Context-as-Memory, WorldMem);
-- ``framepack``: the latest frames sharp, older ones pooled ever coarser (FramePack), a constant total length.
+- ``framepack``: the latest frames sharp, older ones pooled ever coarser (FramePack), a constant total length;
+- ``learned``: every frame is a candidate, and each query layer reads the ``budget`` frames its own queries rank
+  highest (``context_routing``), so each layer spends the same tokens as ``recent``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 from .context_tokens import tokens_per_frame
 
-POLICIES = ("all", "recent", "fov", "framepack")
+POLICIES = ("all", "recent", "fov", "framepack", "learned")
 DISTANCE_SCALE = 1.0  # scene units at which camera distance alone halves the view overlap
 
 
@@ -99,7 +101,8 @@ def _framepack(n: int, budget: int, h: int, w: int, patch) -> list[FramePick]:
 def select_context(policy: str, n_history: int, budget_tokens: int | None, latent_hw: tuple[int, int],
                    history_poses: torch.Tensor | None = None, chunk_poses: torch.Tensor | None = None,
                    patch: tuple[int, int, int] = (1, 2, 2), fov_deg: float = 60.0) -> list[FramePick]:
-    """The context of the next chunk: picks sorted by index, each index once, total cost <= ``budget_tokens``.
+    """The context of the next chunk: picks sorted by index, each index once, total cost <= ``budget_tokens``
+    (``learned``: every frame, the candidates its query layers route over within the budget).
 
     ``history_poses [n_history, 3, 4]`` and ``chunk_poses [T, 3, 4]`` (the chunk to generate) are needed by
     ``fov`` only. ``budget_tokens`` None (unlimited) is allowed for ``all`` only; under a budget ``all`` and
@@ -126,6 +129,8 @@ def select_context(policy: str, n_history: int, budget_tokens: int | None, laten
         return []
     full = frame_cost(h, w, 1, patch)
     fit = n_history if budget_tokens is None else min(n_history, budget_tokens // full)
+    if policy == "learned":  # the candidates; the query layers route within the budget
+        return [FramePick(i) for i in range(n_history)]
     if policy in ("all", "recent"):
         return [FramePick(i) for i in range(n_history - fit, n_history)]
     if policy == "fov":

@@ -173,9 +173,18 @@ class ChunkRecord:
     seconds: float = 0.0
     peak_memory_mb: float | None = None
     memory_kind: str = ""  # "cuda_allocated" (this chunk) or "process_peak_rss" (the process so far, on CPU)
+    routed: dict[str, list[int]] | None = None  # learned policy: query layer -> the frame indices it read
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def routed_to(self, routed: dict[int, list[int]], candidates: list[FramePick], hw: tuple[int, int]) -> None:
+        """The learned policy's reads (``routed``: layer -> positions in ``candidates``): ``context`` becomes the
+        frames any query layer read and ``context_tokens`` the tokens one layer reads."""
+        self.routed = {str(layer): [candidates[i].index for i in frames] for layer, frames in sorted(routed.items())}
+        read = sorted({i for frames in self.routed.values() for i in frames})
+        self.context = [[i, 1] for i in read]
+        self.context_tokens = max((len(f) for f in self.routed.values()), default=0) * frame_cost(*hw)
 
 
 def context_tokens(picks: list[FramePick], hw: tuple[int, int]) -> int:

@@ -22,6 +22,7 @@ import comfy.patcher_extension
 import torch
 import torch.utils.checkpoint
 
+from memlearner_core import context_routing as routing
 from memlearner_core.attention import attention_with_memory
 from memlearner_core.camera import CameraEmbedding, frame_embedding_to_tokens
 from memlearner_core.context_tokens import (
@@ -113,6 +114,8 @@ class QueryMemory:
     chunk_poses: torch.Tensor | None = None  # [T, 3, 4] poses of the frames being generated
     cache_context: bool = True
     query_pool: int = 1
+    route_frames: int = 0  # > 0: the learned policy, each query layer reads the frames its queries rank highest
+    routed: dict = field(default_factory=dict)  # layer -> the frames (single_frames order) it read, last run
 
 
 @dataclass(frozen=True)
@@ -192,26 +195,51 @@ class ForwardState:
     def cache_key(self, x: torch.Tensor) -> tuple:
         return str(x.device), x.dtype, repr(self.transformer_options.get("rope_options"))
 
-    def context_kv(self, index: int, x: torch.Tensor) -> ContextKV | None:
-        """This query layer's history keys/values; from the run's cache when ``cache_context`` is on."""
+    def context_kv(self, index: int, x: torch.Tensor, q_query: torch.Tensor | None = None,
+                   heads: int = 1) -> ContextKV | None:
+        """This query layer's history keys/values; from the run's cache when ``cache_context`` is on. With
+        ``route_frames`` (the learned policy) only the frames that the layer's query tokens ``q_query
+        [B, Nq, H*D]`` rank highest, decided when the keys are made (once per run with the cache on)."""
         q = self.query
         if index >= q.query_layers or not q.context.segments:
             return None
         where = self.cache_key(x)
         if q.cache_context and (index, *where) in self.run.context_cache:
             return self.run.context_cache[(index, *where)]
-        tokens, freqs, e0_clean = self.history_tokens(x)
+        if q.route_frames:
+            tokens, freqs, e0_clean = self.routed_tokens(index, x, q_query, heads)
+        else:
+            tokens, freqs, e0_clean = self.history_tokens(x)
         kv = wa.context_kv(self.dm.blocks[index], tokens, e0_clean, freqs)
         if q.cache_context:
             self.run.context_cache[(index, *where)] = kv
         return kv
 
-    def history_tokens(self, x: torch.Tensor):
-        """The history's tokens, RoPE tables and clean modulation, made once per run (cached) or per forward."""
-        where = self.cache_key(x)
+    def routed_tokens(self, index: int, x: torch.Tensor, q_query: torch.Tensor, heads: int):
+        """The learned policy in query layer ``index``: score every history frame by the mass ``q_query`` gives its
+        summary key (``context_routing``), keep the ``route_frames`` best, and return their full tokens."""
+        q = self.query
+        n = len(routing.single_frames(q.context))
+        frames = list(range(n))
+        if n > q.route_frames:
+            tokens, freqs, e0_clean = self.history_tokens(x, "summary")
+            k = wa.context_kv(self.dm.blocks[index], tokens, e0_clean, freqs).k
+            token_frame = torch.arange(n).repeat_interleave(tokens.shape[1] // n)
+            frames = routing.route(routing.frame_mass(q_query, k, token_frame, n, heads), q.route_frames)
+        q.routed[index] = frames
+        spec = routing.picked(q.context, frames)
+        return context_tokens(self.dm, replace(q, context=spec), x.device, x.dtype, self.transformer_options)
+
+    def history_tokens(self, x: torch.Tensor, kind: str = "full"):
+        """The history's tokens, RoPE tables and clean modulation, made once per run (cached) or per forward;
+        ``kind`` "summary": every frame pooled to its summary (the learned policy's scoring)."""
+        where = (kind, *self.cache_key(x))
         cache = self.run.context_tokens if self.query.cache_context else self.context_tokens
         if where not in cache:
-            cache[where] = context_tokens(self.dm, self.query, x.device, x.dtype, self.transformer_options)
+            query = self.query
+            if kind == "summary":
+                query = replace(query, context=routing.summaries(query.context, tuple(self.dm.patch_size)))
+            cache[where] = context_tokens(self.dm, query, x.device, x.dtype, self.transformer_options)
         return cache[where]
 
     def self_attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -224,8 +252,8 @@ class ForwardState:
             mem = wa.memory_kv(self.dm.blocks[index], self.memory.tokens, self.e0(), lw)
         if self.query is None:
             return attention_with_memory(q, k, v, heads, mem, attn)
-        ctx = self.context_kv(index, q)
         nq, npad = self.n_query, self.n_pad
+        ctx = self.context_kv(index, q, q[:, :nq], heads)
         if not npad:
             return query_memory_attention(q, k, v, heads, nq, ctx, mem, attn)
         q, k, v = (torch.cat([t[:, :nq], t[:, nq + npad:]], 1) for t in (q, k, v))  # the pad reads and is read by nothing
@@ -416,7 +444,9 @@ def diffusion_model_wrapper(executor, x, timestep, context, clip_fea=None, time_
         cam_p = frame_embedding_to_tokens(emb, tokens_per_frame(h, w, tuple(dm.patch_size)))
         st.token_offset = torch.cat([cam_q, emb.new_zeros(st.n_pad, emb.shape[1]), cam_p], 0).unsqueeze(0)
     if query.context.segments:
-        st.history_tokens(xp)  # shared by the query layers: made outside any checkpointed block
+        # shared by the query layers: made outside any checkpointed block (the learned policy's frame summaries; the
+        # frames a layer routes to are embedded in that layer)
+        st.history_tokens(xp, "summary" if query.route_frames else "full")
     opts = with_block_slots(opts, st, len(dm.blocks))
     st.transformer_options = opts
     n_frames = q_latent.shape[2]

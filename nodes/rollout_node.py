@@ -177,10 +177,14 @@ def generate_chunk(plan: RolloutPlan, sampling: Sampling, bank: MemoryBank, k: i
         picks = select_context(plan.policy, start, plan.budget, (h, w), bank.poses(0, start), chunk_poses)
         context = context_in_model_space(bank.context(picks, start), sampling.model)
 
+        route = plan.context_frames if plan.policy == "learned" else 0
+        queries = []
+
         def with_memory(g, camera):  # the same context and poses for either expert, its own camera MLP
-            query = QueryMemory(query_layers=plan.query_layers, context=context, camera=camera,
-                                chunk_poses=chunk_poses, cache_context=True, query_pool=plan.query_pool)
-            return wa.guider_on(g, apply_memory(g.model_patcher, query=query))
+            queries.append(QueryMemory(query_layers=plan.query_layers, context=context, camera=camera,
+                                       chunk_poses=chunk_poses, cache_context=True, query_pool=plan.query_pool,
+                                       route_frames=route))
+            return wa.guider_on(g, apply_memory(g.model_patcher, query=queries[-1]))
 
         guider = with_memory(guider, camera_mlp)
         guider_low = None if low is None else with_memory(guider_low, low.camera_mlp)
@@ -204,9 +208,11 @@ def generate_chunk(plan: RolloutPlan, sampling: Sampling, bank: MemoryBank, k: i
     record.seconds = round(time.perf_counter() - began, 3)
     record.memory_kind, mb = wa.peak_memory_mb(device)
     record.peak_memory_mb = round(mb, 1)
+    if plan.query_layers and plan.policy == "learned":
+        record.routed_to(queries[0].routed, picks, (h, w))
     bank.append(samples[0])
     log.info("Memory Rollout chunk %d: frames %d-%d, context %d frames (%d tokens), %.2fs, peak %s %.0f MB",
-             k, start, start + t - 1, len(picks), record.context_tokens, record.seconds, record.memory_kind, mb)
+             k, start, start + t - 1, len(record.context), record.context_tokens, record.seconds, record.memory_kind, mb)
     return record
 
 
@@ -216,7 +222,8 @@ def memory_inputs() -> list:
         wa.combo_input("policy", options=list(POLICIES), default="all",
                        tooltip="all: all history (newest first) within the budget; recent: a sliding window; "
                                "fov: the past frames whose view overlaps the next chunk's camera most; "
-                               "framepack: recent frames sharp, older ones pooled coarser."),
+                               "framepack: recent frames sharp, older ones pooled coarser; learned: each query "
+                               "layer reads the past frames its own queries rank highest (model-chosen)."),
         io.Int.Input("context_frames", default=21, min=0, max=10000,
                      tooltip="Context budget, in full-resolution latent frames (its token count is the same "
                              "for every policy). 0 = unlimited, for 'all' only."),

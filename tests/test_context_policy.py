@@ -64,11 +64,18 @@ def test_pool_larger_than_the_frame_is_an_error():
 
 # --- shared contract ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("policy", POLICIES)
+# learned hands every frame over as a candidate: each query layer keeps the budget (tests/test_learned_policy.py)
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "learned"])
 def test_every_policy_respects_the_budget_exactly(policy):
     for n, budget, hw in GRID:
         picks = pick(policy, n, budget, hw)
         assert cost(picks, hw) <= budget, (n, budget, hw, picks)
+
+
+def test_learned_hands_every_frame_to_the_query_layers_as_a_candidate():
+    for n, budget, hw in GRID:
+        assert [p.index for p in pick("learned", n, budget, hw)] == list(range(n))
+        assert all(p.pool == 1 for p in pick("learned", n, budget, hw))
 
 
 @pytest.mark.parametrize("policy", POLICIES)

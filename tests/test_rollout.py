@@ -20,7 +20,7 @@ def rollout(comfy, model, text_cond, **kw):
     return latent["samples"], json.loads(report)
 
 
-@pytest.mark.parametrize("policy", ["all", "recent", "fov", "framepack"])
+@pytest.mark.parametrize("policy", ["all", "recent", "fov", "framepack", "learned"])
 def test_three_chunks_with_each_policy_are_finite_and_deterministic(comfy, wan_model, text_cond, policy):
     first, report = rollout(comfy, wan_model, text_cond, policy=policy)
     again, _ = rollout(comfy, wan_model, text_cond, policy=policy)
@@ -40,7 +40,7 @@ def test_chunks_see_their_history(comfy, wan_model, text_cond):
     assert not torch.allclose(other[:, :, T:], same[:, :, T:])  # the chunk depends on the frames before it
 
 
-@pytest.mark.parametrize("policy", ["all", "recent", "fov", "framepack"])
+@pytest.mark.parametrize("policy", ["all", "recent", "fov", "framepack", "learned"])
 def test_continuing_from_the_first_chunk_equals_the_longer_rollout(comfy, wan_model, text_cond, policy):
     whole, _ = rollout(comfy, wan_model, text_cond, policy=policy)
     continued, report = rollout(comfy, wan_model, text_cond, policy=policy, chunks=2,

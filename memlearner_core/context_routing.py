@@ -1,0 +1,85 @@
+"""The ``learned`` context policy: each query layer reads only the history frames its own queries rank highest.
+
+Every history frame is a candidate. Before a query layer reads history, it scores each frame by the attention mass
+its query tokens Q give the frame's *summary*: the frame average-pooled to one patch per side (``summary_pool``:
+1 token of an 8x8 latent, 2 of a 60x104 one), embedded with its camera and placed by RoPE like any context token,
+projected by the layer's own keys. The ``budget`` frames of highest mass are then read at full resolution; the
+others' full-resolution keys are never computed. This is Mixture of Contexts' routing over mean-pooled keys, made
+per frame and per query layer, and decided once per chunk (the first forward that reaches the layer).
+
+Cost per query layer and chunk, for ``n`` history frames of ``s`` summary tokens, ``Nq`` query tokens, width ``d``:
+summary keys ``n * s * 2 d^2`` (norm, modulation and K projection, as for any context token) and scores
+``2 * Nq * n * s * d`` multiply-adds, both growing with the number of frames, not with their tokens; reading is
+then ``budget`` full frames, as ``recent`` at the same budget.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .context_tokens import ContextSegment, ContextSpec, tokens_per_frame
+
+
+def summary_pool(h: int, w: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
+    """The pooling of a summary frame: the largest that leaves an ``h x w`` latent frame at least one patch a side."""
+    return max(1, min(h // patch[1], w // patch[2]))
+
+
+def summary_tokens(h: int, w: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
+    """Tokens of one summary frame (what the scoring reads per history frame)."""
+    pool = summary_pool(h, w, patch)
+    return tokens_per_frame(h // pool, w // pool, patch)
+
+
+def single_frames(spec: ContextSpec) -> list[ContextSegment]:
+    """The context's frames in order, one segment each (pool, index and pose kept)."""
+    frames = []
+    for seg in spec.segments:
+        for j in range(seg.latent.shape[1]):
+            poses = None if seg.poses is None else seg.poses[j:j + 1]
+            frames.append(ContextSegment(seg.latent[:, j:j + 1], seg.frame_index[j:j + 1], seg.pool, poses))
+    return frames
+
+
+def summaries(spec: ContextSpec, patch: tuple[int, int, int] = (1, 2, 2)) -> ContextSpec:
+    """The context with every frame pooled to its summary (full-resolution frames only)."""
+    out = []
+    for seg in spec.segments:
+        if seg.pool != 1:
+            raise ValueError("the learned policy routes over full-resolution frames; got a pooled context segment")
+        h, w = seg.latent.shape[-2:]
+        out.append(ContextSegment(seg.latent, seg.frame_index, summary_pool(h, w, patch), seg.poses))
+    return ContextSpec(out)
+
+
+def picked(spec: ContextSpec, frames: list[int]) -> ContextSpec:
+    """The context holding only ``frames`` (positions in ``single_frames`` order), in that order."""
+    every = single_frames(spec)
+    return ContextSpec([every[i] for i in frames])
+
+
+def frame_mass(q: torch.Tensor, k: torch.Tensor, token_frame: torch.Tensor, n_frames: int, heads: int) -> torch.Tensor:
+    """Attention mass ``[n_frames]`` (summing to 1) that the query tokens ``q [B, Nq, H*D]`` give each frame's
+    summary tokens ``k [B or 1, Ns, H*D]`` (RoPE applied to both), token ``i`` belonging to frame
+    ``token_frame[i]``: softmax over all summary tokens per query token and head, averaged over tokens, heads and
+    the batch (CFG's branches)."""
+    b, nq, dim = q.shape
+    d = dim // heads
+    qh = q.float().reshape(b, nq, heads, d).transpose(1, 2)  # [B, H, Nq, D]
+    kh = k.float().expand(b, -1, -1).reshape(b, -1, heads, d).transpose(1, 2)  # [B, H, Ns, D]
+    weights = torch.softmax(qh @ kh.transpose(-1, -2) / d**0.5, dim=-1).mean(dim=(0, 1, 2))  # [Ns]
+    return torch.zeros(n_frames, dtype=weights.dtype, device=weights.device).index_add_(
+        0, token_frame.to(weights.device), weights)
+
+
+def route(mass: torch.Tensor, budget: int) -> list[int]:
+    """The ``budget`` frames of highest mass (ties: the newer frame), in temporal order."""
+    score = [round(v, 9) for v in mass.tolist()]
+    best = sorted(range(len(score)), key=lambda i: (-score[i], -i))[:budget]
+    return sorted(best)
+
+
+def scoring_flops(n_frames: int, summary: int, n_query: int, dim: int) -> int:
+    """Multiply-adds x 2 of one query layer's scoring: summary keys (``2 d^2`` a token for norm-modulated K) and
+    the query-summary logits."""
+    return n_frames * summary * 2 * dim * dim + 2 * n_query * n_frames * summary * dim
