@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from test_query_memory import inputs
 
 from memlearner_core import context_routing as routing
 from memlearner_core.context_tokens import ContextSegment, ContextSpec
 
 import host
 from forward import model_forward, rel_err
-from test_query_memory import inputs
 
 
 def test_frame_mass_is_the_softmax_over_summary_tokens_summed_per_frame(seeded):
@@ -73,7 +73,7 @@ def test_each_query_layer_reads_the_frames_its_queries_give_most_mass(comfy, wan
     monkeypatch.setattr(mp.routing, "frame_mass", lambda *a: masses.append(real(*a)) or masses[-1])
     _, query = query_forward(mp, wan_model, spec(7), layers=3, route=3)
     assert sorted(query.routed) == [0, 1, 2] and len(masses) == 3
-    for layer, mass in zip(sorted(query.routed), masses):
+    for layer, mass in zip(sorted(query.routed), masses, strict=True):
         assert query.routed[layer] == sorted(torch.topk(mass, 3).indices.tolist())
 
 
