@@ -46,7 +46,7 @@ import torch
 
 PACK = Path(__file__).resolve().parents[1]
 SECTIONS = ("plain", "dit_mem", "query", "concat", "rollout")
-POLICIES = ("all", "recent", "fov", "framepack")
+POLICIES = ("all", "recent", "fov", "framepack", "learned")
 MULTIPLES = (0, 1, 3, 9)  # history length in chunk lengths
 
 WAN_COMMON = dict(model_type="t2v", in_dim=16, out_dim=16, text_dim=4096, freq_dim=256, text_len=512)
@@ -107,15 +107,17 @@ def layer_flops(s: Shape, tokens: int, pairs: int, extra: float = 0.0) -> float:
 
 
 def step_flops(s: Shape, p: int, kind: str, context: int = 0, query_layers: int = 0, cache: bool = True,
-               memory: int = 0, q: int | None = None, batch: int = 2) -> dict:
+               memory: int = 0, q: int | None = None, batch: int = 2, frames: int = 0, summary: int = 0) -> dict:
     """FLOPs of one denoising step of ``batch`` samples with ``p`` predicted tokens: ``step`` (every step) and
     ``once`` (per sampling run: the cached context keys/values).
 
     kind ``plain``; ``concat`` (``context`` extra tokens in every layer); ``dit_mem`` (``memory`` extra keys in
     every layer, their k/v projected per step); ``query`` (``q`` query tokens, P by default; in the first
     ``query_layers`` blocks Q reads ``[C; P]``, elsewhere P; P always reads ``[Q; P]``; the C keys/values are
-    computed with batch 1 through q/k/v as the patch does, per step without the cache). Norms, RoPE, modulation
-    and the time embedding are left out (element-wise or negligible)."""
+    computed with batch 1 through q/k/v as the patch does, per step without the cache; the learned policy,
+    ``frames`` history frames of ``summary`` tokens each, adds each query layer's scoring,
+    ``context_routing.scoring_flops``, with ``context`` then one layer's read). Norms, RoPE, modulation and the
+    time embedding are left out (element-wise or negligible)."""
     d, n_layers = s.dim, s.layers
     embed = lambda n, out=None: 2 * s.patch_in * d * (n + (n if out is None else out))  # noqa: E731  patch in, head out
     text = 2 * s.text_len * (s.text_dim * d + d * d)
@@ -133,6 +135,10 @@ def step_flops(s: Shape, p: int, kind: str, context: int = 0, query_layers: int 
         qry = layer_flops(s, q + p, q * (context + p) + p * (q + p))
         per = query_layers * qry + (n_layers - query_layers) * gen + embed(q + p, p)  # Q leaves before the head
         ctx = query_layers * 4 * d * d * context + 2 * s.patch_in * d * context  # batch 1, k/v only
+        if frames:  # the learned policy: the summaries embedded, then scored in each query layer
+            from memlearner_core.context_routing import scoring_flops
+
+            ctx += 2 * s.patch_in * d * frames * summary + query_layers * scoring_flops(frames, summary, q, d)
         once = ctx if cache else 0.0
         return dict(step=batch * (per + text) + (0.0 if cache else ctx), once=once)
     else:
@@ -357,6 +363,7 @@ class Bench:
         """Per chunk: context picked by ``policy`` from the bank, a fresh run (first step fills the cache), per-step
         time; then a random chunk latent enters the bank."""
         from memlearner_core.context_policy import frame_cost, select_context
+        from memlearner_core.context_routing import summary_tokens
         from memlearner_core.rollout import MemoryBank, context_tokens
         from memlearner_core.trajectory import preset
 
@@ -367,13 +374,15 @@ class Bench:
         for k in range(a.chunks):
             start = bank.n_frames
             picks = select_context(policy, start, budget, (h, w), bank.poses(0, start), bank.poses(start, start + t))
+            route = a.rollout_budget * t if policy == "learned" else 0
             query = mp.QueryMemory(self.size["query_layers"], mp.context_in_model_space(bank.context(picks, start)),
-                                   chunk_poses=bank.poses(start, start + t), cache_context=True)
+                                   chunk_poses=bank.poses(start, start + t), cache_context=True, route_frames=route)
             patched = mp.apply_memory(self.model, query=query)
             sub = argparse.Namespace(**{**vars(a), "steps": a.rollout_steps})
             res = measure(self.forward(patched, self.x(t), mp.RunState(k)), self.dev, self.wa, sub)
-            nc = context_tokens(picks, (h, w))
-            flops = step_flops(self.shape, self.p, "query", nc, self.size["query_layers"], True)
+            nc = context_tokens(picks[:route] if route else picks, (h, w))
+            routed = dict(frames=len(picks), summary=summary_tokens(h, w)) if route and len(picks) > route else {}
+            flops = step_flops(self.shape, self.p, "query", nc, self.size["query_layers"], True, **routed)
             rows.append(dict(chunk=k + 1, first_frame=start, context_frames=len(picks), context_tokens=nc,
                              context=[[p.index, p.pool] for p in picks], **res, flops=flops["step"],
                              once_flops=flops["once"]))

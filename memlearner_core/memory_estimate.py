@@ -8,7 +8,9 @@ compute dtype, ``d`` the model width):
   every block's activations grow by ``Nq / Np`` of the stock figure; the history ``C`` (``Nc`` tokens, batch 1)
   is kept as tokens plus keys and values for each of the ``K`` query layers (``(2K + 1) Nc d s``; without the
   context cache one layer's keys/values at a time, ``3 Nc d s``), and a query layer joins the history's keys and
-  values to P's for the batch, a copy (``2 B (Nc + Np) d s``);
+  values to P's for the batch, a copy (``2 B (Nc + Np) d s``); with the learned policy ``Nc`` is what one query
+  layer reads (its budget), each layer's own frames embedded apart (``2K Nc d s``, or ``3 Nc d s`` without the
+  cache), and the history's ``S`` summary tokens are kept with one layer's keys of them (``2 S d s``);
 - DiT-Mem: each block projects the ``U`` memory tokens to keys and values for the batch (``2 B U d s``) and joins
   them to the sequence's ``N = Np + Nq`` keys and values, a copy (``2 B (N + U) d s``); with per-key weights
   (de-duplicated tokens or a strength other than 1) a per-key logit bias goes with them (``B (N + U) s``).
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from .context_routing import summary_tokens
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class MemoryShape:
     memory_tokens: int = 0
     weighted_memory: bool = False
     patch: tuple[int, int, int] = (1, 2, 2)
+    summary_tokens: int = 0  # the learned policy: S, the history's summary tokens (context_tokens: one layer's read)
 
 
 def token_counts(input_shape, shape: MemoryShape) -> tuple[int, int, int]:
@@ -59,8 +64,9 @@ def extra_bytes(stock: float, input_shape, shape: MemoryShape, dtype_bytes: int)
     d, s, nc = shape.dim, dtype_bytes, shape.context_tokens
     parts = {"query_sequence": stock * n_q / n_p if n_p else 0.0, "context": 0.0, "memory": 0.0}
     if shape.query_layers and nc:
-        kept = (2 * shape.query_layers + 1) if shape.cache_context else 3
-        parts["context"] = float(kept * nc * d * s + 2 * b * (nc + n_p) * d * s)
+        routed = bool(shape.summary_tokens)
+        kept = (2 * shape.query_layers + (0 if routed else 1)) if shape.cache_context else 3
+        parts["context"] = float(kept * nc * d * s + 2 * b * (nc + n_p) * d * s + 2 * shape.summary_tokens * d * s)
     if shape.memory_tokens:
         u, n = shape.memory_tokens, n_p + n_q
         parts["memory"] = float(2 * b * u * d * s + 2 * b * (n + u) * d * s)
@@ -115,6 +121,9 @@ def readme_table(shape: str = "wan2.1-1.3b") -> str:
          MemoryShape(dim, heads, 5, context_tokens=3 * chunk)),
         ("query memory, query_pool 2, 1 chunk of history, context cache",
          MemoryShape(dim, heads, 5, query_pool=2, context_tokens=chunk)),
+        ("query memory, learned policy: each query layer reads 8 of 210 history frames, context cache",
+         MemoryShape(dim, heads, 5, context_tokens=8 * chunk // latent[2],
+                     summary_tokens=210 * summary_tokens(latent[3], latent[4]))),
         ("DiT-Mem, 5 references, official tokens (1000)", MemoryShape(dim, heads, memory_tokens=1000)),
         ("DiT-Mem, 5 references, de-duplicated (10 weighted)",
          MemoryShape(dim, heads, memory_tokens=10, weighted_memory=True)),

@@ -417,18 +417,19 @@ def evaluation_case(path: str, seed: int, h: int = 8, w: int = 8, family: Family
         poses, history = preset("pan_and_return", 16, degrees=180.0), 8
     else:
         raise ValueError(f"unknown evaluation path {path!r}; known: {', '.join(EVALUATION_PATHS)}")
-    case = revisit_case(path, world, poses, history, h, w)
-    if band is not None:
-        case.labels["band"] = case.labels["revisit"] & (
-            torch.remainder(case.rendering.u[history:] - band[0], world.columns) < band[1])
-    return case
+    return revisit_case(path, world, poses, history, h, w, band)
 
 
-def revisit_case(path: str, world: World, poses: torch.Tensor, history: int, h: int = 8, w: int = 8) -> RevisitCase:
+def revisit_case(path: str, world: World, poses: torch.Tensor, history: int, h: int = 8, w: int = 8,
+                 band: tuple[float, float] | None = None) -> RevisitCase:
     """Any camera path ``poses [T, 3, 4]`` through ``world`` as a case: the first ``history`` frames given, the
-    rest to generate, each generated pixel labelled (``labels``)."""
+    rest to generate, each generated pixel labelled (``labels``); with the wall's ``band`` (start column, width)
+    also ``band``: the revisited pixels inside it."""
     r = render(world, poses, h, w)
-    return RevisitCase(path, world, poses, history, r.latent, labels(world, r, history), r)
+    found = labels(world, r, history)
+    if band is not None:
+        found["band"] = found["revisit"] & (torch.remainder(r.u[history:] - band[0], world.columns) < band[1])
+    return RevisitCase(path, world, poses, history, r.latent, found, r)
 
 
 # --- the offset sweep: revisits from viewpoints the history did not have exactly -----------------------------
@@ -480,6 +481,47 @@ def loop_case(seed: int, h: int = 8, w: int = 8) -> RevisitCase:
     """The loop closure (``loop_revisit_path``) through the world of ``seed`` (path ``loop``)."""
     poses, history = loop_revisit_path()
     return revisit_case("loop", make_world(seed), poses, history, h, w)
+
+
+# --- long rollouts: revisits long after, from new viewpoints, within a bounded context -------------------------
+
+LONG_PATHS = ("long_pan", "long_occluder", "long_moving_object")
+LONG_STEP = 22.5  # degrees between frames of a lap: 16 frames a turn, each place seen by about two frames
+LONG_OFFSETS = (11.25, -5.0)  # the later laps' yaw offsets from the first lap's poses (the second midway)
+
+
+def lap(start: float, offset: float = 0.0, backwards: bool = False) -> list[float]:
+    """The yaws (degrees) of one full turn in ``LONG_STEP`` steps from ``start + offset``, backwards or not."""
+    n = int(round(360 / LONG_STEP))
+    return [start + offset + (-i if backwards else i) * LONG_STEP for i in range(n)]
+
+
+def long_case(path: str, seed: int, h: int = 8, w: int = 8) -> RevisitCase:
+    """One of ``LONG_PATHS``, 48 frames (three turns) through the world of ``seed``, each place revisited 16 to
+    32 frames after the history saw it (15 for the first generated frame) and never from a history pose
+    (``LONG_OFFSETS``):
+
+    - ``long_pan``: the first turn given (16 frames), then a turn 11.25 degrees off (midway between two history
+      poses) and one back the other way 5 degrees off; 32 generated frames;
+    - ``long_occluder``: the same path, a wall over columns 4-12 during the second turn, which is given too
+      (32 frames): on the third, the wall is gone, and the newest frames of the band saw the wall (``band``);
+    - ``long_moving_object``: ``long_pan`` with a block moving 1.5 columns per frame (``shown``)."""
+    first = lap(0.0)
+    second, third = lap(360.0, LONG_OFFSETS[0]), lap(1080.0, LONG_OFFSETS[1], backwards=True)
+    poses = yaw_path(first + second + third)
+    band = None
+    if path == "long_pan":
+        world, history = make_world(seed), len(first)
+    elif path == "long_occluder":
+        band = (4.0, 8.0)
+        world = make_world(seed, occluder=True, occluded_frames=(len(first), 2 * len(first) - 1),
+                           occluded_columns=band)
+        history = 2 * len(first)
+    elif path == "long_moving_object":
+        world, history = make_world(seed, moving_object=True, object_speed=1.5), len(first)
+    else:
+        raise ValueError(f"unknown long path {path!r}; known: {', '.join(LONG_PATHS)}")
+    return revisit_case(path, world, poses, history, h, w, band)
 
 
 def nearest_history_offset(case: RevisitCase) -> torch.Tensor:

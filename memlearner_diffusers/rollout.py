@@ -96,6 +96,9 @@ def rollout(pipe, *, chunks: int, chunk_frames: int, height: int, width: int, po
     budget = None if context_frames == 0 else context_frames * frame_cost(h, w)
     if query_layers and budget is None and policy != "all":
         raise ValueError(f"the {policy} policy needs a budget: set context_frames above 0 (0 = unlimited is for 'all')")
+    if query_layers and policy == "learned":
+        raise ValueError("the learned policy runs in ComfyUI's Memory Rollout only (the diffusers host has no "
+                         "learned policy yet): choose all, recent, fov or framepack")
     if query_layers and policy == "fov" and poses is None:
         raise ValueError("the fov policy picks frames by camera view: give poses")
     tr = pipe.transformer

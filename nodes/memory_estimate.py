@@ -15,6 +15,7 @@ from __future__ import annotations
 import comfy.model_management
 import comfy.patcher_extension
 
+from memlearner_core.context_routing import summary_tokens
 from memlearner_core.context_tokens import segment_positions
 from memlearner_core.memory_estimate import MemoryShape, extra_bytes
 
@@ -46,10 +47,18 @@ class MemoryEstimate:
     def __deepcopy__(self, memo):  # immutable settings: clones share them (model_options are deep-copied)
         return self
 
-    def context_tokens(self) -> int:
+    def context_tokens(self) -> tuple[int, int]:
+        """``(Nc, S)``: the history tokens a query layer reads, and (the learned policy) its summary tokens."""
         if self._context_tokens is None:
-            segs = self.query.context.segments if self.query is not None else []
-            self._context_tokens = sum(len(segment_positions(s, self.patch)) for s in segs)
+            q = self.query
+            segs = q.context.segments if q is not None else []
+            every = sum(len(segment_positions(s, self.patch)) for s in segs)
+            frames = sum(s.latent.shape[1] for s in segs)
+            if q is None or not q.route_frames or frames <= q.route_frames:
+                self._context_tokens = (every, 0)
+            else:
+                h, w = segs[0].latent.shape[-2:]
+                self._context_tokens = (every * q.route_frames // frames, frames * summary_tokens(h, w, self.patch))
         return self._context_tokens
 
     def memory_tokens(self) -> tuple[int, bool]:
@@ -66,8 +75,9 @@ class MemoryEstimate:
     def shape(self) -> MemoryShape:
         q = self.query
         u, weighted = self.memory_tokens()
+        nc, summary = self.context_tokens()
         return MemoryShape(self.dim, self.heads, q.query_layers if q else 0, q.query_pool if q else 1,
-                           self.context_tokens(), q.cache_context if q else True, u, weighted, self.patch)
+                           nc, q.cache_context if q else True, u, weighted, self.patch, summary)
 
     def extra(self, base, stock: float, input_shape) -> dict[str, float]:
         dtype = base.manual_cast_dtype or base.get_dtype()

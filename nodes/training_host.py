@@ -47,7 +47,7 @@ class WanRecipe(core.WanRecipe):
         run = RunState(seed, self.cfg.gradient_checkpointing)
         if query is not None:
             query = QueryMemory(query.query_layers, query.context, query.camera, query.chunk_poses,
-                                cache_context=False, query_pool=query.query_pool)
+                                cache_context=False, query_pool=query.query_pool, route_frames=query.route_frames)
         patched = self.model if memory is None and query is None else apply_memory(self.model, memory=memory,
                                                                                      query=query)
         return patched_forward(patched, x_t, timestep, text, run=run)

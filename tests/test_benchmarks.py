@@ -180,3 +180,22 @@ def test_the_offset_sweep_says_so_when_matplotlib_is_missing(tmp_path, monkeypat
     revisit.write_sweep(tmp_path, sweep_doc(), {**revisit.run_meta("revisit_world.py", []), "worlds": 2, "steps": 1})
     assert not (tmp_path / "offset_sweep.png").exists()
     assert "matplotlib is not installed" in json.loads((tmp_path / "offset_sweep.json").read_text())["plot"]
+
+
+def test_the_long_rollout_benchmark_runs_every_policy_through_memory_rollout_and_writes_its_figures(tmp_path):
+    """A clean checkout's smoke run: the shipped toy model, every long path, each bounded policy at budget 4."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "long_rollout.py"), "--quick", "--work", str(tmp_path / "work"),
+           "--out", str(tmp_path / "out")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(res["psnr"]) == {"oracle", "copy_nearest", "all", "recent@4", "fov@4", "framepack@4", "learned@4",
+                                "query_no_context"}
+    assert res["psnr"]["oracle"]["revisit_psnr"] == rw.PSNR_CAP
+    reads = {name: {frames for _, _, frames in rows} for name, rows in res["chunks"].items()}
+    assert reads["learned@4"] == {4} and reads["recent@4"] == {4} and max(reads["all"]) == 46
+    assert set(res["targets"]) >= {"learned@4 within 1 dB of all on revisits",
+                                   "learned@4 step at the last chunk <= 1.2x the first"}
+    assert "| learned@4 |" in (tmp_path / "out" / "results.md").read_text()
+    assert (tmp_path / "out" / "long_rollout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

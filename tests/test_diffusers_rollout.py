@@ -238,3 +238,8 @@ def test_rollout_on_the_5b_refuses_a_wan21_first_chunk(pipe_5b, text):
     with pytest.raises(ValueError, match=r"^first_chunk must be a Wan2.2 TI2V-5B latent \[48, T, 4, 4\], got "
                                          r"\(16, 2, 4, 4\)$"):
         run(pipe_5b, text, first_chunk=torch.zeros(16, 2, 4, 4))
+
+
+def test_rollout_refuses_the_learned_policy_the_diffusers_host_does_not_have(pipe, text):
+    with pytest.raises(ValueError, match=r"^the learned policy runs in ComfyUI's Memory Rollout only"):
+        run(pipe, text, policy="learned")

@@ -290,3 +290,9 @@ def test_a_width_the_5b_cannot_make_is_refused_in_one_line(wan22_5b_diffusers, t
     with pytest.raises(ValueError, match=r"^'width' must be a multiple of 32 for Wan2.2 TI2V-5B \(16x VAE, 2x "
                                          r"patch\), got 80; fix width in the config$"):
         dtrain.check_model_family(config(tmp_path, width=80), wan22_5b_diffusers)
+
+
+def test_diffusers_host_refuses_the_learned_policy_it_does_not_have():
+    with pytest.raises(ConfigError, match='context_policies "learned" trains on host = "comfyui" only'):
+        config_from_dict(dict(recipe="query", data_dir="d", output_dir="o", model_file="m", data_format="latents",
+                              host="diffusers", context_policies=["all", "learned"]))

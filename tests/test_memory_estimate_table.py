@@ -25,3 +25,14 @@ def test_the_table_has_both_shapes_and_query_tokens_cost_one_stock_estimate():
     assert table.startswith("Wan2.2-TI2V-5B") and f"stock estimate {stock}" in table
     assert f"| query memory, 5 query layers, no history | {stock} | {stock} |" in table
     assert readme_table().startswith("Wan2.1-1.3B")
+
+
+def test_the_learned_policy_keeps_one_layers_read_per_query_layer_and_every_frames_summary():
+    from memlearner_core.memory_estimate import extra_bytes
+
+    d, nc, summary, latent = 1536, 8 * 1560, 210 * 2, (2, 16, 21, 60, 104)
+    routed = extra_bytes(0.0, latent, MemoryShape(d, 12, 5, context_tokens=nc, summary_tokens=summary), 2)
+    n_p = 21 * 30 * 52
+    assert routed["context"] == (2 * 5 * nc + 2 * 2 * (nc + n_p) + 2 * summary) * d * 2
+    whole = extra_bytes(0.0, latent, MemoryShape(d, 12, 5, context_tokens=210 * 1560), 2)
+    assert routed["context"] < whole["context"] / 10

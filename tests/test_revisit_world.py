@@ -259,3 +259,22 @@ def test_default_trajectories_are_those_of_the_committed_data():
     g = torch.Generator().manual_seed(7)
     yaws = torch.rad2deg(torch.atan2(*rw.random_trajectory(6, g)[:, [0, 2], 2].T))
     assert torch.allclose(yaws, torch.tensor(EXPECTED_YAWS_SEED_7), atol=1e-3)
+
+
+@pytest.mark.parametrize("path", rw.LONG_PATHS)
+def test_long_paths_revisit_every_place_long_after_and_never_from_a_history_pose(path):
+    case = rw.long_case(path, 10_000_000)
+    assert case.poses.shape[0] == 48 and case.generated_frames % 2 == 0
+    assert float(rw.nearest_history_offset(case).min()) >= 4.9  # 5 or 11.25 degrees off every history pose
+    assert case.labels["revisit"].float().mean() > 0.9  # the history saw (nearly) every place
+    # the first generated frame comes 15 frames or more after the history frames nearest it
+    d = torch.nn.functional.normalize(case.poses[:, :, 2], dim=-1)
+    nearest = (d[case.history] @ d[:case.history].T).argmax()
+    assert case.history - int(nearest) >= 15
+
+
+def test_the_long_occluders_band_was_seen_clear_once_and_behind_the_wall_on_the_newer_turn():
+    case = rw.long_case("long_occluder", 10_000_000)
+    assert case.history == 32 and case.labels["band"].sum() > 0
+    wall = case.world.occluder
+    assert (wall.first_frame, wall.last_frame) == (16, 31)

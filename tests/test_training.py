@@ -41,6 +41,20 @@ def test_query_recipe_loss_falls_in_thirty_steps(comfy, tmp_path):
     assert sum(result.losses[-10:]) < sum(result.losses[:10])
 
 
+def test_query_recipe_trains_with_the_learned_policy_routing_in_each_query_layer(comfy, tmp_path, monkeypatch):
+    th = host.pack("nodes.training_host")
+    mp = host.pack("nodes.memory_patch")
+    routes = []
+    real = mp.routing.route
+    monkeypatch.setattr(mp.routing, "route", lambda mass, budget: routes.append((len(mass), budget)) or
+                        real(mass, budget))
+    cfg = query_config(tmp_path, steps=12, context_policies=["learned"], max_context_multiple=4, clip_frames=33,
+                       gradient_checkpointing=True)
+    result = train(cfg, th.QueryRecipe(fresh_wan(comfy), cfg), clip_items(frames=9))
+    assert len(result.losses) == 12 and all(math.isfinite(v) for v in result.losses)
+    assert routes and all(budget < n for n, budget in routes)  # layers read fewer frames than they were handed
+
+
 def test_query_fine_tune_loads_in_the_nodes(comfy, tmp_path):
     th = host.pack("nodes.training_host")
     cfg = query_config(tmp_path, steps=4)

@@ -194,7 +194,7 @@ def test_training_context_is_picked_by_each_rollout_policy_within_the_sampled_bu
     latent = torch.arange(12.0).reshape(1, 12, 1, 1).expand(16, 12, 8, 8)  # frame i holds the value i
     drawn = Counter()
     for _ in range(200):
-        spec, target, policy, picks = sample_context(latent, poses, 2, 5, ("all", "recent", "fov", "framepack"), g)
+        spec, target, policy, picks, _ = sample_context(latent, poses, 2, 5, ("all", "recent", "fov", "framepack"), g)
         drawn[policy] += 1
         assert target[0, :, 0, 0].tolist() == [10, 11]  # P: the last frames
         tokens = sum(frame_cost(8, 8, pk.pool) for pk in picks)
@@ -206,6 +206,19 @@ def test_training_context_is_picked_by_each_rollout_policy_within_the_sampled_bu
             assert torch.equal(seg.latent[0, :, 0, 0], seg.frame_index.float() + 10)
             assert torch.equal(seg.poses, poses[seg.frame_index + 10])
     assert set(drawn) == {"all", "recent", "fov", "framepack"} and min(drawn.values()) > 25
+
+
+def test_the_learned_policy_hands_training_every_earlier_frame_and_the_budget_for_each_query_layer():
+    g = torch.Generator().manual_seed(2)
+    latent = torch.arange(12.0).reshape(1, 12, 1, 1).expand(16, 12, 8, 8)
+    budgets = set()
+    for _ in range(40):
+        spec, _, policy, picks, budget = sample_context(latent, None, 2, 5, ("learned",), g)
+        assert policy == "learned" and 0 <= budget <= 10
+        assert [p.index for p in picks] == (list(range(10)) if budget else [])
+        assert sum(seg.latent.shape[1] for seg in spec.segments) == (10 if budget else 0)
+        budgets.add(budget)
+    assert len(budgets) > 5  # the budget is drawn like every policy's
 
 
 def test_training_context_without_poses_never_uses_fov():

@@ -60,7 +60,7 @@ def test_query_step_draws_context_then_noise_sigma_and_seed(tmp_path):
     (call,) = recipe.calls
     by_hand = torch.Generator().manual_seed(7)
     z = latent * 2 + 1
-    context, target, _, _ = sample_context(z, None, 2, 1, cfg.context_policies, by_hand)
+    context, target, _, _, _ = sample_context(z, None, 2, 1, cfg.context_policies, by_hand)
     noise = torch.randn((1, *target.shape), generator=by_hand)
     sigma = sample_sigmas(1, by_hand)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=by_hand))

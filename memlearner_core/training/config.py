@@ -26,7 +26,8 @@ PRECISIONS = ("bf16", "fp32")
 DATA_FORMATS = ("videos", "latents")
 TEXT_SOURCES = ("captions", "none")
 CAMERA_INITS = ("zeros", "normal")
-CONTEXT_POLICIES = ("all", "recent", "fov", "framepack")  # as context_policy.POLICIES; the rollout's choices
+CONTEXT_POLICIES = ("all", "recent", "fov", "framepack", "learned")  # as context_policy.POLICIES; the rollout's choices
+DEFAULT_CONTEXT_POLICIES = ("all", "recent", "fov", "framepack")
 HOSTS = ("comfyui", "diffusers")  # whose Wan2.1 trains: ComfyUI's WanModel or diffusers' WanTransformer3DModel
 DEFAULT_LR = {"query": 1e-5, "encoder": 1e-5}
 REQUIRED = ("recipe", "data_dir", "output_dir", "model_file")
@@ -67,7 +68,7 @@ class TrainConfig:
     predict_latent_frames: int = 2  # P, latent frames denoised per clip (query recipe)
     max_context_multiple: int = 9  # context length uniform in 0 .. this x P (query recipe)
     # context picked from the clip's earlier frames by one of these rollout policies per item (query recipe)
-    context_policies: tuple[str, ...] = CONTEXT_POLICIES
+    context_policies: tuple[str, ...] = DEFAULT_CONTEXT_POLICIES
     camera_init: str = "zeros"  # camera MLP init: "zeros" (fine-tuning a pretrained Wan) or "normal" (from scratch)
     camera_init_std: float = 0.5  # the normal init's standard deviation
     # query recipe: the clips' horizontal field of view in degrees, to place every frame's tokens by where its camera
@@ -217,6 +218,9 @@ def config_from_dict(data: dict, base: str | Path = ".") -> TrainConfig:
     if cfg.data_format == "videos" and cfg.vae_file is None:
         raise ConfigError("missing required key(s): vae_file (the Wan2.1 VAE encodes the videos; with pre-encoded "
                           "latents set data_format = \"latents\")")
+    if cfg.host == "diffusers" and "learned" in cfg.context_policies:
+        raise ConfigError('context_policies "learned" trains on host = "comfyui" only (the diffusers host has no '
+                          'learned policy yet): remove it, or set host = "comfyui"')
     if cfg.host == "diffusers" and cfg.data_format != "latents":
         raise ConfigError('host = "diffusers" trains on pre-encoded clips: set data_format = "latents" '
                           '(<clip>.safetensors holding latent [16, T, H, W])')
@@ -290,7 +294,7 @@ query_layers = 5
 query_pool = 1                 # 2: one query token per 2x2 cell (4x fewer; run the nodes with the same value)
 predict_latent_frames = 2      # P: latent frames denoised per clip; the loss counts only these
 max_context_multiple = 9       # context length uniform in 0 .. 9 x P latent frames (capped by the clip)
-context_policies = ["all", "recent", "fov", "framepack"]   # how the context is picked, as Memory Rollout does
+context_policies = ["all", "recent", "fov", "framepack"]   # how the context is picked, as Memory Rollout does (or "learned")
 camera_init = "zeros"          # "normal" when training a model from scratch
 camera_init_std = 0.5
 view_rope_fov = 0.0            # the clips' horizontal field of view (degrees): view-aligned RoPE; 0 = off

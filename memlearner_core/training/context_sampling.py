@@ -7,8 +7,9 @@ clip shorter than that caps it at what the clip holds.
 
 ``sample_context`` draws the context the way Memory Rollout hands it to the model: the sampled length becomes a
 token budget and a policy (``all``/``recent``: the newest frames; ``fov``: the frames whose view overlaps P's;
-``framepack``: older frames pooled coarser) picks frames from everything before P, so gapped and pooled contexts
-are seen in training too.
+``framepack``: older frames pooled coarser; ``learned``: every earlier frame, of which each query layer reads the
+budget it ranks highest, as Memory Rollout's learned policy does) picks frames from everything before P, so gapped
+and pooled contexts, and the model's own choices, are seen in training too.
 """
 
 from __future__ import annotations
@@ -56,11 +57,12 @@ def split_clip(latent: torch.Tensor, p: int, n_context: int) -> tuple[torch.Tens
 
 def sample_context(latent: torch.Tensor, poses: torch.Tensor | None, p: int, max_multiple: int,
                    policies: tuple[str, ...], generator: torch.Generator | None = None
-                   ) -> tuple[ContextSpec, torch.Tensor, str, list[FramePick]]:
+                   ) -> tuple[ContextSpec, torch.Tensor, str, list[FramePick], int]:
     """A training example from ``latent [C, N, H, W]`` (poses ``[N, 3, 4]`` or None): the context (a
     ``ContextSpec``, frames at their offsets before P), the target P ``[C, p, H, W]`` (the last ``p`` frames), the
-    policy drawn (uniformly from ``policies``; ``fov`` becomes ``recent`` for a clip without poses) and its picks.
-    The budget is ``sample_context_length`` full-resolution frames of tokens."""
+    policy drawn (uniformly from ``policies``; ``fov`` becomes ``recent`` for a clip without poses), its picks and
+    the budget in frames. The budget is ``sample_context_length`` full-resolution frames of tokens; ``learned``
+    hands over every earlier frame (none for a budget of 0), each query layer keeping the budget."""
     n = latent.shape[1]
     start = clip_windows(n, p, 0)[1].start
     n_ctx = sample_context_length(p, max_multiple, start, generator)
@@ -70,7 +72,7 @@ def sample_context(latent: torch.Tensor, poses: torch.Tensor | None, p: int, max
     hw = tuple(latent.shape[-2:])
     history = None if poses is None else poses[:start]
     chunk = None if poses is None else poses[start:]
-    picks = select_context(policy, start, n_ctx * frame_cost(*hw), hw, history, chunk)
+    picks = select_context(policy, start, n_ctx * frame_cost(*hw), hw, history, chunk) if n_ctx else []
     bank = MemoryBank(poses)
     bank.append(latent[:, :start])
-    return bank.context(picks, start), latent[:, start:], policy, picks
+    return bank.context(picks, start), latent[:, start:], policy, picks, n_ctx

@@ -77,6 +77,7 @@ class QueryDraw:
     camera: CameraEmbedding | None
     chunk_poses: torch.Tensor | None
     query_pool: int = 1
+    route_frames: int = 0  # the learned policy's budget per query layer (0: read the whole context)
 
 
 def check_frame_size(cfg: TrainConfig, family: WanFamily) -> None:
@@ -156,10 +157,11 @@ def query_draw(cfg: TrainConfig, latent: torch.Tensor, poses: torch.Tensor | Non
     Rollout picks it (``sample_context``: its length, then its policy), the target P the last
     ``predict_latent_frames`` frames."""
     p = cfg.predict_latent_frames
-    context, target, _, _ = sample_context(latent, poses, p, cfg.max_context_multiple, cfg.context_policies,
-                                           generator)
+    context, target, policy, _, budget = sample_context(latent, poses, p, cfg.max_context_multiple,
+                                                        cfg.context_policies, generator)
     chunk_poses = None if poses is None else poses[-p:].to(latent.device)
-    return QueryDraw(cfg.query_layers, context, camera, chunk_poses, cfg.query_pool), target
+    route = budget if policy == "learned" else 0
+    return QueryDraw(cfg.query_layers, context, camera, chunk_poses, cfg.query_pool, route), target
 
 
 def draw_references(cfg: TrainConfig, references: list[torch.Tensor], generator: torch.Generator

@@ -1,0 +1,200 @@
+"""Memory within a fixed budget on long rollouts: which history frames a chunk reads, chosen by rule or by the model.
+
+The revisit world's long paths (``memlearner_core.revisit_world.long_case``: three full turns, 48 latent frames, every
+place revisited 16 to 32 frames after the history saw it and from a pose the history never had) run through Memory
+Rollout in an in-process ComfyUI (the node's own code path) with the toy model shipped in
+``memlearner_host/revisit_model`` (or the revisit benchmark's work folder's ``revisit_query``), 2 latent frames a
+chunk, 10 euler steps: 16 chunks on ``long_pan`` and ``long_moving_object``, 8 on ``long_occluder``, whose context
+reaches 46 frames, 3x the 14 context frames the model was trained with.
+
+Configurations: ``all`` unbounded (every history frame), and ``recent``, ``fov``, ``framepack`` and ``learned`` (each
+query layer reads the frames its queries rank highest, ``memlearner_core.context_routing``) at budgets of 2, 4 and 8
+frames; the same weights with no context (``query_no_context``); the rules ``copy_nearest`` and ``oracle``.
+Metrics as the revisit benchmark's (latent PSNR, capped at 40 dB): ``revisit_psnr`` on ``long_pan``,
+``occluder_band_psnr`` (revisited places the wall hid on the second turn) on ``long_occluder``,
+``moving_object_psnr`` on ``long_moving_object``; and per chunk, seconds per denoising step against the history
+length.
+
+    python benchmarks/long_rollout.py                 # 4 held-out worlds, benchmarks/results/long_rollout/
+    python benchmarks/long_rollout.py --quick --out /tmp/lr   # a smoke run: 1 world, 2 steps, budget 4 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+PACK = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PACK / "benchmarks"))
+
+import torch  # noqa: E402
+from revisit_world import (  # noqa: E402
+    CHUNK,
+    EVAL_SEED,
+    LATENT,
+    QUERY_LAYERS,
+    STEPS,
+    WORK,
+    Evaluator,
+    rollout_case,
+    rule_predictions,
+    run_meta,
+)
+
+from memlearner_core import revisit_world as rw  # noqa: E402
+
+OUT = PACK / "benchmarks" / "results" / "long_rollout"
+BUDGETS = (2, 4, 8)
+BOUNDED = ("recent", "fov", "framepack", "learned")
+METRIC = {"long_pan": ("revisit_psnr", "revisit"), "long_occluder": ("occluder_band_psnr", "band"),
+          "long_moving_object": ("moving_object_psnr", "shown")}
+
+
+def configurations(budgets=BUDGETS) -> dict:
+    """name -> (policy, context_frames, query_layers): ``all`` unbounded, each bounded policy at each budget, and
+    the query layers off."""
+    out = {"all": ("all", 0, QUERY_LAYERS)}
+    out.update({f"{p}@{b}": (p, b, QUERY_LAYERS) for b in budgets for p in BOUNDED})
+    out["query_no_context"] = ("all", 0, 0)
+    return out
+
+
+def measure(ev: Evaluator, worlds: int, steps: int, budgets=BUDGETS) -> dict:
+    """Every configuration on every long path of ``worlds`` held-out worlds: error sums per metric, and per chunk
+    (history length, seconds per step, frames read)."""
+    configs = configurations(budgets)
+    sums, chunks, began = {}, {}, time.time()
+    for wi in range(worlds):
+        for path in rw.LONG_PATHS:
+            case = rw.long_case(path, EVAL_SEED + wi, LATENT, LATENT)
+            metric, label = METRIC[path]
+            mask = case.labels[label]
+            preds = rule_predictions(case)
+            for name, (policy, budget, layers) in configs.items():
+                print(f"[long] world {wi + 1}/{worlds} {path} {name} ({time.time() - began:.0f}s)", flush=True)
+                latent, report = rollout_case(ev.server, ev.rollout, ev.models["query"], case, wi, steps, policy,
+                                              budget, layers, "revisit_query_query.safetensors" if layers else "none",
+                                              1, ev.wa)
+                preds[name] = ev.wa.wan21_latent_in(latent["samples"][0].float())[:, case.history:]
+                if path == "long_pan":
+                    for r in json.loads(report):
+                        chunks.setdefault(name, []).append((r["first_frame"], r["seconds"] / steps,
+                                                            r["context_tokens"] // 16))
+            for name, pred in preds.items():
+                if not torch.isfinite(pred).all():
+                    raise RuntimeError(f"{name} produced a non-finite latent on {path}, world {wi}")
+                s = sums.setdefault(name, {}).setdefault(metric, [0.0, 0])
+                s[0] += float(rw.squared_error(pred, case)[mask].sum())
+                s[1] += int(mask.sum())
+    return {"psnr": {n: {m: rw.psnr(*v) for m, v in ms.items()} for n, ms in sums.items()}, "chunks": chunks,
+            "seconds": round(time.time() - began, 1)}
+
+
+def step_growth(chunks: list) -> dict:
+    """Median seconds per step at the first and last chunk (over worlds) and their ratio."""
+    by_history: dict = {}
+    for history, sec, _ in chunks:
+        by_history.setdefault(history, []).append(sec)
+    first, last = min(by_history), max(by_history)
+    a, b = statistics.median(by_history[first]), statistics.median(by_history[last])
+    return {"history_first": first, "history_last": last, "step_s_first": round(a, 5), "step_s_last": round(b, 5),
+            "last_over_first": round(b / a, 3)}
+
+
+def targets(psnr: dict, growth: dict) -> dict:
+    """The issue's targets at a budget of 4 frames; None where a figure is missing."""
+    def get(name, metric):
+        return psnr.get(name, {}).get(metric)
+
+    checks = {}
+    rev, band, mov = "revisit_psnr", "occluder_band_psnr", "moving_object_psnr"
+    pairs = {"learned@4 within 1 dB of all on revisits": (get("learned@4", rev), get("all", rev), -1.0),
+             "learned@4 above fov@4 behind the wall": (get("learned@4", band), get("fov@4", band), 0.0),
+             "learned@4 above fov@4 on moving objects": (get("learned@4", mov), get("fov@4", mov), 0.0)}
+    for name, (a, b, margin) in pairs.items():
+        checks[name] = None if a is None or b is None else (a >= b + margin if margin < 0 else a > b)
+    g = growth.get("learned@4")
+    checks["learned@4 step at the last chunk <= 1.2x the first"] = None if g is None else g["last_over_first"] <= 1.2
+    return checks
+
+
+def write(out: Path, result: dict, meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    growth = {n: step_growth(c) for n, c in result["chunks"].items()}
+    doc = {**meta, **result, "step_growth": growth, "targets": targets(result["psnr"], growth)}
+    (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    metrics = [m for m, _ in METRIC.values()]
+    lines = ["# Long rollouts within a fixed context budget (revisit world, 3 turns, 48 latent frames)", "",
+             f"`{meta['command']}` on {meta['machine']}, commit {meta['commit']}, {meta['date']}; "
+             f"{meta['worlds']} held-out worlds, {meta['steps']} steps, the model: {meta['model']}.", "",
+             "| configuration | " + " | ".join(metrics) + " | step s, first chunk | last chunk | last / first |",
+             "|---" * (len(metrics) + 4) + "|"]
+    for name, row in result["psnr"].items():
+        g = growth.get(name)
+        cells = [f"{row[m]:.2f}" if row.get(m) is not None else "" for m in metrics]
+        cells += [f"{g['step_s_first']:.4f}", f"{g['step_s_last']:.4f}", f"{g['last_over_first']:.2f}"] if g \
+            else ["", "", ""]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Targets (budget 4): " + "; ".join(f"{k}: {'met' if v else 'missed' if v is False else 'not measured'}"
+                                                     for k, v in doc["targets"].items()), ""]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    _plot(out, result, growth)
+
+
+def _plot(out: Path, result: dict, growth: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    psnr = result["psnr"]
+    budgets = sorted({int(n.split("@")[1]) for n in psnr if "@" in n})
+    for policy in BOUNDED:
+        ys = [psnr.get(f"{policy}@{bu}", {}).get("revisit_psnr") for bu in budgets]
+        a.plot(budgets, ys, marker="o", label=policy)
+    for name, style in (("all", "--"), ("copy_nearest", ":"), ("query_no_context", "-.")):
+        if psnr.get(name, {}).get("revisit_psnr") is not None:
+            a.axhline(psnr[name]["revisit_psnr"], ls=style, color="grey", label=f"{name} (unbounded)" if name == "all"
+                      else name)
+    a.set(xlabel="context budget (frames)", ylabel="revisit PSNR, long_pan (dB)", xticks=budgets)
+    a.legend(fontsize=8)
+    for name in ("all", "recent@4", "fov@4", "learned@4"):
+        pts = sorted(result["chunks"].get(name, []))
+        if pts:
+            hist = sorted({p[0] for p in pts})
+            b.plot(hist, [statistics.median([p[1] for p in pts if p[0] == h]) for h in hist], marker=".", label=name)
+    b.set(xlabel="history length (latent frames)", ylabel="seconds per denoising step")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "long_rollout.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=WORK, help="the revisit benchmark's work folder (its models)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--worlds", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 world, 2 steps, budget 4 only")
+    args = ap.parse_args(argv)
+    worlds, steps, budgets = (1, 2, (4,)) if args.quick else (args.worlds, STEPS, BUDGETS)
+    ev = Evaluator(args.work, steps)
+    if "query" not in ev.models:
+        raise SystemExit("no query model: the shipped toy model (memlearner_host/revisit_model) is missing")
+    result = measure(ev, worlds, steps, budgets)
+    meta = {**run_meta("long_rollout.py", argv), "worlds": worlds, "steps": steps, "chunk": CHUNK,
+            "model": ev.sources["query"]}
+    write(args.out, result, meta)
+    print((args.out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
