@@ -31,6 +31,7 @@ between two history poses), for the same configurations; it writes ``offset_swee
     python benchmarks/revisit_world.py train-longer   # diagnosis: the query run resumed to twice its steps
     python benchmarks/revisit_world.py eval           # evaluation only: the work folder's models, else the shipped one
     python benchmarks/revisit_world.py offset-sweep   # revisit PSNR over the pose offset (benchmarks/revisit/results)
+    python benchmarks/revisit_world.py train-budget   # fine-tunes of the toy model: the learned policy, pooled queries
     python benchmarks/revisit_world.py all --quick --work /tmp/rw --out /tmp/rw/out   # a minute-long smoke run
 
 ``eval`` and ``offset-sweep`` run on whatever weights are present: the work folder's, and for ``query`` the toy model
@@ -72,6 +73,9 @@ MODELS = ("query", "query_pool2", "no_memory")  # the equal-budget runs
 # camera signal as it was, and with view-aligned RoPE (memlearner_core/view_rope.py); the same budget each
 VIEWPOINT_MODELS = ("query_new_viewpoints", "query_view_rope", "query_view_rope_scratch")
 LONGER = "query_10k"  # diagnosis: the query run resumed to twice its steps
+# the context budget's runs, each a fine-tune of the shipped toy model (train-budget): trained for the learned policy,
+# and full queries fine-tuned into pooled ones (2x2 and 4x4 cells)
+BUDGET_MODELS = ("query_learned", "query_pool2_finetune", "query_pool4_finetune")
 DATA_FOLDERS = {"data": False, "data_new_viewpoints": True}  # folder -> random_trajectory(new_viewpoints=)
 SHIPPED_MODEL = "query_view_rope_scratch"  # the toy model shipped in memlearner_host/revisit_model/ (stage ship)
 SHIPPED_FILES = ("revisit_query.safetensors", "revisit_query_query.safetensors")  # the names the workflows load
@@ -89,6 +93,8 @@ TRAIN_COMMAND = {  # how to get each model's weights into the work folder
                        "fine-tunes query_10k)",
     "query_view_rope_scratch": "python benchmarks/revisit_world.py data && python benchmarks/revisit_world.py "
                                "train-viewpoints",
+    **{name: "python benchmarks/revisit_world.py data && python benchmarks/revisit_world.py train-budget"
+       for name in BUDGET_MODELS},
 }
 LATENT = 8  # latent frame side (64 x 64 pixels)
 CHUNK = 2  # latent frames per rollout chunk (5 video frames)
@@ -110,6 +116,8 @@ CONFIGURATIONS = {
     "all_view_rope": ("query_view_rope", "all", 0, 1, QUERY_LAYERS),
     "view_rope_no_context": ("query_view_rope", "all", 0, 1, 0),
     "all_view_rope_scratch": ("query_view_rope_scratch", "all", 0, 1, QUERY_LAYERS),
+    "all_pool2_finetune": ("query_pool2_finetune", "all", 0, 2, QUERY_LAYERS),  # when train-budget has run
+    "all_pool4_finetune": ("query_pool4_finetune", "all", 0, 4, QUERY_LAYERS),
 }
 RULES = ("oracle", "copy_nearest")  # predictions by rule from the ground truth, no model
 SWEEP_CONFIGURATIONS = ("all", "fov", "query_no_context", "no_memory", "all_10k", "all_new_viewpoints",
@@ -305,7 +313,7 @@ def model_sources(work: Path) -> dict:
     """Each model whose weights are present -> where they are: the work folder's export, else (``query`` only) the
     shipped toy model."""
     out = {}
-    for name in (*MODELS, LONGER, *VIEWPOINT_MODELS):
+    for name in (*MODELS, LONGER, *VIEWPOINT_MODELS, *BUDGET_MODELS):
         file = f"revisit_{name}.safetensors"
         if (work / "models" / "diffusion_models" / file).is_file():
             out[name] = f"work folder: {_shown(work / 'models' / 'diffusion_models' / file)}"
@@ -766,9 +774,9 @@ def _commit() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", choices=["data", "train", "train-longer", "train-viewpoints", "eval", "offset-sweep",
-                                      "all", "ship"])
-    ap.add_argument("--model", default=SHIPPED_MODEL, choices=[*MODELS, LONGER, *VIEWPOINT_MODELS],
+    ap.add_argument("stage", choices=["data", "train", "train-longer", "train-viewpoints", "train-budget", "eval",
+                                      "offset-sweep", "all", "ship"])
+    ap.add_argument("--model", default=SHIPPED_MODEL, choices=[*MODELS, LONGER, *VIEWPOINT_MODELS, *BUDGET_MODELS],
                     help="ship: the work folder's model to ship as the toy model")
     ap.add_argument("--work", type=Path, default=WORK, help="data, runs and models (not committed)")
     ap.add_argument("--out", type=Path, default=OUT, help="results.json, results.md, plots, video")
@@ -793,6 +801,8 @@ def main(argv=None) -> int:
         train_longer(args.work, args.steps)
     if args.stage in ("train-viewpoints", "all"):
         train_all(args.work, args.steps, args.parallel, viewpoint_models(args.work, args.stage == "all"))
+    if args.stage == "train-budget":  # fine-tunes of the shipped toy model (benchmarks/long_rollout.py reads them)
+        train_all(args.work, args.steps, args.parallel, BUDGET_MODELS)
     if args.stage in ("eval", "all"):
         results, examples, wa, info = evaluate(args.work, worlds, 2 if args.quick else STEPS)
         record = args.work / "training.json"

@@ -488,6 +488,7 @@ def loop_case(seed: int, h: int = 8, w: int = 8) -> RevisitCase:
 LONG_PATHS = ("long_pan", "long_occluder", "long_moving_object")
 LONG_STEP = 22.5  # degrees between frames of a lap: 16 frames a turn, each place seen by about two frames
 LONG_OFFSETS = (11.25, -5.0)  # the later laps' yaw offsets from the first lap's poses (the second midway)
+OCCLUDER_THIRD_OFFSET = 14.25  # long_occluder's third lap: 3 degrees from the walled lap, 8.25 from the clear one
 
 
 def lap(start: float, offset: float = 0.0, backwards: bool = False) -> list[float]:
@@ -498,16 +499,20 @@ def lap(start: float, offset: float = 0.0, backwards: bool = False) -> list[floa
 
 def long_case(path: str, seed: int, h: int = 8, w: int = 8) -> RevisitCase:
     """One of ``LONG_PATHS``, 48 frames (three turns) through the world of ``seed``, each place revisited 16 to
-    32 frames after the history saw it (15 for the first generated frame) and never from a history pose
-    (``LONG_OFFSETS``):
+    32 frames after the history saw it (15 for the first generated frame) and never from a history pose (3 to
+    11.25 degrees off, ``LONG_OFFSETS``):
 
     - ``long_pan``: the first turn given (16 frames), then a turn 11.25 degrees off (midway between two history
       poses) and one back the other way 5 degrees off; 32 generated frames;
-    - ``long_occluder``: the same path, a wall over columns 4-12 during the second turn, which is given too
-      (32 frames): on the third, the wall is gone, and the newest frames of the band saw the wall (``band``);
+    - ``long_occluder``: the first two turns given (32 frames), a wall over columns 4-12 during the second; the
+      third turn, the wall gone, comes round 14.25 degrees off the first turn's poses, so the history frames
+      whose view overlaps it most are the second turn's, which saw the wall (``band``: the revisited pixels in
+      the wall's columns; view overlap ranks the wrong frames first, as on ``occluder``);
     - ``long_moving_object``: ``long_pan`` with a block moving 1.5 columns per frame (``shown``)."""
     first = lap(0.0)
     second, third = lap(360.0, LONG_OFFSETS[0]), lap(1080.0, LONG_OFFSETS[1], backwards=True)
+    if path == "long_occluder":
+        third = lap(720.0, OCCLUDER_THIRD_OFFSET)
     poses = yaw_path(first + second + third)
     band = None
     if path == "long_pan":

@@ -274,6 +274,17 @@ def test_query_recipe_continues_from_a_query_file(comfy, tmp_path):
         th.QueryRecipe(fresh_wan(comfy), query_config(tmp_path, query_file=str(query_file), query_layers=3))
 
 
+def test_full_query_weights_may_be_fine_tuned_into_pooled_ones_and_not_back(comfy, tmp_path):
+    th = host.pack("nodes.training_host")
+    cfg = query_config(tmp_path / "full", steps=1)
+    _, full = train(cfg, th.QueryRecipe(fresh_wan(comfy), cfg), clip_items()).exported
+    pooled_cfg = query_config(tmp_path / "pooled", steps=1, query_file=str(full), query_pool=2)
+    _, pooled = train(pooled_cfg, th.QueryRecipe(fresh_wan(comfy), pooled_cfg), clip_items()).exported
+    assert load_query_weights(pooled).query_pool == 2
+    with pytest.raises(ValueError, match="query_pool = 2, but the config says 1: set query_pool = 2"):
+        th.QueryRecipe(fresh_wan(comfy), query_config(tmp_path, query_file=str(pooled)))
+
+
 def fresh_wan22_5b(comfy):
     return comfy.run("UNETLoader", unet_name=tiny_models.WAN22_5B_FILE, weight_dtype="default")[0]
 

@@ -94,13 +94,16 @@ def camera_for(cfg: TrainConfig, dim: int, trainable: bool, model_family: str | 
     than ``cfg``'s or on another ``model_family`` than the model's), else new: zeros, or normal with
     ``camera_init_std`` drawn from ``cfg.seed``. Trained (``trainable``), it takes ``cfg.view_rope_fov``; weights
     trained with view-aligned RoPE must be given the same field of view, weights trained without it may start
-    using it. Frozen (encoder recipe), it keeps what the file records."""
+    using it; weights trained with full queries (``query_pool`` 1) may be fine-tuned into pooled ones. Frozen
+    (encoder recipe), it keeps what the file records."""
     if cfg.query_file is not None:
         weights = load_query_weights(cfg.query_file)
         wrong = weights.mismatch(cfg.query_layers, cfg.query_pool, model_family)
         if wrong is not None and wrong[0] == "model_family":
             raise ValueError(f"query_file {Path(cfg.query_file).name} was fine-tuned on {wrong[1]}, but model_file "
                              f"is {wrong[2]}; use the query file fine-tuned for this model")
+        if trainable and wrong is not None and wrong[0] == "query_pool" and wrong[1] == 1:
+            wrong = None  # full queries fine-tuned into pooled ones: the camera MLP reads poses, not Q's grid
         if trainable and wrong is None and weights.view_rope_fov not in (None, cfg.view_rope_fov):
             wrong = "view_rope_fov", f"{weights.view_rope_fov:g}", f"{cfg.view_rope_fov:g}"
         if wrong is not None:
