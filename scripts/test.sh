@@ -18,7 +18,7 @@ OTHER_HOSTS=(  # version|archive
 )
 HOST_TESTS=(
   tests/test_host_compat.py tests/test_host_hooks.py tests/test_query_memory.py tests/test_reference_memory.py
-  tests/test_reference_memory_wan22.py tests/test_rollout_experts.py
+  tests/test_reference_memory_wan22.py tests/test_rollout_experts.py tests/test_learned_policy.py
   tests/test_training.py tests/test_train_cli.py
   tests/test_host.py tests/test_workflows.py tests/test_rollout.py tests/test_model_management.py tests/test_browser.py
 )
