@@ -114,6 +114,30 @@ def step_growth(chunks: list) -> dict:
             "last_over_first": round(b / a, 3)}
 
 
+def computed_step_cost(chunks=(2, 10, 30), budget: int = 8, steps: int = 50) -> list[dict]:
+    """Per chunk ``k`` of a Wan2.1-1.3B rollout (81-frame 480x832 chunks: 21 latent frames of 1,560 tokens, 5 query
+    layers, cond + uncond, the context cache on), the analytic TFLOPs of one denoising step
+    (``memory_cost.step_flops``) with ``all`` unbounded and with ``learned`` at ``budget`` frames, each with its
+    once-per-chunk part (the context keys; for ``learned`` also the summaries and their scores) spread over
+    ``steps`` steps. Computed, not measured: at toy scale the step time is dominated by overheads."""
+    import memory_cost as mc
+
+    from memlearner_core.context_routing import summary_tokens
+
+    shape, (t, h, w) = mc.Shape.of("1.3b"), (21, 60, 104)
+    per_frame = (h // 2) * (w // 2)
+    rows = []
+    for k in chunks:
+        history = (k - 1) * t
+        every = mc.step_flops(shape, t * per_frame, "query", history * per_frame, 5, True)
+        routed = mc.step_flops(shape, t * per_frame, "query", min(budget, history) * per_frame, 5, True,
+                               frames=history, summary=summary_tokens(h, w))
+        rows.append({"chunk": k, "history_frames": history,
+                     "all_tflops": round((every["step"] + every["once"] / steps) / 1e12, 1),
+                     f"learned@{budget}_tflops": round((routed["step"] + routed["once"] / steps) / 1e12, 1)})
+    return rows
+
+
 def targets(psnr: dict, growth: dict) -> dict:
     """The targets at a budget of 4 frames, for the learned policy on the toy model and (when trained) on the model
     fine-tuned for it: True, False, or None where a figure is missing."""
@@ -139,7 +163,9 @@ def targets(psnr: dict, growth: dict) -> dict:
 def write(out: Path, result: dict, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     growth = {n: step_growth(c) for n, c in result["chunks"].items()}
-    doc = {**meta, **result, "step_growth": growth, "targets": targets(result["psnr"], growth)}
+    computed = computed_step_cost()
+    doc = {**meta, **result, "step_growth": growth, "computed_step_cost_1_3b": computed,
+           "targets": targets(result["psnr"], growth)}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     metrics = [m for m, _ in METRIC.values()]
     lines = ["# Long rollouts within a fixed context budget (revisit world, 3 turns, 48 latent frames)", "",
@@ -155,6 +181,15 @@ def write(out: Path, result: dict, meta: dict) -> None:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Targets (budget 4): " + "; ".join(f"{k}: {'met' if v else 'missed' if v is False else 'not measured'}"
                                                      for k, v in doc["targets"].items()), ""]
+    first, last = computed[0], computed[-1]
+    lines += ["Step cost at the Wan2.1-1.3B shape, **computed** (`memory_cost.step_flops`: 81-frame 480x832 chunks, "
+              "5 query layers, cond + uncond, 50 steps a chunk, the once-per-chunk context keys and scoring spread "
+              "over them), TFLOPs per step:", "", "| chunk | history frames | all | learned@8 |", "|---|---|---|---|"]
+    lines += [f"| {r['chunk']} | {r['history_frames']} | {r['all_tflops']:,.1f} | {r['learned@8_tflops']:,.1f} |"
+              for r in computed]
+    lines += ["", f"Chunk {last['chunk']} over chunk {first['chunk']}: all "
+              f"{last['all_tflops'] / first['all_tflops']:.2f}x, learned@8 "
+              f"{last['learned@8_tflops'] / first['learned@8_tflops']:.3f}x.", ""]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(out, result, growth)
 

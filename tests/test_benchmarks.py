@@ -199,4 +199,7 @@ def test_the_long_rollout_benchmark_runs_every_policy_through_memory_rollout_and
     assert set(res["targets"]) >= {"learned@4 within 1 dB of all on revisits",
                                    "learned@4 step at the last chunk <= 1.2x the first"}
     assert "| learned@4 |" in (tmp_path / "out" / "results.md").read_text()
+    computed = res["computed_step_cost_1_3b"]  # at 1.3B: all grows with history, learned stays flat
+    assert computed[-1]["all_tflops"] > 2 * computed[0]["all_tflops"]
+    assert computed[-1]["learned@8_tflops"] < 1.01 * computed[0]["learned@8_tflops"]
     assert (tmp_path / "out" / "long_rollout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
