@@ -72,6 +72,13 @@ def frame_mass(q: torch.Tensor, k: torch.Tensor, token_frame: torch.Tensor, n_fr
         0, token_frame.to(weights.device), weights)
 
 
+def ranked_frames(q: torch.Tensor, k: torch.Tensor, n_frames: int, heads: int, budget: int) -> list[int]:
+    """The learned policy's pick in one query layer: the ``budget`` frames whose summaries ``k [1, n_frames * s,
+    H*D]`` (``s`` tokens a frame, in order) get most mass from the query tokens ``q [B, Nq, H*D]``."""
+    token_frame = torch.arange(n_frames).repeat_interleave(k.shape[1] // n_frames)
+    return route(frame_mass(q, k, token_frame, n_frames, heads), budget)
+
+
 def route(mass: torch.Tensor, budget: int) -> list[int]:
     """The ``budget`` frames of highest mass (ties: the newer frame), in temporal order."""
     score = [round(v, 9) for v in mass.tolist()]

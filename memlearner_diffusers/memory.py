@@ -14,10 +14,11 @@ The semantics are those of the ComfyUI adapter (``nodes/memory_patch.py``): the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from memlearner_core import context_routing as routing
 from memlearner_core.attention import attention_with_memory
 from memlearner_core.camera import CameraEmbedding, frame_embedding_to_tokens
 from memlearner_core.checkpoint_io import load_query_weights
@@ -100,6 +101,8 @@ class QueryMemory:
     cache_context: bool = True
     query_pool: int = 1
     seed: int = 0
+    route_frames: int = 0  # > 0: the learned policy, each query layer reads the frames its queries rank highest
+    routed: dict = field(default_factory=dict)  # layer -> the frames (single_frames order) it read, last forward
 
 
 def query_noise(seed: int, shape, device, dtype, timestep: float) -> torch.Tensor:
@@ -225,7 +228,8 @@ class MemoryAdapter:
             rope_q = wh.rope_from_ids(tr, ids_q, x.device)
         st.rope = wh.cat_rope(rope_q, rope_p)
         if q.context.segments:  # made here, outside any checkpointed block, so a recomputation finds them made
-            self.history_tokens(x, q.cache_context and not torch.is_grad_enabled())
+            self.history_tokens(x, q.cache_context and not torch.is_grad_enabled(),
+                                "summary" if q.route_frames else "full")
         st.q_tokens = wh.embed_latent(tr, noise, x.dtype)
         st.n_query = st.q_tokens.shape[1]
         if q.camera is not None:
@@ -265,8 +269,11 @@ class MemoryAdapter:
         return output if st is None else output[:, st.n_query:]
 
     # --- history (query memory) -----------------------------------------------------------------------------
-    def context_kv(self, index: int, block, x: torch.Tensor) -> ContextKV | None:
-        """Query layer ``index``'s history keys/values: from the cache when allowed, else computed now."""
+    def context_kv(self, index: int, block, x: torch.Tensor, q_query: torch.Tensor | None = None,
+                   heads: int = 1) -> ContextKV | None:
+        """Query layer ``index``'s history keys/values: from the cache when allowed, else computed now. With
+        ``route_frames`` (the learned policy) only the frames the layer's query tokens ``q_query [B, Nq, H*D]``
+        rank highest (``context_routing``), as on the ComfyUI host."""
         q = self.query
         if index >= q.query_layers or not q.context.segments:
             return None
@@ -274,19 +281,39 @@ class MemoryAdapter:
         key = (index, str(x.device), x.dtype)
         if use_cache and key in self.context_cache:
             return self.context_cache[key]
-        tokens, rope, temb_clean = self.history_tokens(x, use_cache)
+        if q.route_frames:
+            tokens, rope, temb_clean = self.routed_tokens(index, block, x, q_query, heads, use_cache)
+        else:
+            tokens, rope, temb_clean = self.history_tokens(x, use_cache)
         kv = wh.context_kv(block, tokens.to(x.dtype), temb_clean, rope)
         if use_cache:
             self.context_cache[key] = kv
         return kv
 
-    def history_tokens(self, x: torch.Tensor, use_cache: bool):
+    def routed_tokens(self, index: int, block, x: torch.Tensor, q_query: torch.Tensor, heads: int, use_cache: bool):
+        """The full tokens of the ``route_frames`` history frames query layer ``index`` ranks highest."""
+        q = self.query
+        n = len(routing.single_frames(q.context))
+        frames = list(range(n))
+        if n > q.route_frames:
+            tokens, rope, temb_clean = self.history_tokens(x, use_cache, "summary")
+            k = wh.context_kv(block, tokens.to(x.dtype), temb_clean, rope).k
+            frames = routing.ranked_frames(q_query, k, n, heads, q.route_frames)
+        q.routed[index] = frames
+        return history_tokens(self.transformer, replace(q, context=routing.picked(q.context, frames)), x.device,
+                              x.dtype)
+
+    def history_tokens(self, x: torch.Tensor, use_cache: bool, kind: str = "full"):
         """History tokens, RoPE tables and t=0 modulation: kept per device and dtype while cached, else made once
-        per forward (per device: under autocast the blocks may see another dtype than the input latent)."""
-        where = (str(x.device), x.dtype) if use_cache else str(x.device)
+        per forward (per device: under autocast the blocks may see another dtype than the input latent);
+        ``kind`` "summary": every frame pooled to its summary (the learned policy's scoring)."""
+        where = (kind, str(x.device), x.dtype) if use_cache else (kind, str(x.device))
         cache = self.history_cache if use_cache else self.forward.history
         if where not in cache:
-            cache[where] = history_tokens(self.transformer, self.query, x.device, x.dtype)
+            q = self.query
+            if kind == "summary":
+                q = replace(q, context=routing.summaries(q.context, wh.patch_size(self.transformer)))
+            cache[where] = history_tokens(self.transformer, q, x.device, x.dtype)
         return cache[where]
 
 
@@ -327,7 +354,7 @@ class MemoryAttnProcessor:
             mem = wh.memory_kv(self.block, st.memory.tokens, temb, lw, hidden_states.dtype)
         fn = wh.host_attention(getattr(self.original, "_attention_backend", None))
         if ad.query is not None:
-            ctx = ad.context_kv(self.index, self.block, hidden_states)
+            ctx = ad.context_kv(self.index, self.block, hidden_states, q[:, :st.n_query], attn.heads)
             out = query_memory_attention(q, k, v, attn.heads, st.n_query, ctx, mem, fn)
         else:
             out = attention_with_memory(q, k, v, attn.heads, mem, fn)

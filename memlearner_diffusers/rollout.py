@@ -71,7 +71,7 @@ def rollout(pipe, *, chunks: int, chunk_frames: int, height: int, width: int, po
             **pipe_kwargs) -> RolloutResult:
     """Generate ``chunks`` chunks of ``chunk_frames`` video frames (4k+1) with ``pipe`` (a ``WanPipeline``).
 
-    ``policy`` (``all``, ``recent``, ``fov``, ``framepack``) picks each chunk's context within
+    ``policy`` (``all``, ``recent``, ``fov``, ``framepack``, ``learned``) picks each chunk's context within
     ``context_frames`` full-resolution latent frames of tokens (0 = unlimited, ``all`` only); ``query_layers``
     0 generates the chunks without memory of each other. ``poses [N, 3, 4]``: one camera-to-world pose per
     latent frame of the whole video (``first_chunk`` included), for ``fov`` and the ``camera`` MLP.
@@ -96,9 +96,6 @@ def rollout(pipe, *, chunks: int, chunk_frames: int, height: int, width: int, po
     budget = None if context_frames == 0 else context_frames * frame_cost(h, w)
     if query_layers and budget is None and policy != "all":
         raise ValueError(f"the {policy} policy needs a budget: set context_frames above 0 (0 = unlimited is for 'all')")
-    if query_layers and policy == "learned":
-        raise ValueError("the learned policy runs in ComfyUI's Memory Rollout only (the diffusers host has no "
-                         "learned policy yet): choose all, recent, fov or framepack")
     if query_layers and policy == "fov" and poses is None:
         raise ValueError("the fov policy picks frames by camera view: give poses")
     tr = pipe.transformer
@@ -118,7 +115,7 @@ def rollout(pipe, *, chunks: int, chunk_frames: int, height: int, width: int, po
             if query_layers:
                 picks = select_context(policy, start, budget, (h, w), bank.poses(0, start), chunk_poses)
                 query = QueryMemory(query_layers, bank.context(picks, start), camera, chunk_poses, cache_context,
-                                    query_pool, chunk_seed)
+                                    query_pool, chunk_seed, context_frames if policy == "learned" else 0)
                 apply_memory(tr, memory=prev_memory, query=query)
             record = ChunkRecord(k, start, [[p.index, p.pool] for p in picks], context_tokens(picks, (h, w)))
             device = pipe._execution_device
@@ -131,6 +128,8 @@ def rollout(pipe, *, chunks: int, chunk_frames: int, height: int, width: int, po
                 raise ValueError(f"rollout: chunk {k} came out with NaN or infinite values")
             record.seconds = round(time.perf_counter() - began, 3)
             record.memory_kind, record.peak_memory_mb = _peak_memory(device)
+            if query_layers and policy == "learned":
+                record.routed_to(query.routed, picks, (h, w))
             bank.append(out[0].float())
             records.append(record)
     finally:

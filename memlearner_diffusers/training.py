@@ -76,7 +76,8 @@ class WanRecipe(core.WanRecipe):
                 memory: TrainableMemory | None, query: QueryDraw | None) -> torch.Tensor:
         if query is not None:
             query = QueryMemory(query.query_layers, query.context, query.camera, query.chunk_poses,
-                                cache_context=False, query_pool=query.query_pool, seed=seed)
+                                cache_context=False, query_pool=query.query_pool, seed=seed,
+                                route_frames=query.route_frames)
         # installed until the next step replaces it: a checkpointed block recomputed in the backward pass must
         # find the same memory as in the forward
         remove_memory(self.transformer)

@@ -224,8 +224,7 @@ class ForwardState:
         if n > q.route_frames:
             tokens, freqs, e0_clean = self.history_tokens(x, "summary")
             k = wa.context_kv(self.dm.blocks[index], tokens, e0_clean, freqs).k
-            token_frame = torch.arange(n).repeat_interleave(tokens.shape[1] // n)
-            frames = routing.route(routing.frame_mass(q_query, k, token_frame, n, heads), q.route_frames)
+            frames = routing.ranked_frames(q_query, k, n, heads, q.route_frames)
         q.routed[index] = frames
         spec = routing.picked(q.context, frames)
         return context_tokens(self.dm, replace(q, context=spec), x.device, x.dtype, self.transformer_options)

@@ -256,6 +256,17 @@ def test_cached_history_agrees_across_steps(hosts, cache):
         assert rel_err(out_d, out_c) < HOST_TOL
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_the_learned_policy_routes_alike_on_both_hosts(hosts, cache):
+    spec = history_spec(hosts[1], 6)
+    query_c, query_d = queries(spec, cache=cache)
+    query_c.route_frames = query_d.route_frames = 2
+    outs = both_query_forwards(hosts, query_c, query_d, batch=2, steps=(900.0, 300.0))
+    for out_d, out_c in outs:
+        assert rel_err(out_d, out_c) < HOST_TOL
+    assert query_c.routed == query_d.routed and all(len(f) == 2 for f in query_d.routed.values())
+
+
 def test_pooled_queries_agree_between_hosts(hosts):
     (out_d, out_c), = both_query_forwards(hosts, *queries(gapped_spec(hosts[1]), pool=2))
     assert rel_err(out_d, out_c) < HOST_TOL

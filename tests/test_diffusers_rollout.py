@@ -240,6 +240,10 @@ def test_rollout_on_the_5b_refuses_a_wan21_first_chunk(pipe_5b, text):
         run(pipe_5b, text, first_chunk=torch.zeros(16, 2, 4, 4))
 
 
-def test_rollout_refuses_the_learned_policy_the_diffusers_host_does_not_have(pipe, text):
-    with pytest.raises(ValueError, match=r"^the learned policy runs in ComfyUI's Memory Rollout only"):
-        run(pipe, text, policy="learned")
+def test_the_learned_policy_reads_the_budget_in_each_query_layer(pipe, text):
+    res = run(pipe, text, chunks=4, policy="learned", context_frames=3)
+    assert torch.isfinite(res.latents).all()
+    for r in res.records[1:]:
+        assert sorted(r.routed) == ["0", "1"]
+        assert all(len(f) == min(3, r.first_frame) and set(f) <= set(range(r.first_frame))
+                   for f in r.routed.values())

@@ -90,6 +90,13 @@ def test_query_recipe_trains_alike_on_both_hosts(comfy, models_dir, tmp_path, po
         (models / "diffusers_trained.safetensors").unlink()
 
 
+def test_the_learned_policy_trains_alike_on_both_hosts(comfy, models_dir, tmp_path):
+    (_, res_d), (_, res_c) = both_hosts(comfy, models_dir, tmp_path, "query", clip_items(frames=9),
+                                        context_policies=["learned"], max_context_multiple=3, clip_frames=33)
+    for a, b in zip(res_d.losses, res_c.losses, strict=True):
+        assert abs(a - b) <= 2e-5 * abs(b)
+
+
 @pytest.mark.parametrize("draws", [{}, {"reference_pool": 2, "top_k_references": 1, "encoder_window": 3}],
                          ids=["fixed_references", "pool_and_window"])
 def test_encoder_recipe_trains_alike_on_both_hosts(comfy, models_dir, tmp_path, draws):
@@ -290,9 +297,3 @@ def test_a_width_the_5b_cannot_make_is_refused_in_one_line(wan22_5b_diffusers, t
     with pytest.raises(ValueError, match=r"^'width' must be a multiple of 32 for Wan2.2 TI2V-5B \(16x VAE, 2x "
                                          r"patch\), got 80; fix width in the config$"):
         dtrain.check_model_family(config(tmp_path, width=80), wan22_5b_diffusers)
-
-
-def test_diffusers_host_refuses_the_learned_policy_it_does_not_have():
-    with pytest.raises(ConfigError, match='context_policies "learned" trains on host = "comfyui" only'):
-        config_from_dict(dict(recipe="query", data_dir="d", output_dir="o", model_file="m", data_format="latents",
-                              host="diffusers", context_policies=["all", "learned"]))

@@ -218,9 +218,6 @@ def config_from_dict(data: dict, base: str | Path = ".") -> TrainConfig:
     if cfg.data_format == "videos" and cfg.vae_file is None:
         raise ConfigError("missing required key(s): vae_file (the Wan2.1 VAE encodes the videos; with pre-encoded "
                           "latents set data_format = \"latents\")")
-    if cfg.host == "diffusers" and "learned" in cfg.context_policies:
-        raise ConfigError('context_policies "learned" trains on host = "comfyui" only (the diffusers host has no '
-                          'learned policy yet): remove it, or set host = "comfyui"')
     if cfg.host == "diffusers" and cfg.data_format != "latents":
         raise ConfigError('host = "diffusers" trains on pre-encoded clips: set data_format = "latents" '
                           '(<clip>.safetensors holding latent [16, T, H, W])')
