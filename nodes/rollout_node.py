@@ -226,7 +226,8 @@ def memory_inputs() -> list:
                                "layer reads the past frames its own queries rank highest (model-chosen)."),
         io.Int.Input("context_frames", default=21, min=0, max=10000,
                      tooltip="Context budget, in full-resolution latent frames (its token count is the same "
-                             "for every policy). 0 = unlimited, for 'all' only."),
+                             "for every policy; learned: what each query layer reads). 0 = unlimited, for 'all' "
+                             "only."),
         io.Int.Input("query_layers", default=5, min=0, max=MAX_QUERY_LAYERS,
                      tooltip="Query layers (5 of 28 in the paper). 0 = no query memory: chunks do not see "
                              "each other."),
