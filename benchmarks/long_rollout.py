@@ -69,6 +69,7 @@ def configurations(models, budgets=BUDGETS) -> dict:
     if TRAINED in models:
         out["trained_all"] = (TRAINED, "all", 0, QUERY_LAYERS)
         out.update({f"trained_learned@{b}": (TRAINED, "learned", b, QUERY_LAYERS) for b in budgets})
+        out.update({f"trained_{p}@4": (TRAINED, p, 4, QUERY_LAYERS) for p in ("recent", "fov")})
     return out
 
 
@@ -146,12 +147,13 @@ def targets(psnr: dict, growth: dict) -> dict:
 
     checks = {}
     rev, band, mov = "revisit_psnr", "occluder_band_psnr", "moving_object_psnr"
-    for learned, unbounded in (("learned@4", "all"), ("trained_learned@4", "trained_all")):
-        if learned not in psnr and learned != "learned@4":
+    for prefix in ("", "trained_"):  # each model against its own unbounded all and fov
+        learned, unbounded, fov = f"{prefix}learned@4", f"{prefix}all", f"{prefix}fov@4"
+        if learned not in psnr and prefix:
             continue
         pairs = {f"{learned} within 1 dB of {unbounded} on revisits": (get(learned, rev), get(unbounded, rev)),
-                 f"{learned} above fov@4 behind the wall": (get(learned, band), get("fov@4", band)),
-                 f"{learned} above fov@4 on moving objects": (get(learned, mov), get("fov@4", mov))}
+                 f"{learned} above {fov} behind the wall": (get(learned, band), get(fov, band)),
+                 f"{learned} above {fov} on moving objects": (get(learned, mov), get(fov, mov))}
         for i, (name, (a, b)) in enumerate(pairs.items()):
             checks[name] = None if a is None or b is None else (a >= b - 1.0 if i == 0 else a > b)
         g = growth.get(learned)
