@@ -5,12 +5,15 @@ its query tokens Q give the frame's *summary*: the frame average-pooled to one p
 1 token of an 8x8 latent, 2 of a 60x104 one), embedded with its camera and placed by RoPE like any context token,
 projected by the layer's own keys. The ``budget`` frames of highest mass are then read at full resolution; the
 others' full-resolution keys are never computed. This is Mixture of Contexts' routing over mean-pooled keys, made
-per frame and per query layer, and decided once per chunk (the first forward that reaches the layer).
+per frame, per query layer and per CFG branch (each branch with its own queries, so batching the branches or not
+reads the same frames), decided when the layer's context keys are made: once per chunk with the context cache
+(inference, at the first step), every forward without it (training). The score is the model's own attention
+logit; no loss trains it apart.
 
 Cost per query layer and chunk, for ``n`` history frames of ``s`` summary tokens, ``Nq`` query tokens, width ``d``:
-summary keys ``n * s * 2 d^2`` (norm, modulation and K projection, as for any context token) and scores
-``2 * Nq * n * s * d`` multiply-adds, both growing with the number of frames, not with their tokens; reading is
-then ``budget`` full frames, as ``recent`` at the same budget.
+the summaries' keys (with their values, which the host's context projection makes too) ``n * s * 4 d^2`` and the
+scores ``2 * Nq * n * s * d`` FLOPs, both growing with the number of frames, not with their tokens; reading is then
+``budget`` full frames, as ``recent`` at the same budget.
 """
 
 from __future__ import annotations
@@ -19,10 +22,15 @@ import torch
 
 from .context_tokens import ContextSegment, ContextSpec, tokens_per_frame
 
+SCORE_CHUNK = 1024  # query tokens scored at once: the scores' memory is B * H * SCORE_CHUNK * S floats, twice
+
 
 def summary_pool(h: int, w: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
-    """The pooling of a summary frame: the largest that leaves an ``h x w`` latent frame at least one patch a side."""
-    return max(1, min(h // patch[1], w // patch[2]))
+    """The pooling of a summary frame: the largest that leaves an ``h x w`` latent frame a whole number of patches a
+    side (so nothing is padded; average pooling drops the remainder rows and columns, at most ``pool - 1``): 8x8 ->
+    4 (1 token), 60x104 -> 26 (2 tokens, 8 rows dropped), 44x80 -> 20 (2 tokens); 1 when no pool qualifies."""
+    top = max(1, min(h // patch[1], w // patch[2]))
+    return next((p for p in range(top, 0, -1) if (h // p) % patch[1] == 0 and (w // p) % patch[2] == 0), 1)
 
 
 def summary_tokens(h: int, w: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
@@ -65,11 +73,14 @@ def frame_mass(q: torch.Tensor, k: torch.Tensor, token_frame: torch.Tensor, n_fr
     the batch (CFG's branches)."""
     b, nq, dim = q.shape
     d = dim // heads
-    qh = q.float().reshape(b, nq, heads, d).transpose(1, 2)  # [B, H, Nq, D]
-    kh = k.float().expand(b, -1, -1).reshape(b, -1, heads, d).transpose(1, 2)  # [B, H, Ns, D]
-    weights = torch.softmax(qh @ kh.transpose(-1, -2) / d**0.5, dim=-1).mean(dim=(0, 1, 2))  # [Ns]
-    return torch.zeros(n_frames, dtype=weights.dtype, device=weights.device).index_add_(
-        0, token_frame.to(weights.device), weights)
+    with torch.no_grad():  # a decision, not a path for gradients; in chunks of query tokens to bound its memory
+        kh = k.float().expand(b, -1, -1).reshape(b, -1, heads, d).transpose(1, 2) / d**0.5  # [B, H, Ns, D]
+        weights = torch.zeros(kh.shape[2], device=q.device)
+        for start in range(0, nq, SCORE_CHUNK):
+            qh = q[:, start:start + SCORE_CHUNK].float().reshape(b, -1, heads, d).transpose(1, 2)  # [B, H, n, D]
+            weights += torch.softmax(qh @ kh.transpose(-1, -2), dim=-1).sum(dim=(0, 1, 2))
+        weights /= b * heads * nq
+        return torch.zeros(n_frames, device=q.device).index_add_(0, token_frame.to(q.device), weights)
 
 
 def ranked_frames(q: torch.Tensor, k: torch.Tensor, n_frames: int, heads: int, budget: int) -> list[int]:
@@ -87,6 +98,6 @@ def route(mass: torch.Tensor, budget: int) -> list[int]:
 
 
 def scoring_flops(n_frames: int, summary: int, n_query: int, dim: int) -> int:
-    """Multiply-adds x 2 of one query layer's scoring: summary keys (``2 d^2`` a token for norm-modulated K) and
-    the query-summary logits."""
-    return n_frames * summary * 2 * dim * dim + 2 * n_query * n_frames * summary * dim
+    """Multiply-adds x 2 of one query layer's scoring: the summaries' keys and values (``4 d^2`` a token: the host's
+    context projection makes both) and the query-summary logits."""
+    return n_frames * summary * 4 * dim * dim + 2 * n_query * n_frames * summary * dim

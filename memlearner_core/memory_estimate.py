@@ -9,8 +9,8 @@ compute dtype, ``d`` the model width):
   is kept as tokens plus keys and values for each of the ``K`` query layers (``(2K + 1) Nc d s``; without the
   context cache one layer's keys/values at a time, ``3 Nc d s``), and a query layer joins the history's keys and
   values to P's for the batch, a copy (``2 B (Nc + Np) d s``); with the learned policy ``Nc`` is what one query
-  layer reads (its budget), each layer's own frames embedded apart (``2K Nc d s``, or ``3 Nc d s`` without the
-  cache), and the history's ``S`` summary tokens are kept with one layer's keys of them (``2 S d s``);
+  layer reads (its budget), and the history's ``S`` summary tokens are kept with one layer's keys of them
+  (``2 S d s``) beside the scores of a chunk of ``c`` query tokens (``2 B H c S`` fp32, ``c`` = 1024);
 - DiT-Mem: each block projects the ``U`` memory tokens to keys and values for the batch (``2 B U d s``) and joins
   them to the sequence's ``N = Np + Nq`` keys and values, a copy (``2 B (N + U) d s``); with per-key weights
   (de-duplicated tokens or a strength other than 1) a per-key logit bias goes with them (``B (N + U) s``).
@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .context_routing import summary_tokens
+from .context_routing import SCORE_CHUNK, summary_tokens
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,11 @@ def extra_bytes(stock: float, input_shape, shape: MemoryShape, dtype_bytes: int)
     d, s, nc = shape.dim, dtype_bytes, shape.context_tokens
     parts = {"query_sequence": stock * n_q / n_p if n_p else 0.0, "context": 0.0, "memory": 0.0}
     if shape.query_layers and nc:
-        routed = bool(shape.summary_tokens)
-        kept = (2 * shape.query_layers + (0 if routed else 1)) if shape.cache_context else 3
-        parts["context"] = float(kept * nc * d * s + 2 * b * (nc + n_p) * d * s + 2 * shape.summary_tokens * d * s)
+        kept = (2 * shape.query_layers + 1) if shape.cache_context else 3
+        parts["context"] = float(kept * nc * d * s + 2 * b * (nc + n_p) * d * s)
+        if shape.summary_tokens:  # the summaries, one layer's keys of them, and the scores (fp32, in chunks)
+            chunk = min(n_q, SCORE_CHUNK)
+            parts["context"] += float(2 * shape.summary_tokens * d * s + 2 * b * shape.heads * chunk * shape.summary_tokens * 4)
     if shape.memory_tokens:
         u, n = shape.memory_tokens, n_p + n_q
         parts["memory"] = float(2 * b * u * d * s + 2 * b * (n + u) * d * s)

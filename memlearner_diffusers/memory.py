@@ -154,6 +154,7 @@ class _Forward:
     noisy_temb: torch.Tensor | None = None  # per-token timesteps: [B, 6, C] at the noisy tokens' level
     temb: dict = field(default_factory=dict)  # block index -> the step's timestep_proj [B, 6, C]
     history: dict = field(default_factory=dict)  # this forward's history tokens when nothing is cached
+    branch: int = 0  # forwards before this one at the same timestep: WanPipeline runs cond (0), then uncond (1)
 
 
 class MemoryAdapter:
@@ -167,6 +168,7 @@ class MemoryAdapter:
         self.context_cache: dict = {}  # (layer, device, dtype) -> ContextKV
         self._handles: list = []
         self._processors: list = []
+        self._last_step: tuple = (None, 0)  # (timestep, forwards at it): the CFG branch, for the learned policy
 
     # --- installing ---------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -194,6 +196,10 @@ class MemoryAdapter:
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         st = _Forward(self.memory.tokens() if self.memory is not None else None)
+        step = round(float(noise_level(timestep).flatten()[0]), 6)
+        last, count = self._last_step
+        st.branch = count + 1 if last == step else 0
+        self._last_step = (step, st.branch)
         self.forward = st
         if timestep.ndim == 2:  # per-token timesteps: the memories and Q run at the noisy tokens' level
             text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
@@ -279,29 +285,50 @@ class MemoryAdapter:
             return None
         use_cache = q.cache_context and not torch.is_grad_enabled()
         key = (index, str(x.device), x.dtype)
+        if q.route_frames:  # per CFG branch, as the nodes route; without the cache, kept for this forward
+            return self.routed_kv(index, block, x, q_query, heads, use_cache)
         if use_cache and key in self.context_cache:
             return self.context_cache[key]
-        if q.route_frames:
-            tokens, rope, temb_clean = self.routed_tokens(index, block, x, q_query, heads, use_cache)
-        else:
-            tokens, rope, temb_clean = self.history_tokens(x, use_cache)
+        tokens, rope, temb_clean = self.history_tokens(x, use_cache)
         kv = wh.context_kv(block, tokens.to(x.dtype), temb_clean, rope)
         if use_cache:
             self.context_cache[key] = kv
         return kv
 
-    def routed_tokens(self, index: int, block, x: torch.Tensor, q_query: torch.Tensor, heads: int, use_cache: bool):
-        """The full tokens of the ``route_frames`` history frames query layer ``index`` ranks highest."""
+    def routed_kv(self, index: int, block, x: torch.Tensor, q_query: torch.Tensor, heads: int,
+                  use_cache: bool) -> ContextKV:
+        """Query layer ``index``'s keys/values of the frames its queries rank highest, for this forward's CFG branch:
+        kept while cached; without the cache decided once per forward and made each time (a checkpointed block's
+        recomputation saves the same tensors)."""
+        branch = self.forward.branch
+        key = ("routed", index, branch, str(x.device), x.dtype)
+        if use_cache and key in self.context_cache:
+            return self.context_cache[key]
+        frames = self.forward.history.get(key)
+        if frames is None:
+            frames = self.forward.history[key] = self.ranked(index, block, x, q_query, heads, use_cache, branch)
+        q = self.query
+        tokens, rope, temb_clean = history_tokens(self.transformer, replace(q, context=routing.picked(q.context, frames)),
+                                                  x.device, x.dtype)
+        kv = wh.context_kv(block, tokens.to(x.dtype), temb_clean, rope)
+        if use_cache:
+            self.context_cache[key] = kv
+        return kv
+
+    def ranked(self, index: int, block, x: torch.Tensor, q_query: torch.Tensor, heads: int, use_cache: bool,
+               branch: int = 0) -> list[int]:
+        """The ``route_frames`` history frames (``single_frames`` order) query layer ``index`` ranks highest."""
         q = self.query
         n = len(routing.single_frames(q.context))
         frames = list(range(n))
         if n > q.route_frames:
             tokens, rope, temb_clean = self.history_tokens(x, use_cache, "summary")
-            k = wh.context_kv(block, tokens.to(x.dtype), temb_clean, rope).k
+            with torch.no_grad():
+                k = wh.context_kv(block, tokens.to(x.dtype), temb_clean, rope).k
             frames = routing.ranked_frames(q_query, k, n, heads, q.route_frames)
-        q.routed[index] = frames
-        return history_tokens(self.transformer, replace(q, context=routing.picked(q.context, frames)), x.device,
-                              x.dtype)
+        if branch == 0 or index not in q.routed:  # the report gives the cond branch's frames
+            q.routed[index] = frames
+        return frames
 
     def history_tokens(self, x: torch.Tensor, use_cache: bool, kind: str = "full"):
         """History tokens, RoPE tables and t=0 modulation: kept per device and dtype while cached, else made once

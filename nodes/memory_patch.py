@@ -115,7 +115,7 @@ class QueryMemory:
     cache_context: bool = True
     query_pool: int = 1
     route_frames: int = 0  # > 0: the learned policy, each query layer reads the frames its queries rank highest
-    routed: dict = field(default_factory=dict)  # layer -> the frames (single_frames order) it read, last run
+    routed: dict = field(default_factory=dict)  # layer -> the frames (single_frames order) it read, last run (cond)
 
 
 @dataclass(frozen=True)
@@ -203,31 +203,58 @@ class ForwardState:
         q = self.query
         if index >= q.query_layers or not q.context.segments:
             return None
+        if q.route_frames:
+            return self.routed_kv(index, x, q_query, heads)
         where = self.cache_key(x)
         if q.cache_context and (index, *where) in self.run.context_cache:
             return self.run.context_cache[(index, *where)]
-        if q.route_frames:
-            tokens, freqs, e0_clean = self.routed_tokens(index, x, q_query, heads)
-        else:
-            tokens, freqs, e0_clean = self.history_tokens(x)
+        tokens, freqs, e0_clean = self.history_tokens(x)
         kv = wa.context_kv(self.dm.blocks[index], tokens, e0_clean, freqs)
         if q.cache_context:
             self.run.context_cache[(index, *where)] = kv
         return kv
 
-    def routed_tokens(self, index: int, x: torch.Tensor, q_query: torch.Tensor, heads: int):
-        """The learned policy in query layer ``index``: score every history frame by the mass ``q_query`` gives its
-        summary key (``context_routing``), keep the ``route_frames`` best, and return their full tokens."""
+    def routed_kv(self, index: int, x: torch.Tensor, q_query: torch.Tensor, heads: int) -> ContextKV:
+        """The learned policy in query layer ``index``, per CFG branch (``cond_or_uncond``): each branch's rows of
+        ``q_query`` pick their frames, so batching the branches or not reads the same. Kept in the run's cache
+        (context cache on) or this forward's (off: a checkpointed block recomputed finds the same frames)."""
+        q = self.query
+        branches = list(self.transformer_options.get("cond_or_uncond") or [0])
+        if q_query.shape[0] % len(branches):
+            branches = branches[:1]
+        per = q_query.shape[0] // len(branches)
+        parts = []
+        for branch in branches:
+            key = ("routed", index, branch, *self.cache_key(x))
+            if q.cache_context and key in self.run.context_cache:
+                parts.append(self.run.context_cache[key].expand_batch(per))
+                continue
+            frames = self.context_tokens.get(key)  # without the cache: decided once per forward, keys made each
+            if frames is None:                     # time (a checkpointed block's recomputation saves the same)
+                rows = torch.cat([q_query[g * per:(g + 1) * per] for g, b in enumerate(branches) if b == branch])
+                frames = self.context_tokens[key] = self.ranked(index, x, rows, heads)
+                if branch == 0 or index not in q.routed:  # the report gives the cond branch's frames
+                    q.routed[index] = frames
+            spec = routing.picked(q.context, frames)
+            tokens, freqs, e0_clean = context_tokens(self.dm, replace(q, context=spec), x.device, x.dtype,
+                                                     self.transformer_options)
+            kv = wa.context_kv(self.dm.blocks[index], tokens, e0_clean, freqs)
+            if q.cache_context:
+                self.run.context_cache[key] = kv
+            parts.append(kv.expand_batch(per))
+        return parts[0] if len(parts) == 1 else ContextKV(torch.cat([p.k for p in parts]), torch.cat([p.v for p in parts]))
+
+    def ranked(self, index: int, x: torch.Tensor, q_query: torch.Tensor, heads: int) -> list[int]:
+        """The ``route_frames`` history frames (``single_frames`` order) whose summaries ``q_query`` gives most mass
+        in query layer ``index`` (``context_routing``); every frame when there are no more."""
         q = self.query
         n = len(routing.single_frames(q.context))
-        frames = list(range(n))
-        if n > q.route_frames:
-            tokens, freqs, e0_clean = self.history_tokens(x, "summary")
+        if n <= q.route_frames:
+            return list(range(n))
+        tokens, freqs, e0_clean = self.history_tokens(x, "summary")
+        with torch.no_grad():
             k = wa.context_kv(self.dm.blocks[index], tokens, e0_clean, freqs).k
-            frames = routing.ranked_frames(q_query, k, n, heads, q.route_frames)
-        q.routed[index] = frames
-        spec = routing.picked(q.context, frames)
-        return context_tokens(self.dm, replace(q, context=spec), x.device, x.dtype, self.transformer_options)
+        return routing.ranked_frames(q_query, k, n, heads, q.route_frames)
 
     def history_tokens(self, x: torch.Tensor, kind: str = "full"):
         """The history's tokens, RoPE tables and clean modulation, made once per run (cached) or per forward;

@@ -36,8 +36,9 @@ def test_route_keeps_the_budget_best_frames_in_temporal_order_newest_on_ties():
     assert routing.route(torch.tensor([0.5, 0.5]), 5) == [0, 1]
 
 
-@pytest.mark.parametrize("hw, pool, tokens", [((8, 8), 4, 1), ((60, 104), 30, 2), ((2, 2), 1, 1), ((3, 9), 1, 10)])
-def test_a_frame_summary_is_pooled_to_one_patch_a_side(hw, pool, tokens):
+@pytest.mark.parametrize("hw, pool, tokens", [((8, 8), 4, 1), ((60, 104), 26, 2), ((44, 80), 20, 2), ((2, 2), 1, 1),
+                                              ((3, 9), 1, 10)])
+def test_a_frame_summary_is_pooled_to_whole_patches_as_coarse_as_the_frame_allows(hw, pool, tokens):
     assert routing.summary_pool(*hw) == pool and routing.summary_tokens(*hw) == tokens
 
 
@@ -72,8 +73,8 @@ def test_each_query_layer_reads_the_frames_its_queries_give_most_mass(comfy, wan
     real = routing.frame_mass
     monkeypatch.setattr(mp.routing, "frame_mass", lambda *a: masses.append(real(*a)) or masses[-1])
     _, query = query_forward(mp, wan_model, spec(7), layers=3, route=3)
-    assert sorted(query.routed) == [0, 1, 2] and len(masses) == 3
-    for layer, mass in zip(sorted(query.routed), masses, strict=True):
+    assert sorted(query.routed) == [0, 1, 2] and len(masses) == 6  # 3 layers x 2 CFG branches, cond first
+    for layer, mass in zip(sorted(query.routed), masses[::2], strict=True):
         assert query.routed[layer] == sorted(torch.topk(mass, 3).indices.tolist())
 
 
@@ -97,3 +98,21 @@ def test_memory_rollout_reads_the_budget_in_each_query_layer(comfy, wan_model, t
         assert sorted(r["routed"]) == ["0", "1"]
         assert all(len(f) == min(3, history) and set(f) <= set(range(history)) for f in r["routed"].values())
         assert r["context_tokens"] == min(3, history) * 16  # each layer reads at most 3 frames of 16 tokens
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_each_cfg_branch_routes_on_its_own_queries_batched_or_one_forward_each(comfy, wan_model, cache, monkeypatch):
+    mp = host.pack("nodes.memory_patch")
+    picks = []
+    real = routing.ranked_frames
+    monkeypatch.setattr(mp.routing, "ranked_frames", lambda *a: picks.append(real(*a)) or picks[-1])
+    query = mp.QueryMemory(4, mp.context_in_model_space(spec(12), wan_model), route_frames=3, cache_context=cache)
+    model = mp.apply_memory(wan_model, query=query)
+    x, t, txt = inputs(2)
+    txt[1] = -20 * txt[0]  # prompts far apart, so the branches' queries rank the frames differently
+    batched = model_forward(model, x, t, txt, [0, 1], run_seed=9)
+    assert any(a != b for a, b in zip(picks[::2], picks[1::2], strict=True))  # per layer: cond, uncond
+    run = mp.RunState(9)  # low VRAM: the same run, one branch per forward, uncond first
+    uncond = model_forward(model, x[1:], t[1:], txt[1:], [1], run=run)
+    cond = model_forward(model, x[:1], t[:1], txt[:1], [0], run=run)
+    assert rel_err(torch.cat([cond, uncond]), batched) < 1e-5

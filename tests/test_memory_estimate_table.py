@@ -33,6 +33,6 @@ def test_the_learned_policy_keeps_one_layers_read_per_query_layer_and_every_fram
     d, nc, summary, latent = 1536, 8 * 1560, 210 * 2, (2, 16, 21, 60, 104)
     routed = extra_bytes(0.0, latent, MemoryShape(d, 12, 5, context_tokens=nc, summary_tokens=summary), 2)
     n_p = 21 * 30 * 52
-    assert routed["context"] == (2 * 5 * nc + 2 * 2 * (nc + n_p) + 2 * summary) * d * 2
+    assert routed["context"] == (11 * nc + 2 * 2 * (nc + n_p) + 2 * summary) * d * 2 + 2 * 2 * 12 * 1024 * summary * 4
     whole = extra_bytes(0.0, latent, MemoryShape(d, 12, 5, context_tokens=210 * 1560), 2)
     assert routed["context"] < whole["context"] / 10
