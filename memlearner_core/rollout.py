@@ -174,17 +174,24 @@ class ChunkRecord:
     peak_memory_mb: float | None = None
     memory_kind: str = ""  # "cuda_allocated" (this chunk) or "process_peak_rss" (the process so far, on CPU)
     routed: dict[str, list[int]] | None = None  # learned policy: query layer -> the frame indices it read
+    routed_low: dict[str, list[int]] | None = None  # the same for the second expert (Wan2.2 A14B), if any
 
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def routed_to(self, routed: dict[int, list[int]], candidates: list[FramePick], hw: tuple[int, int]) -> None:
-        """The learned policy's reads (``routed``: layer -> positions in ``candidates``): ``context`` becomes the
-        frames any query layer read and ``context_tokens`` the tokens one layer reads."""
-        self.routed = {str(layer): [candidates[i].index for i in frames] for layer, frames in sorted(routed.items())}
-        read = sorted({i for frames in self.routed.values() for i in frames})
-        self.context = [[i, 1] for i in read]
-        self.context_tokens = max((len(f) for f in self.routed.values()), default=0) * frame_cost(*hw)
+    def routed_to(self, routed: dict[int, list[int]], candidates: list[FramePick], hw: tuple[int, int],
+                  routed_low: dict[int, list[int]] | None = None) -> None:
+        """The learned policy's reads (``routed``, and the second expert's ``routed_low``: layer -> positions in
+        ``candidates``): ``context`` becomes the frames any query layer of either read and ``context_tokens`` the
+        tokens one layer reads."""
+        def indices(layers):
+            return {str(layer): [candidates[i].index for i in frames] for layer, frames in sorted(layers.items())}
+
+        self.routed = indices(routed)
+        self.routed_low = None if routed_low is None else indices(routed_low)
+        every = [*self.routed.values(), *(self.routed_low or {}).values()]
+        self.context = [[i, 1] for i in sorted({i for frames in every for i in frames})]
+        self.context_tokens = max((len(f) for f in every), default=0) * frame_cost(*hw)
 
 
 def context_tokens(picks: list[FramePick], hw: tuple[int, int]) -> int:

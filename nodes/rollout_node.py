@@ -209,7 +209,7 @@ def generate_chunk(plan: RolloutPlan, sampling: Sampling, bank: MemoryBank, k: i
     record.memory_kind, mb = wa.peak_memory_mb(device)
     record.peak_memory_mb = round(mb, 1)
     if plan.query_layers and plan.policy == "learned":
-        record.routed_to(queries[0].routed, picks, (h, w))
+        record.routed_to(queries[0].routed, picks, (h, w), queries[1].routed if len(queries) > 1 else None)
     bank.append(samples[0])
     log.info("Memory Rollout chunk %d: frames %d-%d, context %d frames (%d tokens), %.2fs, peak %s %.0f MB",
              k, start, start + t - 1, len(record.context), record.context_tokens, record.seconds, record.memory_kind, mb)

@@ -209,3 +209,15 @@ def test_the_legacy_node_refuses_query_weights_of_another_family_too(comfy, wan_
         comfy.run("MemLearnerMemoryRollout", model=wan_model, positive=text_cond[0], negative=text_cond[1], seed=7,
                   steps=2, cfg=1.0, sampler_name="euler", scheduler="simple", width=64, height=64, chunk_frames=5,
                   chunks=1, policy="all", context_frames=0, query_layers=2, query_weights=name)
+
+
+def test_the_learned_policy_reports_what_each_expert_read(comfy, wan_model, wan_low_expert, text_cond):
+    _, report = rollout(comfy, wan_model, text_cond, low=wan_low_expert, chunks=3, policy="learned",
+                        context_frames=1)
+    for r in report:
+        assert sorted(r["routed"]) == sorted(r["routed_low"]) == ["0", "1"]
+        read = {i for frames in [*r["routed"].values(), *r["routed_low"].values()] for i in frames}
+        assert [i for i, _ in r["context"]] == sorted(read)
+        assert all(len(f) == 1 for f in [*r["routed"].values(), *r["routed_low"].values()])
+    _, alone = rollout(comfy, wan_model, text_cond, chunks=1, policy="learned", context_frames=1)
+    assert alone[0]["routed_low"] is None
