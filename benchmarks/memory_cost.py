@@ -362,7 +362,7 @@ class Bench:
     def rollout(self, policy: str) -> list[dict]:
         """Per chunk: context picked by ``policy`` from the bank, a fresh run (first step fills the cache), per-step
         time; then a random chunk latent enters the bank."""
-        from memlearner_core.context_policy import frame_cost, select_context
+        from memlearner_core.context_policy import frame_cost, route_frames, select_context
         from memlearner_core.context_routing import summary_tokens
         from memlearner_core.rollout import MemoryBank, context_tokens
         from memlearner_core.trajectory import preset
@@ -374,7 +374,7 @@ class Bench:
         for k in range(a.chunks):
             start = bank.n_frames
             picks = select_context(policy, start, budget, (h, w), bank.poses(0, start), bank.poses(start, start + t))
-            route = a.rollout_budget * t if policy == "learned" else 0
+            route = route_frames(policy, a.rollout_budget * t)
             query = mp.QueryMemory(self.size["query_layers"], mp.context_in_model_space(bank.context(picks, start)),
                                    chunk_poses=bank.poses(start, start + t), cache_context=True, route_frames=route)
             patched = mp.apply_memory(self.model, query=query)

@@ -98,6 +98,12 @@ def _framepack(n: int, budget: int, h: int, w: int, patch) -> list[FramePick]:
     return picks
 
 
+def route_frames(policy: str, budget_frames: int) -> int:
+    """Frames each query layer reads of the picked ones: the budget for ``learned``, which hands every frame over
+    as a candidate; 0 (every picked frame) for the others."""
+    return budget_frames if policy == "learned" else 0
+
+
 def select_context(policy: str, n_history: int, budget_tokens: int | None, latent_hw: tuple[int, int],
                    history_poses: torch.Tensor | None = None, chunk_poses: torch.Tensor | None = None,
                    patch: tuple[int, int, int] = (1, 2, 2), fov_deg: float = 60.0) -> list[FramePick]:

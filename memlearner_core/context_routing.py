@@ -1,8 +1,8 @@
 """The ``learned`` context policy: each query layer reads only the history frames its own queries rank highest.
 
 Every history frame is a candidate. Before a query layer reads history, it scores each frame by the attention mass
-its query tokens Q give the frame's *summary*: the frame average-pooled to one patch per side (``summary_pool``:
-1 token of an 8x8 latent, 2 of a 60x104 one), embedded with its camera and placed by RoPE like any context token,
+its query tokens Q give the frame's *summary*: the frame average-pooled to whole patches, as coarse as the frame
+allows (``summary_pool``: 1 token of an 8x8 latent, 2 of a 60x104 one), embedded with its camera and placed by RoPE like any context token,
 projected by the layer's own keys. The ``budget`` frames of highest mass are then read at full resolution; the
 others' full-resolution keys are never computed. This is Mixture of Contexts' routing over mean-pooled keys, made
 per frame, per query layer and per CFG branch (each branch with its own queries, so batching the branches or not
@@ -70,7 +70,7 @@ def frame_mass(q: torch.Tensor, k: torch.Tensor, token_frame: torch.Tensor, n_fr
     """Attention mass ``[n_frames]`` (summing to 1) that the query tokens ``q [B, Nq, H*D]`` give each frame's
     summary tokens ``k [B or 1, Ns, H*D]`` (RoPE applied to both), token ``i`` belonging to frame
     ``token_frame[i]``: softmax over all summary tokens per query token and head, averaged over tokens, heads and
-    the batch (CFG's branches)."""
+    the rows given (the hosts hand one CFG branch's rows at a time)."""
     b, nq, dim = q.shape
     d = dim // heads
     with torch.no_grad():  # a decision, not a path for gradients; in chunks of query tokens to bound its memory

@@ -284,9 +284,9 @@ class MemoryAdapter:
         if index >= q.query_layers or not q.context.segments:
             return None
         use_cache = q.cache_context and not torch.is_grad_enabled()
-        key = (index, str(x.device), x.dtype)
         if q.route_frames:  # per CFG branch, as the nodes route; without the cache, kept for this forward
             return self.routed_kv(index, block, x, q_query, heads, use_cache)
+        key = (index, str(x.device), x.dtype)
         if use_cache and key in self.context_cache:
             return self.context_cache[key]
         tokens, rope, temb_clean = self.history_tokens(x, use_cache)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from memlearner_core.camera import CameraEmbedding
-from memlearner_core.context_policy import frame_cost, select_context
+from memlearner_core.context_policy import frame_cost, route_frames, select_context
 from memlearner_core.rollout import ChunkRecord, MemoryBank, context_tokens, latent_frames
 
 from . import wan_host as wh
@@ -115,7 +115,7 @@ def rollout(pipe, *, chunks: int, chunk_frames: int, height: int, width: int, po
             if query_layers:
                 picks = select_context(policy, start, budget, (h, w), bank.poses(0, start), chunk_poses)
                 query = QueryMemory(query_layers, bank.context(picks, start), camera, chunk_poses, cache_context,
-                                    query_pool, chunk_seed, context_frames if policy == "learned" else 0)
+                                    query_pool, chunk_seed, route_frames(policy, context_frames))
                 apply_memory(tr, memory=prev_memory, query=query)
             record = ChunkRecord(k, start, [[p.index, p.pool] for p in picks], context_tokens(picks, (h, w)))
             device = pipe._execution_device

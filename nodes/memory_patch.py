@@ -223,6 +223,9 @@ class ForwardState:
         if q_query.shape[0] % len(branches):
             branches = branches[:1]
         per = q_query.shape[0] // len(branches)
+        batch_key = ("routed", index, tuple(branches), per, *self.cache_key(x))
+        if q.cache_context and batch_key in self.run.context_cache:  # every later step of a batched run
+            return self.run.context_cache[batch_key]
         parts = []
         for branch in branches:
             key = ("routed", index, branch, *self.cache_key(x))
@@ -242,7 +245,10 @@ class ForwardState:
             if q.cache_context:
                 self.run.context_cache[key] = kv
             parts.append(kv.expand_batch(per))
-        return parts[0] if len(parts) == 1 else ContextKV(torch.cat([p.k for p in parts]), torch.cat([p.v for p in parts]))
+        kv = parts[0] if len(parts) == 1 else ContextKV(torch.cat([p.k for p in parts]), torch.cat([p.v for p in parts]))
+        if q.cache_context:
+            self.run.context_cache[batch_key] = kv
+        return kv
 
     def ranked(self, index: int, x: torch.Tensor, q_query: torch.Tensor, heads: int) -> list[int]:
         """The ``route_frames`` history frames (``single_frames`` order) whose summaries ``q_query`` gives most mass

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from memlearner_core.context_policy import POLICIES, select_context
+from memlearner_core.context_policy import POLICIES, route_frames, select_context
 from memlearner_core.rollout import (
     MAX_QUERY_LAYERS,
     ChunkRecord,
@@ -177,7 +177,7 @@ def generate_chunk(plan: RolloutPlan, sampling: Sampling, bank: MemoryBank, k: i
         picks = select_context(plan.policy, start, plan.budget, (h, w), bank.poses(0, start), chunk_poses)
         context = context_in_model_space(bank.context(picks, start), sampling.model)
 
-        route = plan.context_frames if plan.policy == "learned" else 0
+        route = route_frames(plan.policy, plan.context_frames)
         queries = []
 
         def with_memory(g, camera):  # the same context and poses for either expert, its own camera MLP

@@ -25,6 +25,7 @@ import torch
 
 from ..camera import CameraEmbedding
 from ..checkpoint_io import load_memory_encoder, load_query_weights, save_memory_encoder, save_query_weights
+from ..context_policy import route_frames
 from ..context_tokens import ContextSpec
 from ..memory_encoder import EncoderConfig, MemoryEncoder, cnn_output_shape, fit_problem
 from ..memory_tokens import MemoryTokens
@@ -163,8 +164,7 @@ def query_draw(cfg: TrainConfig, latent: torch.Tensor, poses: torch.Tensor | Non
     context, target, policy, _, budget = sample_context(latent, poses, p, cfg.max_context_multiple,
                                                         cfg.context_policies, generator)
     chunk_poses = None if poses is None else poses[-p:].to(latent.device)
-    route = budget if policy == "learned" else 0
-    return QueryDraw(cfg.query_layers, context, camera, chunk_poses, cfg.query_pool, route), target
+    return QueryDraw(cfg.query_layers, context, camera, chunk_poses, cfg.query_pool, route_frames(policy, budget)), target
 
 
 def draw_references(cfg: TrainConfig, references: list[torch.Tensor], generator: torch.Generator
