@@ -28,7 +28,7 @@ EYE_HEIGHT = 41.0  # CAMERA_POSITION_Z - POSITION_Z once the view has settled af
 MAX_STEP = 24.0  # a floor step higher than this blocks the player
 MIN_OPENING = 64.0  # an opening lower than this (closed doors: 0) is treated as a wall
 PATH_STEP, PATH_CLEARANCE, SIDE_SHIFT = 24.0, 40.0, 8.0  # revisit_path's walks, map units
-SETTLE_TICS = 4
+SETTLE_TICS = 12  # a warp onto a lower floor lands (the view dips, then recovers) before it settles
 
 # Doom 2 monster classes as ZDoom names them (Freedoom replaces their art, not their class names).
 MONSTERS = frozenset({

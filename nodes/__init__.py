@@ -17,11 +17,12 @@ from .query_memory_node import ApplyQueryMemory, ApplyReferenceMemory  # noqa: E
 from .revisit_world_node import RevisitScore, RevisitWorld  # noqa: E402
 from .rollout_legacy_node import MemoryRolloutLegacy  # noqa: E402
 from .rollout_node import MemoryRollout  # noqa: E402
+from .video_score_node import EmptyText, VideoScore  # noqa: E402
 
 # Each node checks its inputs against its own schema when it runs (API prompts skip some of ComfyUI's checks).
 NODES = [checked(n) for n in (LoadMemoryEncoder, EncodeReferenceVideo, ReferenceMemoryBank, ApplyQueryMemory,
                               ApplyReferenceMemory, CameraPath, MemoryRollout, RevisitWorld, RevisitScore,
-                              MemoryRolloutLegacy)]
+                              MemoryRolloutLegacy, EmptyText, VideoScore)]
 
 
 class MemLearnerExtension(ComfyExtension):

@@ -52,6 +52,12 @@ TOY = {  # the toy model trained on the revisit world (benchmarks/revisit_world.
     "unet": "revisit_query.safetensors", "query_weights": "revisit_query_query.safetensors", "query_layers": 2,
     "steps": 10, "budget": 4,
 }
+DOOM = {  # the small model and VAE trained on the Doom world (benchmarks/doom_world.py), shipped with the pack
+    "unet": "doom_query_view_rope.safetensors", "query_weights": "doom_query_view_rope_query.safetensors",
+    "plain": "doom_query_view_rope.safetensors", "vae": "doom_wan21_vae.safetensors",
+    "video": "memlearner_doom_MAP21_turn.mp4", "width": 128, "height": 96, "history": 29, "frames": 61, "steps": 10,
+    "query_layers": 2, "budget": 4, "fps": 16.0,
+}
 PROMPT = "a slow walk through a sunlit stone courtyard, the camera turns back to the fountain"
 NEGATIVE = "blurry, distorted, low quality"
 FPS = 16.0
@@ -282,6 +288,69 @@ def revisit_world(tiny: bool = False, seed: int = 10_000_000) -> dict:
         g[f"video_{policy}"] = node("CreateVideo", images=[f"score_{policy}", 1], fps=4.0)
         g[f"save_{policy}"] = node("SaveVideo", f"Save {policy}", video=[f"video_{policy}", 0],
                                    filename_prefix=f"memlearner/revisit_{policy}", format="auto", codec="auto")
+    return g
+
+
+def doom_return(rollouts: dict | None = None, f: dict = DOOM, trajectory: str = "", save: str = "video",
+                oracle: bool = False, seed: int = 0) -> dict:
+    """A held-out Doom return re-rendered: Load Video, its way out (``history`` frames at the model's size) VAE-encoded
+    as Memory Rollout's first chunk, the rest generated along the clip's recorded camera path (Camera Path, custom
+    JSON), decoded and scored against the video (Video Score). ``rollouts``: name -> {model, policy, context_frames,
+    query_layers, query_weights} (default: memory on, all history, and the same model with memory off). ``save``:
+    "video" (reference | generated, an mp4 each) or "webp" (the decoded frames, lossless, for measuring);
+    ``oracle``: the video's own VAE round trip beside them."""
+    rollouts = rollouts or {
+        "all": {"model": f["unet"], "policy": "all", "context_frames": 0, "query_layers": f["query_layers"],
+                "query_weights": f["query_weights"]},
+        "no_memory": {"model": f["plain"], "policy": "all", "context_frames": 0, "query_layers": 0,
+                      "query_weights": "none"}}
+    chunk = 5  # video frames a chunk: 2 latent frames
+    chunks = (f["frames"] - f["history"]) // 4 // 2
+    g = {"vae": node("VAELoader", vae_name=f["vae"]), "text": node("MemLearnerEmptyText", "No prompt"),
+         "video": node("LoadVideo", "Held-out video", file=f["video"]),
+         "frames": node("GetVideoComponents", video=["video", 0]),
+         "scaled": node("ImageScale", "Model size", image=["frames", 0], upscale_method="area", width=f["width"],
+                        height=f["height"], crop="disabled"),
+         "given": node("ImageFromBatch", "The way out (given)", image=["scaled", 0], batch_index=0,
+                       length=f["history"]),
+         "history": node("VAEEncode", pixels=["given", 0], vae=["vae", 0]),
+         "chunk": node("EmptyHunyuanLatentVideo", "Chunk size", width=f["width"], height=f["height"], length=chunk,
+                       batch_size=1),
+         "camera": node("MemLearnerCameraPath", "Camera path (recorded)", camera="custom JSON", trajectory=trajectory),
+         "noise": node("RandomNoise", "Noise", noise_seed=seed),
+         "sampler": node("KSamplerSelect", "Sampler", sampler_name="euler")}
+    models = {}
+    for r in rollouts.values():
+        if r["model"] not in models:
+            m = models[r["model"]] = f"unet{len(models)}"
+            g[m] = node("UNETLoader", unet_name=r["model"], weight_dtype="default")
+            g[f"guider_{m}"] = node("BasicGuider", model=[m, 0], conditioning=["text", 0])
+            g[f"sigmas_{m}"] = node("BasicScheduler", model=[m, 0], scheduler="simple", steps=f["steps"], denoise=1.0)
+    outputs = {name: f"rollout_{name}" for name in rollouts}
+    for name, r in rollouts.items():
+        m = models[r["model"]]
+        g[f"rollout_{name}"] = node("MemLearnerRollout", f"Memory Rollout ({name})", noise=["noise", 0],
+                                    guider=[f"guider_{m}", 0], sampler=["sampler", 0], sigmas=[f"sigmas_{m}", 0],
+                                    chunk_latent=["chunk", 0], chunks=chunks, policy=r["policy"],
+                                    context_frames=r["context_frames"], query_layers=r["query_layers"],
+                                    query_weights=r["query_weights"], query_pool=1, camera_path=["camera", 0],
+                                    first_chunk=["history", 0])
+    if oracle:
+        g["encoded_all"] = node("VAEEncode", pixels=["scaled", 0], vae=["vae", 0])
+        outputs["oracle"] = "encoded_all"
+    for name, latent in outputs.items():
+        g[f"decode_{name}"] = node("VAEDecode", samples=[latent, 0], vae=["vae", 0])
+        g[f"score_{name}"] = node("MemLearnerVideoScore", f"Video Score ({name})", images=[f"decode_{name}", 0],
+                                  reference=["scaled", 0], from_frame=f["history"], label=name,
+                                  **({"rollout_report": [latent, 1]} if latent.startswith("rollout_") else {}))
+        if save == "webp":
+            g[f"save_{name}"] = node("SaveAnimatedWEBP", images=[f"decode_{name}", 0],
+                                     filename_prefix=f"memlearner/doom/{name}", fps=f["fps"], lossless=True,
+                                     quality=100, method="fastest")
+        else:
+            g[f"video_{name}"] = node("CreateVideo", images=[f"score_{name}", 1], fps=f["fps"])
+            g[f"save_{name}"] = node("SaveVideo", f"Save {name}", video=[f"video_{name}", 0],
+                                     filename_prefix=f"memlearner/doom_{name}", format="auto", codec="auto")
     return g
 
 
