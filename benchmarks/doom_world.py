@@ -326,33 +326,25 @@ YAW_BINS = ((0, 5), (5, 10), (10, 20), (20, 180))  # degrees off the nearest giv
 DIST_BINS = ((0, 4), (4, 16), (16, 64), (64, 1e9))  # map units off it
 
 
-def read_webp(path: Path) -> torch.Tensor:
-    """An animated WEBP -> ``[T, H, W, 3]`` in ``[0, 1]``."""
-    import numpy as np
-    from PIL import Image, ImageSequence
-
-    with Image.open(path) as im:
-        return torch.from_numpy(np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
-                                ).float() / 255
-
-
 def eval_clips(work: Path, limit: int | None = None) -> list[Path]:
     return sorted(p for p in (work / "eval").glob("*.mp4") if not p.name.startswith("."))[:limit]
 
 
-def evaluate(work: Path, steps: int = STEPS, limit: int | None = None, timeout: float = 1800) -> tuple[dict, dict]:
-    """Every evaluation clip through a ComfyUI server, one prompt a clip with every configuration; returns the figures
-    and one example's frames per configuration (the first ``turn`` clip's)."""
+def evaluate(work: Path, steps: int = STEPS, limit: int | None = None, timeout: float = 1800,
+             only: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+    """Every evaluation clip through a ComfyUI server, one prompt a clip with every configuration (or those in
+    ``only``); returns the figures and one example's frames per configuration (the first ``turn`` clip's)."""
     import shutil
 
     from memlearner_core.image_metrics import squared_error, ssim_map
     from memlearner_core.training.dataset import latent_poses, load_poses
     from memlearner_core.trajectory import trajectory_json
     from memlearner_host import server as srv
+    from memlearner_host.doom_demo import read_webp, saved
     from workflows import build
 
     present = {m for m in MODELS if (work / "models" / "diffusion_models" / f"doom_{m}.safetensors").is_file()}
-    configs = configurations(present)
+    configs = {k: v for k, v in configurations(present).items() if only is None or k in only}
     if not configs:
         raise SystemExit(f"no trained Doom model in {work / 'models'}: run the train stage first")
     extra = srv.write_extra_paths(work / "models", work / "extra_model_paths.yaml")
@@ -368,19 +360,17 @@ def evaluate(work: Path, steps: int = STEPS, limit: int | None = None, timeout: 
         clips = eval_clips(work, limit)
         for i, video in enumerate(clips):
             print(f"[doom] evaluating {video.stem} ({i + 1} of {len(clips)}, {time.time() - began:.0f}s)", flush=True)
-            shutil.copy(video, work / "server" / "input" / video.name)
+            shutil.copy(video, server.input_dir / video.name)
             geom = dc.read_geometry(video)
             h = geom.history
             poses = latent_poses(load_poses(video.with_suffix(".poses.json")))
             f = {**build.DOOM, "video": video.name, "steps": steps, "vae": VAE_FILE}
-            graph = build.doom_return(configs, f, trajectory_json(poses), save="webp", oracle=True, seed=i)
+            graph = build.doom_return(configs, f, trajectory_json(poses), save=("webp",), oracle=True, seed=i)
             entry = server.run_prompt(graph, timeout)
             truth = truth_frames(geom)
             preds = {}
             for name in (*configs, "oracle"):
-                files = [server.output_dir / v["subfolder"] / v["filename"]
-                         for v in entry["outputs"][f"save_{name}"]["images"]]
-                preds[name] = read_webp(files[0])[h:]
+                preds[name] = read_webp(saved(server, entry, f"save_{name}_frames")[0])[h:]
                 text = entry["outputs"][f"score_{name}"]["text"][0]
                 report = json.loads(text)
                 node_scores.setdefault(name, []).append(report["psnr"])
@@ -408,8 +398,8 @@ def evaluate(work: Path, steps: int = STEPS, limit: int | None = None, timeout: 
                         acc = by_offset.setdefault(name, {}).setdefault(f"{axis} {lo:g}-{hi:g}", [0.0, 0])
                         acc[0] += float(err[t][mask].sum())
                         acc[1] += int(mask.sum())
-            if not example and kind == "turn":
-                example = {"clip": video.stem, "history": h, "truth": truth,
+            if not example or (kind == "turn" and example["kind"] != "turn"):  # the first turn, else any
+                example = {"clip": video.stem, "kind": kind, "history": h, "truth": truth,
                            "frames": {k: torch.cat([truth[:h], v]) for k, v in preds.items()}}
     finally:
         server.stop()
@@ -436,6 +426,52 @@ def summarize(sums: dict, by_offset: dict, seconds: dict, node_scores: dict) -> 
         out[name] = row
     return out
 
+
+
+def ship(work: Path, model: str, clip: str = "MAP21_turn") -> None:
+    """The work folder's ``model`` as the small model shipped in ``memlearner_host/doom_model/`` under the names the
+    shipped workflow loads (the DiT and the VAE in fp16, the query weights as trained), and the held-out ``clip``
+    (its video, poses and its revisit/new masks from geometry, bits packed) for the main job."""
+    import os
+    import shutil
+
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from memlearner_host.doom_demo import DOOM_MODEL, clip_files
+    from workflows import build
+
+    f = build.DOOM
+    sources = {work / "models" / "diffusion_models" / f"doom_{model}.safetensors": ("diffusion_models", f["unet"]),
+               work / "models" / "memlearner" / f"doom_{model}_query.safetensors": ("memlearner", f["query_weights"]),
+               work / "models" / "vae" / VAE_FILE: ("vae", f["vae"])}
+    for src in sources:
+        if not src.is_file():
+            raise SystemExit(f"ship: {src} is not there; run the train stage first")
+    video = work / "eval" / f"{clip}.mp4"
+    geom = dc.read_geometry(video)
+    labels = pixel_labels(geom, geom.history)
+    files = clip_files(f["video"])
+    for folder in (*{v[0] for v in sources.values()}, "clip"):
+        (DOOM_MODEL / folder).mkdir(parents=True, exist_ok=True)
+    staged = []
+    for src, (folder, name) in sources.items():
+        dst = DOOM_MODEL / folder / name
+        tensors = load_file(str(src))
+        if folder != "memlearner":
+            tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+            save_file(tensors, str(dst.with_suffix(".tmp")))
+        else:
+            shutil.copyfile(src, dst.with_suffix(".tmp"))
+        staged.append(dst)
+    packed = {k: torch.from_numpy(np.packbits(v.numpy().reshape(-1))) for k, v in labels.items() if k != "moving"}
+    save_file(packed, str(files["labels"].with_suffix(".tmp")),
+              metadata={"shape": json.dumps(list(labels["revisit"].shape)), "clip": clip, "map": geom.map_name})
+    shutil.copyfile(video, files["video"].with_suffix(".tmp"))
+    shutil.copyfile(video.with_suffix(".poses.json"), files["poses"].with_suffix(".tmp"))
+    for dst in (*staged, files["labels"], files["video"], files["poses"]):
+        os.replace(dst.with_suffix(".tmp"), dst)
+        print(f"[doom] shipped {dst.relative_to(PACK)}", flush=True)
 
 
 # --- results -------------------------------------------------------------------------------------------------------
@@ -572,7 +608,8 @@ def main(argv=None) -> int:
     from revisit_world import run_meta
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", choices=["data", "vae", "encode", "train", "eval", "all"])
+    ap.add_argument("stage", choices=["data", "vae", "encode", "train", "eval", "all", "ship"])
+    ap.add_argument("--model", default="query_view_rope", choices=MODELS, help="ship: the model to ship")
     ap.add_argument("--work", type=Path, default=WORK, help="videos, runs and models (not committed)")
     ap.add_argument("--out", type=Path, default=OUT, help="results.json, results.md, plots, video")
     ap.add_argument("--clips", type=int, default=800, help="training clips (from MAP01-20 in turn)")
@@ -580,10 +617,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the configs')")
     ap.add_argument("--parallel", type=int, default=3, help="trainings at once")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out clips")
+    ap.add_argument("--only", default=None, help="evaluate only these configurations (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny settings for every stage")
     args = ap.parse_args(argv)
     if args.quick:
         args.clips, args.vae_minutes, args.steps, args.limit = 6, 0.05, 2, 1
+        args.only = args.only or "all,recent,no_memory"
     args.work.mkdir(parents=True, exist_ok=True)
     setup = {}
     if args.stage in ("data", "all"):
@@ -597,10 +636,12 @@ def main(argv=None) -> int:
         train_models(args.work, args.steps, args.parallel)
     if args.stage in ("eval", "all"):
         steps = 2 if args.quick else STEPS
-        results, example = evaluate(args.work, steps, args.limit)
+        results, example = evaluate(args.work, steps, args.limit,
+                                    only=tuple(args.only.split(",")) if args.only else None)
         record = args.work / "training.json"
         vae = json.loads((args.work / "vae.json").read_text()) if (args.work / "vae.json").exists() else {}
         meta = {**run_meta("doom_world.py", argv), "frames": dc.FRAMES, "steps": steps,
+                "training_videos": len([p for p in (args.work / "data").glob("*.mp4") if not p.name.startswith(".")]),
                 "eval_clips": [p.stem for p in eval_clips(args.work, args.limit)],
                 "training": json.loads(record.read_text()) if record.exists() else {},
                 "vae": {k: v for k, v in vae.items() if k != "log"},
@@ -610,6 +651,8 @@ def main(argv=None) -> int:
                           "resolution": f"rendered 160x120 (ViZDoom's smallest), the model at {WIDTH}x{HEIGHT}"}}
         write_results(args.out, results, example, meta)
         print((args.out / "results.md").read_text())
+    if args.stage == "ship":
+        ship(args.work, args.model)
     return 0
 
 

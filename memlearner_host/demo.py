@@ -5,7 +5,9 @@
 2. ``revisit_world`` on the toy model trained on the revisit world (shipped in ``revisit_model/``): memory that
    remembers, measured against ground truth, in seconds on a CPU. The demo adds a third rollout with memory off
    (``query_layers`` 0) and saves the three rollouts' latents, and draws them (``contact_sheet``) as one labelled
-   side-by-side video and a PNG sheet, ground truth | no memory | window | all history, revisit frames marked.
+   side-by-side video and a PNG sheet, ground truth | no memory | window | all history, revisit frames marked;
+3. ``doom_return`` on the small model trained on ViZDoom renders (shipped in ``doom_model/``): a held-out map's
+   clip re-rendered with memory on and off, in RGB, scored against the video (``doom_demo``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from memlearner_host import tiny_models
+from memlearner_host import doom_demo, tiny_models
 from memlearner_host.server import ROOT, ComfyServer, comfy_path, prepare_imports, use_gpu, write_extra_paths
+
+DOOM_TURN = "210 degrees"  # doom_clips.evaluation_path("turn"): 29 frames at 7.5 degrees
 
 
 def workflows():
@@ -251,12 +255,41 @@ def run_demo(workdir: Path | None = None, timeout: float = 3600, tiny: bool | No
                   f"{r['new_psnr']} dB on new ones (0 dB = guessing the mean)")
         revisit_videos = saved_files(server, entry)
         sheet, video, comp = write_comparison(server, graph, entry, reports)
+        print("[demo] running workflows/api/doom_return.json (the small model trained on ViZDoom renders of "
+              "MAP01-20) on a held-out MAP21 clip, memory on and off")
+        t0 = time.time()
+        doom_reports, doom_videos = doom_demo.run(server, build, timeout)
+        print(f"[demo] done in {time.time() - t0:.1f}s")
     finally:
         server.stop()
         print(f"[demo] server log: {server.log_path}")
     for line in guide(sheet, video, comp, case_seed(graph), reports, chunks, revisit_videos, tiny):
         print(line)
-    return [sheet, video, *chunks, *revisit_videos]
+    for line in doom_guide(doom_reports, doom_videos):
+        print(line)
+    return [sheet, video, *chunks, *revisit_videos, *doom_videos]
+
+
+def doom_guide(reports: dict[str, dict], videos: list[Path]) -> list[str]:
+    """The Doom return's block of the printout: its figures, and where its videos are."""
+    on, off = reports["all"], reports["no_memory"]
+    lines = [
+        "",
+        "a real 3D world (ViZDoom, Freedoom 2 MAP21, held out: the model trained on MAP01-20 only):",
+        f"  the camera turns {DOOM_TURN} and comes back 7 degrees off; the way out ({doom_demo.HISTORY} frames) is "
+        "given, the way back is generated along the recorded camera path",
+        f"  RGB PSNR against the video on revisited pixels (seen on the way out, from the render's depth): memory "
+        f"on {on['revisit_psnr']:.2f} dB, memory off {off['revisit_psnr']:.2f} dB "
+        f"({on['revisit_psnr'] - off['revisit_psnr']:+.2f} dB); on new pixels: {on['new_psnr']:.2f} vs "
+        f"{off['new_psnr']:.2f} dB",
+        f"  every generated pixel (Video Score): memory on {on['psnr']:.2f} dB SSIM {on['ssim']:.3f}, memory off "
+        f"{off['psnr']:.2f} dB SSIM {off['ssim']:.3f}",
+        "  memory off = the same model and noise with query_layers 0; every held-out clip, policy and baseline: "
+        "benchmarks/results/doom/results.md",
+        "  video | generated, side by side (memory on, then off):",
+    ]
+    lines += [f"    {f}" for f in videos]
+    return [f"[demo] {line}" if line else "[demo]" for line in lines]
 
 
 def main() -> int:

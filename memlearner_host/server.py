@@ -147,9 +147,10 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "comfyui-server.log"
         self.output_dir = workdir / "output"
+        self.input_dir = _mkdir(workdir / "input")
         args = [sys.executable, str(comfy_path() / "main.py"), "--listen", "127.0.0.1", "--port", str(self.port),
                 "--output-directory", str(self.output_dir),
-                "--input-directory", str(_mkdir(workdir / "input")), "--temp-directory", str(workdir / "temp"),
+                "--input-directory", str(self.input_dir), "--temp-directory", str(workdir / "temp"),
                 "--user-directory", str(_mkdir(workdir / "user")), "--database-url", "sqlite:///:memory:",
                 "--disable-auto-launch", "--log-stdout"]
         if extra_paths_yaml is not None:

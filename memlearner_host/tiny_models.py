@@ -136,15 +136,20 @@ def write_models(models_dir: Path) -> dict[str, Path]:
 
 
 TOY_MODEL = Path(__file__).resolve().parent / "revisit_model"  # diffusion_models/, memlearner/ of the toy model
+DOOM_MODEL = Path(__file__).resolve().parent / "doom_model"  # the Doom world's model: diffusion_models/, memlearner/, vae/
 
 
 def copy_toy_model(models_dir: Path) -> None:
-    """Put the toy model trained on the revisit world (shipped with the pack) into a ComfyUI models folder; a copy
-    that differs from the shipped file in any byte (an older toy model has the same size) is replaced."""
+    """Put the small models shipped with the pack (the revisit world's toy model, the Doom world's model and VAE)
+    into a ComfyUI models folder; a copy that differs from the shipped file in any byte (an older toy model has the
+    same size) is replaced."""
     import filecmp
     import shutil
 
-    for src in TOY_MODEL.glob("*/*.safetensors"):
+    shipped = [*TOY_MODEL.glob("*/*.safetensors")]
+    for folder in ("diffusion_models", "memlearner", "vae"):
+        shipped += DOOM_MODEL.glob(f"{folder}/*.safetensors")
+    for src in shipped:
         dst = models_dir / src.parent.name / src.name
         if not dst.is_file() or not filecmp.cmp(src, dst, shallow=False):
             dst.parent.mkdir(parents=True, exist_ok=True)

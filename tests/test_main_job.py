@@ -4,6 +4,7 @@ a person to look at: the revisit contact sheet and labelled video, and the print
 
 import contextlib
 import io
+import re
 
 import numpy as np
 import pytest
@@ -79,7 +80,8 @@ def test_main_job_runs_the_both_memories_and_revisit_workflows_and_saves_their_v
     work, files, printed = job
     assert (work / "tiny_models" / "diffusion_models" / tiny_models.WAN_FILE).is_file()
     assert [f.name for f in files[:2]] == ["revisit_compare.png", "revisit_compare.mp4"]
-    assert sorted(f.name.rsplit("_", 2)[0] for f in files[2:]) == ["chunk1", "chunk2", "revisit_all", "revisit_recent"]
+    assert sorted(f.name.rsplit("_", 2)[0] for f in files[2:]) == ["chunk1", "chunk2", "doom_all", "doom_no_memory",
+                                                                   "revisit_all", "revisit_recent"]
     assert "all history: PSNR" in printed and "window: PSNR" in printed and "no memory: PSNR" in printed
     from comfy_api.latest import InputImpl
 
@@ -87,8 +89,20 @@ def test_main_job_runs_the_both_memories_and_revisit_workflows_and_saves_their_v
         assert f.is_file() and f.stat().st_size > 0 and f.is_relative_to(work / "output" / "memlearner")
     for f in files[2:]:
         frames = InputImpl.VideoFromFile(str(f)).get_components()
+        if f.name.startswith("doom"):  # the held-out video | generated, at the model's 128x96, every frame
+            assert frames.images.shape == (61, 96, 2 * 128, 3)
+            continue
         width = 64 if f.name.startswith("chunk") else 64 + 4 + 64  # revisit: ground truth | generated
         assert frames.images.shape[0] > 1 and frames.images.shape[1:] == (64, width, 3)
+
+
+def test_printout_gives_the_held_out_doom_returns_figures_with_memory_and_without(job):
+    _, _, printed = job
+    block = printed[printed.index("a real 3D world (ViZDoom"):]
+    assert "MAP21, held out" in block and "MAP01-20 only" in block
+    on, off = (float(v) for v in re.search(r"memory on (-?[\d.]+) dB, memory off (-?[\d.]+) dB", block).groups())
+    assert on > off  # the shipped model remembers the way out on the way back
+    assert "benchmarks/results/doom/results.md" in block
 
 
 def test_sheet_has_a_row_per_column_and_a_column_per_chosen_frame(sheet, compared):

@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 import sys
 import urllib.request
 
@@ -122,7 +123,7 @@ def test_a_dynamic_combo_is_its_value_then_its_chosen_options_widgets():
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in ("revisit_world", "wan22_a14b_rollout",
-                                                                  "wan22_5b_query_memory")])
+                                                                  "wan22_5b_query_memory", "doom_return")])
 def test_workflow_uses_the_real_wan21_files(name):
     values = json.dumps(shipped("api", name))
     for f in ("wan2.1_t2v_1.3B_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors"):
@@ -179,9 +180,23 @@ def test_revisit_workflow_uses_the_shipped_toy_model():
         assert build.TOY[key] in values and (TOY_MODEL / folder / build.TOY[key]).is_file()
 
 
+def test_doom_workflow_uses_the_shipped_model_vae_and_held_out_clip():
+    from memlearner_host.tiny_models import DOOM_MODEL
+
+    graph = shipped("api", "doom_return")
+    values = json.dumps(graph)
+    for folder, key in (("diffusion_models", "unet"), ("memlearner", "query_weights"), ("vae", "vae")):
+        assert build.DOOM[key] in values and (DOOM_MODEL / folder / build.DOOM[key]).is_file()
+    assert graph["video"]["inputs"]["file"] == build.DOOM["video"] and "MAP21" in build.DOOM["video"]
+    assert (build.DOOM_CLIP / build.DOOM["video"]).is_file()
+    assert graph["rollout_all"]["inputs"]["camera_path"] == ["camera", 0]
+    assert graph["camera"]["inputs"]["trajectory"] == build.doom_trajectory()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_runs_headless_on_the_tiny_fixtures(server, wan_low_expert_file, name):
     tiny_models.write_video(server.output_dir.parent / "input" / build.TINY["reference"], 0, frames=6, size=64)
+    shutil.copy(build.DOOM_CLIP / build.DOOM["video"], server.output_dir.parent / "input" / build.DOOM["video"])
     entry = server.run_prompt(build.WORKFLOWS[name](tiny=True))
     videos = [v for out in entry["outputs"].values() for v in out.get("images", [])]
     assert videos, "the workflow saved no video"
@@ -189,6 +204,9 @@ def test_workflow_runs_headless_on_the_tiny_fixtures(server, wan_low_expert_file
 
     for v in videos:
         frames = InputImpl.VideoFromFile(str(server.output_dir / v["subfolder"] / v["filename"])).get_components()
+        if name == "doom_return":  # the held-out video | generated, 128x96
+            assert frames.images.shape == (61, 96, 2 * 128, 3)
+            continue
         width = 64 + 4 + 64 if name == "revisit_world" else 64  # ground truth | generated
         assert frames.images.shape[0] > 1 and frames.images.shape[1:] == (64, width, 3)
 

@@ -52,12 +52,20 @@ TOY = {  # the toy model trained on the revisit world (benchmarks/revisit_world.
     "unet": "revisit_query.safetensors", "query_weights": "revisit_query_query.safetensors", "query_layers": 2,
     "steps": 10, "budget": 4,
 }
+DOOM_CLIP = HERE.parent / "memlearner_host" / "doom_model" / "clip"  # the held-out clip the workflow re-renders
 DOOM = {  # the small model and VAE trained on the Doom world (benchmarks/doom_world.py), shipped with the pack
-    "unet": "doom_query_view_rope.safetensors", "query_weights": "doom_query_view_rope_query.safetensors",
-    "plain": "doom_query_view_rope.safetensors", "vae": "doom_wan21_vae.safetensors",
+    "unet": "doom_memory.safetensors", "query_weights": "doom_memory_query.safetensors",
+    "plain": "doom_memory.safetensors", "vae": "doom_wan21_vae.safetensors",
     "video": "memlearner_doom_MAP21_turn.mp4", "width": 128, "height": 96, "history": 29, "frames": 61, "steps": 10,
     "query_layers": 2, "budget": 4, "fps": 16.0,
 }
+DOOM_NOTE = """A small model and VAE trained with memlearner-train on ViZDoom renders of Freedoom 2 MAP01-20, shipped
+with the pack (benchmarks/doom_world.py):
+- memlearner_host/doom_model/diffusion_models/doom_memory.safetensors -> models/diffusion_models/
+- memlearner_host/doom_model/memlearner/doom_memory_query.safetensors -> models/memlearner/
+- memlearner_host/doom_model/vae/doom_wan21_vae.safetensors -> models/vae/
+- memlearner_host/doom_model/clip/memlearner_doom_MAP21_turn.mp4 -> input/ (a held-out map)
+Video Score (all) should beat Video Score (no_memory): the way back revisits what the way out showed."""
 PROMPT = "a slow walk through a sunlit stone courtyard, the camera turns back to the fountain"
 NEGATIVE = "blurry, distorted, low quality"
 FPS = 16.0
@@ -291,14 +299,15 @@ def revisit_world(tiny: bool = False, seed: int = 10_000_000) -> dict:
     return g
 
 
-def doom_return(rollouts: dict | None = None, f: dict = DOOM, trajectory: str = "", save: str = "video",
+def doom_return(rollouts: dict | None = None, f: dict = DOOM, trajectory: str = "", save=("video",),
                 oracle: bool = False, seed: int = 0) -> dict:
     """A held-out Doom return re-rendered: Load Video, its way out (``history`` frames at the model's size) VAE-encoded
     as Memory Rollout's first chunk, the rest generated along the clip's recorded camera path (Camera Path, custom
     JSON), decoded and scored against the video (Video Score). ``rollouts``: name -> {model, policy, context_frames,
     query_layers, query_weights} (default: memory on, all history, and the same model with memory off). ``save``:
-    "video" (reference | generated, an mp4 each) or "webp" (the decoded frames, lossless, for measuring);
-    ``oracle``: the video's own VAE round trip beside them."""
+    any of "video" (reference | generated, an mp4 each) and "webp" (the decoded frames and the reference, lossless,
+    for measuring: ``save_<name>_frames``, ``save_reference_frames``); ``oracle``: the video's own VAE round trip
+    beside them."""
     rollouts = rollouts or {
         "all": {"model": f["unet"], "policy": "all", "context_frames": 0, "query_layers": f["query_layers"],
                 "query_weights": f["query_weights"]},
@@ -343,27 +352,48 @@ def doom_return(rollouts: dict | None = None, f: dict = DOOM, trajectory: str = 
         g[f"score_{name}"] = node("MemLearnerVideoScore", f"Video Score ({name})", images=[f"decode_{name}", 0],
                                   reference=["scaled", 0], from_frame=f["history"], label=name,
                                   **({"rollout_report": [latent, 1]} if latent.startswith("rollout_") else {}))
-        if save == "webp":
-            g[f"save_{name}"] = node("SaveAnimatedWEBP", images=[f"decode_{name}", 0],
-                                     filename_prefix=f"memlearner/doom/{name}", fps=f["fps"], lossless=True,
-                                     quality=100, method="fastest")
-        else:
+        if "webp" in save:
+            g[f"save_{name}_frames"] = frames_webp(f"decode_{name}", name, f["fps"])
+        if "video" in save:
             g[f"video_{name}"] = node("CreateVideo", images=[f"score_{name}", 1], fps=f["fps"])
             g[f"save_{name}"] = node("SaveVideo", f"Save {name}", video=[f"video_{name}", 0],
                                      filename_prefix=f"memlearner/doom_{name}", format="auto", codec="auto")
+    if "webp" in save:
+        g["save_reference_frames"] = frames_webp("scaled", "reference", f["fps"])
     return g
+
+
+def doom_trajectory(f: dict = DOOM) -> str:
+    """The shipped held-out clip's recorded camera path (``memlearner_host/doom_model/clip/<video>.poses.json``, one
+    pose per video frame) at one pose per latent frame (video frames 0, 4, ...): Camera Path's custom JSON."""
+    poses = json.loads((DOOM_CLIP / f["video"]).with_suffix(".poses.json").read_text())
+    return "[\n" + ",\n".join(json.dumps(p) for p in poses[::4]) + "\n]"
+
+
+def doom_return_workflow(tiny: bool = False, seed: int = 0, save=("video",)) -> dict:
+    """The shipped Doom return (the small model shipped with the pack, whichever weights are present: ``tiny``
+    changes nothing)."""
+    return doom_return(trajectory=doom_trajectory(), save=save, seed=seed)
+
+
+def frames_webp(images: str, name: str, fps: float) -> dict:
+    """Frames saved exactly (lossless animated WEBP), to be measured."""
+    return node("SaveAnimatedWEBP", images=[images, 0], filename_prefix=f"memlearner/doom/{name}", fps=fps,
+                lossless=True, quality=100, method="fastest")
 
 
 WORKFLOWS = {"dit_mem_reference": dit_mem_reference, "query_memory": query_memory,
              "memory_rollout": memory_rollout, "both_memories": both_memories, "revisit_world": revisit_world,
-             "wan22_a14b_rollout": wan22_a14b_rollout, "wan22_5b_query_memory": wan22_5b_query_memory}
+             "wan22_a14b_rollout": wan22_a14b_rollout, "wan22_5b_query_memory": wan22_5b_query_memory,
+             "doom_return": doom_return_workflow}
 NOTES = {"dit_mem_reference": [MODEL_NOTE, ENCODER_NOTE + "\nPut the reference video in input/ (reference.mp4)."],
          "query_memory": [MODEL_NOTE, QUERY_NOTE],
          "memory_rollout": [MODEL_NOTE, QUERY_NOTE + "\nPolicies: all, recent, fov (needs a camera), framepack."],
          "both_memories": [MODEL_NOTE, ENCODER_NOTE, QUERY_NOTE],
          "revisit_world": [TOY_NOTE],
          "wan22_a14b_rollout": [A14B_NOTE, A14B_QUERY_NOTE],
-         "wan22_5b_query_memory": [TI2V_5B_NOTE, TI2V_5B_QUERY_NOTE]}
+         "wan22_5b_query_memory": [TI2V_5B_NOTE, TI2V_5B_QUERY_NOTE],
+         "doom_return": [DOOM_NOTE]}
 
 
 def definitions(object_info: dict, comfyui_version: str) -> dict:
