@@ -364,9 +364,10 @@ def eval_clips(work: Path, limit: int | None = None) -> list[Path]:
 
 
 def evaluate(work: Path, steps: int = STEPS, limit: int | None = None, timeout: float = 1800,
-             only: tuple[str, ...] | None = None) -> tuple[dict, dict]:
-    """Every evaluation clip through a ComfyUI server, one prompt a clip with every configuration (or those in
-    ``only``); returns the figures and one example's frames per configuration (the first ``turn`` clip's)."""
+             only: tuple[str, ...] | None = None, shard: tuple[int, int] = (0, 1)) -> tuple[dict, dict]:
+    """Every evaluation clip (of ``shard`` (i, n): clips i, i + n, ...) through a ComfyUI server of its own, one
+    prompt a clip with every configuration (or those in ``only``); returns the raw sums (``summarize`` makes the
+    figures; ``merge`` adds shards) and one example's frames per configuration (the first ``turn`` clip's)."""
     import shutil
 
     from memlearner_core.image_metrics import squared_error, ssim_map
@@ -381,7 +382,7 @@ def evaluate(work: Path, steps: int = STEPS, limit: int | None = None, timeout: 
     if not configs:
         raise SystemExit(f"no trained Doom model in {work / 'models'}: run the train stage first")
     extra = srv.write_extra_paths(work / "models", work / "extra_model_paths.yaml")
-    server = srv.ComfyServer(work / "server", extra)
+    server = srv.ComfyServer(work / f"server{shard[0]}", extra)
     sums: dict = {}
     by_offset: dict = {}
     seconds: dict = {}
@@ -390,7 +391,7 @@ def evaluate(work: Path, steps: int = STEPS, limit: int | None = None, timeout: 
     began = time.time()
     try:
         server.wait_ready()
-        clips = eval_clips(work, limit)
+        clips = eval_clips(work, limit)[shard[0]::shard[1]]
         for i, video in enumerate(clips):
             print(f"[doom] evaluating {video.stem} ({i + 1} of {len(clips)}, {time.time() - began:.0f}s)", flush=True)
             shutil.copy(video, server.input_dir / video.name)
@@ -436,10 +437,28 @@ def evaluate(work: Path, steps: int = STEPS, limit: int | None = None, timeout: 
                            "frames": {k: torch.cat([truth[:h], v]) for k, v in preds.items()}}
     finally:
         server.stop()
-    return summarize(sums, by_offset, seconds, node_scores), example
+    return {"sums": sums, "by_offset": by_offset, "seconds": seconds, "node_scores": node_scores,
+            "clips": [p.stem for p in clips]}, example
 
 
-def summarize(sums: dict, by_offset: dict, seconds: dict, node_scores: dict) -> dict:
+def merge(parts: list[dict]) -> dict:
+    """Raw sums of several shards -> one (sums added, timings and scores pooled)."""
+    out: dict = {"sums": {}, "by_offset": {}, "seconds": {}, "node_scores": {}, "clips": []}
+    for part in parts:
+        for key in ("sums", "by_offset"):
+            for name, metrics in part[key].items():
+                for metric, values in metrics.items():
+                    acc = out[key].setdefault(name, {}).setdefault(metric, [0.0] * len(values))
+                    out[key][name][metric] = [a + b for a, b in zip(acc, values, strict=True)]
+        for key in ("seconds", "node_scores"):
+            for name, values in part[key].items():
+                out[key].setdefault(name, []).extend(values)
+        out["clips"] += part["clips"]
+    return out
+
+
+def summarize(raw: dict) -> dict:
+    sums, by_offset, seconds, node_scores = raw["sums"], raw["by_offset"], raw["seconds"], raw["node_scores"]
     from memlearner_core.image_metrics import psnr
 
     reference = statistics.median(seconds["no_memory"]) if seconds.get("no_memory") else None
@@ -651,11 +670,13 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel", type=int, default=3, help="trainings at once")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out clips")
     ap.add_argument("--only", default=None, help="evaluate only these configurations (comma-separated)")
+    ap.add_argument("--shard", default="0/1", help="eval: i/n evaluates clips i, i + n, ... and keeps its raw sums")
+    ap.add_argument("--merge", type=int, default=0, help="eval: the figures of n shards run before (--shard i/n)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny settings for every stage")
     args = ap.parse_args(argv)
     if args.quick:
         args.clips, args.vae_minutes, args.steps, args.limit = 6, 0.05, 2, 1
-        args.only = args.only or "all,recent,no_memory"
+        args.only = args.only or "all_view_rope,recent_view_rope,no_memory"
     args.work.mkdir(parents=True, exist_ok=True)
     setup = {}
     if args.stage in ("data", "all"):
@@ -669,13 +690,25 @@ def main(argv=None) -> int:
         train_models(args.work, args.steps, args.parallel)
     if args.stage in ("eval", "all"):
         steps = 2 if args.quick else STEPS
-        results, example = evaluate(args.work, steps, args.limit,
-                                    only=tuple(args.only.split(",")) if args.only else None)
+        i, n = (int(v) for v in args.shard.split("/"))
+        if args.merge:
+            raw = merge([json.loads((args.work / f"eval_shard_{k}_of_{args.merge}.json").read_text())
+                         for k in range(args.merge)])
+            examples = [torch.load(p) for p in sorted(args.work.glob(f"eval_example_*_of_{args.merge}.pt"))]
+            example = next((e for e in examples if e.get("kind") == "turn"), examples[0] if examples else {})
+        else:
+            raw, example = evaluate(args.work, steps, args.limit,
+                                    only=tuple(args.only.split(",")) if args.only else None, shard=(i, n))
+        if n > 1:  # one shard of several: its raw sums, for eval --merge n
+            (args.work / f"eval_shard_{i}_of_{n}.json").write_text(json.dumps(raw))
+            torch.save(example, args.work / f"eval_example_{i}_of_{n}.pt")
+            return 0
+        results = summarize(raw)
         record = args.work / "training.json"
         vae = json.loads((args.work / "vae.json").read_text()) if (args.work / "vae.json").exists() else {}
         meta = {**run_meta("doom_world.py", argv), "frames": dc.FRAMES, "steps": steps,
                 "training_videos": len([p for p in (args.work / "data").glob("*.mp4") if not p.name.startswith(".")]),
-                "eval_clips": [p.stem for p in eval_clips(args.work, args.limit)],
+                "eval_clips": sorted(raw["clips"]),
                 "training": json.loads(record.read_text()) if record.exists() else {},
                 "vae": {k: v for k, v in vae.items() if k != "log"},
                 "setup": {"vae": f"WanVAE dim {vae.get('dim')}, {vae.get('parameters')} parameters, "
