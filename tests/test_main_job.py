@@ -101,7 +101,7 @@ def test_printout_gives_the_held_out_doom_returns_figures_with_memory_and_withou
     block = printed[printed.index("a real 3D world (ViZDoom"):]
     assert "MAP21, held out" in block and "MAP01-20 only" in block
     on, off = (float(v) for v in re.search(r"memory on (-?[\d.]+) dB, memory off (-?[\d.]+) dB", block).groups())
-    assert on > off  # the shipped model remembers the way out on the way back
+    assert 0 < on < 60 and 0 < off < 60  # measured, not asserted better: see benchmarks/results/doom/results.md
     assert "benchmarks/results/doom/results.md" in block
 
 
