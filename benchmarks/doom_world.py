@@ -570,7 +570,8 @@ def write_results(out: Path, results: dict, example: dict, meta: dict) -> None:
                                                   "targets": targets}, indent=1) + "\n")
     lines = [f"# Doom world: {meta['command']}", "",
              f"{meta['date']}, commit {meta['commit']}, {meta['machine']}. {len(meta['eval_clips'])} held-out clips "
-             f"(MAP21-32; paths turn, retrace, turn with monsters), {HISTORY} video frames given, "
+             f"({', '.join(sorted({c.split('_')[0] for c in meta['eval_clips']}))}; paths turn, retrace, turn with "
+             f"monsters), {HISTORY} video frames given, "
              f"{meta['frames'] - HISTORY} generated ({STEPS} euler steps a chunk of 2 latent frames, budget "
              f"{BUDGET} frames for recent/fov/framepack). RGB PSNR (10 log10(1/MSE), 0-1 pixels) and SSIM against "
              f"the exact render at {WIDTH}x{HEIGHT}, on the generated frames' revisited pixels (seen in a given frame "
