@@ -149,13 +149,36 @@ def fold_latent_scale(vae, clips: torch.Tensor) -> dict:
     return {"latent_mean_before": [round(v, 4) for v in m.tolist()], "latent_std_before": [round(v, 4) for v in s.tolist()]}
 
 
+def check_vae(work: Path, vae, clips: int = 6) -> dict:
+    """What the VAE does to whole held-out clips (every frame at the model's size): the round trip's RGB PSNR,
+    beside a flat frame of each clip's mean colour (a VAE that does not beat it by far cannot show memory)."""
+    from memlearner_core.image_metrics import frame_scores
+
+    out = {"clips": [], "round_trip_psnr": [], "flat_psnr": []}
+    for video in eval_clips(work, clips):
+        truth = truth_frames(dc.read_geometry(video))
+        with torch.no_grad():
+            r = vae.decode(vae.encode(truth.permute(3, 0, 1, 2)[None] * 2 - 1))
+        recon = ((r[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)
+        flat = truth.mean((0, 1, 2), keepdim=True).expand_as(truth).contiguous()
+        out["clips"].append(video.stem)
+        out["round_trip_psnr"].append(frame_scores(recon, truth)["psnr"])
+        out["flat_psnr"].append(frame_scores(flat, truth)["psnr"])
+    if out["clips"]:
+        print(f"[doom] VAE round trip of {len(out['clips'])} whole held-out clips: "
+              f"{statistics.mean(out['round_trip_psnr']):.2f} dB (a flat frame of each clip's mean colour: "
+              f"{statistics.mean(out['flat_psnr']):.2f} dB)", flush=True)
+    return out
+
+
 def train_vae(work: Path, minutes: float, max_clips: int = 400, batch: int = 4, crop: int = 64,
-              seed: int = 0, lr: float = 2e-4) -> dict:
-    """The narrow Wan2.1 VAE as an autoencoder on 5-frame windows (one frame alone, then four: both of its causal
-    paths) of the training videos, random ``crop`` squares, for ``minutes``: L1 + MSE in pixels, AdamW at ``lr``
+              seed: int = 0, lr: float = 2e-4, window: int = 13) -> dict:
+    """The narrow Wan2.1 VAE as an autoencoder on ``window``-frame windows (4k + 1: one frame alone, then chunks of
+    four, so its causal cache is trained from chunk to chunk; 5-frame windows left it drifting after the first
+    chunk) of the training videos, random ``crop`` squares, for ``minutes``: L1 + MSE in pixels, AdamW at ``lr``
     with warmup and cosine decay over the time given; the weights kept are those of the 50-step window of lowest
     mean loss, their latents then rescaled to Wan2.1's statistics (``fold_latent_scale``). Written to the work
-    folder's ``models/vae``."""
+    folder's ``models/vae``, with ``check_vae``'s figures in ``vae.json``."""
     import copy
 
     from safetensors.torch import save_file
@@ -168,16 +191,19 @@ def train_vae(work: Path, minutes: float, max_clips: int = 400, batch: int = 4, 
     rng = random.Random(seed)
     vae = wan21_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    began, step, log, window = time.time(), 0, [], []
+    began, step, log, losses = time.time(), 0, [], []
     best = (float("inf"), None, 0)
+
+    if window % 4 != 1 or window > frames.shape[1]:
+        raise SystemExit(f"--vae-window {window}: must be 4k + 1 and at most a clip's {frames.shape[1]} frames")
 
     def windows(n: int, size_y: int, size_x: int) -> torch.Tensor:
         out = []
         for _ in range(n):
-            i, t = rng.randrange(len(frames)), rng.randrange(frames.shape[1] - 4)
+            i, t = rng.randrange(len(frames)), rng.randrange(frames.shape[1] - window + 1)
             y, x = rng.randrange(0, HEIGHT - size_y + 1, 8), rng.randrange(0, WIDTH - size_x + 1, 8)
-            out.append(frames[i, t:t + 5, y:y + size_y, x:x + size_x])
-        return torch.stack(out).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # [n, 3, 5, y, x] in -1..1
+            out.append(frames[i, t:t + window, y:y + size_y, x:x + size_x])
+        return torch.stack(out).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # [n, 3, window, y, x] in -1..1
 
     while (elapsed := time.time() - began) < minutes * 60:
         progress = elapsed / (minutes * 60)
@@ -193,10 +219,10 @@ def train_vae(work: Path, minutes: float, max_clips: int = 400, batch: int = 4, 
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        window.append(loss.item())
+        losses.append(loss.item())
         if step % 50 == 0:
-            avg = sum(window) / len(window)
-            window = []
+            avg = sum(losses) / len(losses)
+            losses = []
             if avg < best[0]:
                 best = (avg, copy.deepcopy(vae.state_dict()), step)
             log.append({"step": step, "seconds": round(time.time() - began), "mean_loss_50": round(avg, 4)})
@@ -207,11 +233,11 @@ def train_vae(work: Path, minutes: float, max_clips: int = 400, batch: int = 4, 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()},
               str(work / "models" / "vae_unscaled.safetensors"))  # as trained, before the rescaling
-    scale = fold_latent_scale(vae, windows(32, HEIGHT, WIDTH))
+    scale = fold_latent_scale(vae, windows(8, HEIGHT, WIDTH))
     save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(path))
     info = {"dim": VAE_DIM, "parameters": sum(p.numel() for p in vae.parameters()), "steps": step,
             "kept_step": best[2] or step, "seconds": round(time.time() - began), "batch": batch, "crop": crop,
-            "lr": lr, "clips": len(videos), "log": log, **scale}
+            "window": window, "lr": lr, "clips": len(videos), "log": log, **scale, "check": check_vae(work, vae)}
     (work / "vae.json").write_text(json.dumps(info, indent=1))
     print(f"[doom] VAE trained: {step} steps in {info['seconds']}s (kept step {info['kept_step']}) -> {path}",
           flush=True)
@@ -666,7 +692,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=WORK, help="videos, runs and models (not committed)")
     ap.add_argument("--out", type=Path, default=OUT, help="results.json, results.md, plots, video")
     ap.add_argument("--clips", type=int, default=800, help="training clips (from MAP01-20 in turn)")
-    ap.add_argument("--vae-minutes", type=float, default=20.0, help="the VAE's training time")
+    ap.add_argument("--vae-minutes", type=float, default=60.0, help="the VAE's training time")
+    ap.add_argument("--vae-window", type=int, default=13, help="frames of each VAE training window (4k + 1)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the configs')")
     ap.add_argument("--parallel", type=int, default=3, help="trainings at once")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out clips")
@@ -684,7 +711,7 @@ def main(argv=None) -> int:
         setup["data"] = make_data(args.work, args.clips, eval_maps=dw.HELD_OUT_MAPS[:1] if args.quick else
                                   dw.HELD_OUT_MAPS)
     if args.stage in ("vae", "all"):
-        train_vae(args.work, args.vae_minutes, max_clips=400)
+        train_vae(args.work, args.vae_minutes, max_clips=400, window=args.vae_window)
     if args.stage in ("encode", "train", "all"):
         encode_clips(args.work)
     if args.stage in ("train", "all"):
