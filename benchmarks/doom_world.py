@@ -94,6 +94,11 @@ def make_data(work: Path, clips: int, maps: tuple[str, ...] = dw.TRAIN_MAPS,
             "unrenderable": unrenderable}
 
 
+def videos_in(folder: Path) -> list[Path]:
+    """A folder's clips by name, not the hidden temporary files of one being written."""
+    return sorted(p for p in folder.glob("*.mp4") if not p.name.startswith("."))
+
+
 def _every(n: int, what: str):
     def report(done, total):
         if done % n == 0 or done == total:
@@ -185,7 +190,7 @@ def train_vae(work: Path, minutes: float, max_clips: int = 400, batch: int = 4, 
 
     _, server = boot(work)
     wa = server.pack("nodes.comfy_adapter")
-    videos = sorted(p for p in (work / "data").glob("*.mp4") if not p.name.startswith("."))[:max_clips]
+    videos = videos_in(work / "data")[:max_clips]
     frames = video_frames(videos, wa)  # [N, T, H, W, 3] uint8
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -294,7 +299,6 @@ def train_models(work: Path, steps: int | None, parallel: int, models=MODELS) ->
     return train_all(work, steps, parallel, models, configs=CONFIGS, paths=config_paths(work), prefix="doom")
 
 
-
 # --- evaluation ----------------------------------------------------------------------------------------------------
 
 STEPS, QUERY_LAYERS, BUDGET = 10, 2, 4
@@ -386,7 +390,7 @@ DIST_BINS = ((0, 4), (4, 16), (16, 64), (64, 1e9))  # map units off it
 
 
 def eval_clips(work: Path, limit: int | None = None) -> list[Path]:
-    return sorted(p for p in (work / "eval").glob("*.mp4") if not p.name.startswith("."))[:limit]
+    return videos_in(work / "eval")[:limit]
 
 
 def evaluate(work: Path, steps: int = STEPS, limit: int | None = None, timeout: float = 1800,
@@ -397,8 +401,6 @@ def evaluate(work: Path, steps: int = STEPS, limit: int | None = None, timeout: 
     import shutil
 
     from memlearner_core.image_metrics import squared_error, ssim_map
-    from memlearner_core.training.dataset import latent_poses, load_poses
-    from memlearner_core.trajectory import trajectory_json
     from memlearner_host import server as srv
     from memlearner_host.doom_demo import read_webp, saved
     from workflows import build
@@ -423,9 +425,9 @@ def evaluate(work: Path, steps: int = STEPS, limit: int | None = None, timeout: 
             shutil.copy(video, server.input_dir / video.name)
             geom = dc.read_geometry(video)
             h = geom.history
-            poses = latent_poses(load_poses(video.with_suffix(".poses.json")))
             f = {**build.DOOM, "video": video.name, "steps": steps, "vae": VAE_FILE}
-            graph = build.doom_return(configs, f, trajectory_json(poses), save=("webp",), oracle=True, seed=i)
+            graph = build.doom_return(configs, f, build.doom_trajectory(video.with_suffix(".poses.json")),
+                                      save=("webp",), oracle=True, seed=i)
             entry = server.run_prompt(graph, timeout)
             truth = truth_frames(geom)
             preds = {}
@@ -484,9 +486,11 @@ def merge(parts: list[dict]) -> dict:
 
 
 def summarize(raw: dict) -> dict:
-    sums, by_offset, seconds, node_scores = raw["sums"], raw["by_offset"], raw["seconds"], raw["node_scores"]
+    """Raw sums (``evaluate``, ``merge``) -> per configuration its PSNR, SSIM and pixel count per label, revisit
+    PSNR per pose offset, seconds per step and step cost over the plain model's."""
     from memlearner_core.image_metrics import psnr
 
+    sums, by_offset, seconds, node_scores = raw["sums"], raw["by_offset"], raw["seconds"], raw["node_scores"]
     reference = statistics.median(seconds["no_memory"]) if seconds.get("no_memory") else None
     out = {}
     for name, metrics in sums.items():
@@ -503,7 +507,6 @@ def summarize(raw: dict) -> dict:
                                         else None)
         out[name] = row
     return out
-
 
 
 def ship(work: Path, model: str, clip: str = "MAP21_turn") -> None:
@@ -735,7 +738,7 @@ def main(argv=None) -> int:
         record = args.work / "training.json"
         vae = json.loads((args.work / "vae.json").read_text()) if (args.work / "vae.json").exists() else {}
         meta = {**run_meta("doom_world.py", argv), "frames": dc.FRAMES, "steps": steps,
-                "training_videos": len([p for p in (args.work / "data").glob("*.mp4") if not p.name.startswith(".")]),
+                "training_videos": len(videos_in(args.work / "data")),
                 "eval_clips": sorted(raw["clips"]),
                 "training": json.loads(record.read_text()) if record.exists() else {},
                 "vae": {k: v for k, v in vae.items() if k != "log"},

@@ -276,7 +276,8 @@ def doom_guide(reports: dict[str, dict], videos: list[Path]) -> list[str]:
     lines = [
         "",
         "a real 3D world (ViZDoom, Freedoom 2 MAP21, held out: the model trained on MAP01-20 only):",
-        f"  the camera turns {DOOM_TURN} and comes back 7 degrees off; the way out ({doom_demo.HISTORY} frames) is "
+        f"  the camera turns {DOOM_TURN} and comes back 7 degrees off; the way out ({workflows().DOOM['history']} "
+        "frames) is "
         "given, the way back is generated along the recorded camera path",
         f"  RGB PSNR against the video on revisited pixels (seen on the way out, from the render's depth): memory "
         f"on {on['revisit_psnr']:.2f} dB, memory off {off['revisit_psnr']:.2f} dB "

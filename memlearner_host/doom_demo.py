@@ -15,7 +15,6 @@ from pathlib import Path
 
 from memlearner_host.tiny_models import DOOM_MODEL  # diffusion_models/, memlearner/, vae/ (copied), clip/
 
-HISTORY = 29  # video frames of the way out given (build.DOOM["history"])
 ROLLOUTS = ("all", "no_memory")  # memory on (all history), memory off (query_layers 0)
 
 

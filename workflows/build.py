@@ -363,10 +363,11 @@ def doom_return(rollouts: dict | None = None, f: dict = DOOM, trajectory: str = 
     return g
 
 
-def doom_trajectory(f: dict = DOOM) -> str:
-    """The shipped held-out clip's recorded camera path (``memlearner_host/doom_model/clip/<video>.poses.json``, one
-    pose per video frame) at one pose per latent frame (video frames 0, 4, ...): Camera Path's custom JSON."""
-    poses = json.loads((DOOM_CLIP / f["video"]).with_suffix(".poses.json").read_text())
+def doom_trajectory(poses_file: Path | None = None) -> str:
+    """A clip's recorded camera path (``<clip>.poses.json``, one pose per video frame; default the shipped held-out
+    clip's, ``memlearner_host/doom_model/clip/``) at one pose per latent frame (video frames 0, 4, ...): Camera
+    Path's custom JSON."""
+    poses = json.loads((poses_file or (DOOM_CLIP / DOOM["video"]).with_suffix(".poses.json")).read_text())
     return "[\n" + ",\n".join(json.dumps(p) for p in poses[::4]) + "\n]"
 
 
